@@ -1,0 +1,179 @@
+"""`wanrt serve | worker | generate | doctor` (build and bench arrive with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from wanrt.params import DEFAULT_NEGATIVE_PROMPT, NUMERIC_FIELDS, GenerateParams, ParamError
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="'tiny' (default), 'random-full', a diffusers dir or a dir of single files [WANRT_MODEL]")
+    p.add_argument("--device", help="auto|cpu|cuda|cuda:N [WANRT_DEVICE]")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="[WANRT_DTYPE]")
+    p.add_argument("--scheduler", choices=["unipc", "euler"], help="sampler (unipc is upstream's) [WANRT_SCHEDULER]")
+
+
+def _settings(args, **extra):
+    from wanrt.config import Settings
+
+    return Settings.from_env(model=getattr(args, "model", None), device=getattr(args, "device", None),
+                             dtype=getattr(args, "dtype", None), scheduler=getattr(args, "scheduler", None), **extra)
+
+
+def load_runtime(settings):
+    """Model + pipeline for these settings (the worker and `generate` share it)."""
+    from wanrt.model.components import EULER_SCHEDULER_CONFIG
+    from wanrt.model.loading import load_model
+    from wanrt.runtime.backends import make_backend
+    from wanrt.runtime.pipeline import WanI2VPipeline
+
+    device, dtype = settings.resolved_device(), settings.resolved_dtype()
+    model = load_model(settings.model, device, dtype)
+    if settings.scheduler == "euler":
+        model.scheduler_config = dict(EULER_SCHEDULER_CONFIG)
+    return WanI2VPipeline(model, make_backend(settings.backend, model), device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------ generate
+def cmd_generate(args) -> int:
+    fields = {spec.name: getattr(args, spec.name) for spec in NUMERIC_FIELDS}
+    try:
+        params = GenerateParams.from_request(dict(prompt=args.prompt, negative_prompt=args.negative_prompt, **fields))
+    except ParamError as e:
+        print(f"wanrt generate: error: {e}", file=sys.stderr)
+        return 2
+    settings = _settings(args)
+    from wanrt.api.fetch import FetchError, load_image_source
+
+    try:
+        image = load_image_source(args.image, settings)
+    except FetchError as e:
+        print(f"wanrt generate: error: image: {e}", file=sys.stderr)
+        return 2
+
+    from tqdm import tqdm
+
+    pipeline = load_runtime(settings)
+    bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}/100 [{elapsed}<{remaining}] {postfix}")
+
+    def progress(value: float, stage: str) -> None:
+        bar.n = value
+        bar.set_postfix_str(stage)
+        bar.refresh()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = pipeline.generate(params, image, out, progress=progress)
+    bar.close()
+    summary = {"out": str(result.path), "frames": result.frames_written, "frames_generated": result.frames_generated,
+               "width": params.width, "height": params.height, "fps": params.fps, "seed": params.seed,
+               "steps_per_expert": result.steps_per_expert,
+               "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}
+    print(json.dumps(summary))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ doctor
+def cmd_doctor(args) -> int:
+    from wanrt.doctor import report
+
+    info = report()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:>18}: {value}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ serve / worker
+def cmd_serve(args) -> int:
+    from wanrt.api.server import serve
+
+    settings = _settings(args, host=args.host, port=args.port, data_dir=Path(args.data_dir) if args.data_dir else None,
+                         workers=0 if args.no_worker else args.workers)
+    return serve(settings)
+
+
+def cmd_worker(args) -> int:
+    from wanrt.jobs.worker import run_worker
+
+    settings = _settings(args, data_dir=Path(args.data_dir) if args.data_dir else None)
+    if args.gpu is not None:
+        settings = settings.replace(device=f"cuda:{args.gpu}")
+    return run_worker(settings, worker_id=args.worker_id)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="wanrt", description="WAN 2.2 image-to-video inference server")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    g = sub.add_parser("generate", help="one video from an image and a prompt")
+    g.add_argument("--image", required=True, help="path, http(s) URL or data: URL")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default=DEFAULT_NEGATIVE_PROMPT)
+    for spec in NUMERIC_FIELDS:
+        names = [f"--{spec.name}"] + ([f"--{spec.name.replace('_', '-')}"] if "_" in spec.name else [])
+        g.add_argument(*names, dest=spec.name, type=_number(spec), default=spec.default,
+                       help=f"{spec.help} ({spec.describe()}, default {spec.default})")
+    g.add_argument("--out", default="out.mp4")
+    _add_model_flags(g)
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("doctor", help="torch / CUDA / GPU / NVML / TensorRT / PyAV status")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_doctor)
+
+    s = sub.add_parser("serve", help="HTTP API (port 8189) + worker processes")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--data-dir")
+    s.add_argument("--workers", type=int, help="worker processes to start (one per GPU) [WANRT_WORKERS]")
+    s.add_argument("--no-worker", action="store_true", help="API only; workers run elsewhere (`wanrt worker`)")
+    _add_model_flags(s)
+    s.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("worker", help="one GPU worker: claims jobs from the store and runs them")
+    w.add_argument("--data-dir")
+    w.add_argument("--gpu", type=int, help="CUDA device index")
+    w.add_argument("--worker-id")
+    _add_model_flags(w)
+    w.set_defaults(func=cmd_worker)
+    return parser
+
+
+def _number(spec):
+    def parse(text: str):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r} (allowed: {spec.describe()})")
+        if spec.kind is int:
+            if not value.is_integer():
+                raise argparse.ArgumentTypeError(f"not an integer: {text!r} (allowed: {spec.describe()})")
+            return int(text) if text.lstrip("-").isdigit() else int(value)
+        return value
+
+    return parse
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags exit 2 with one line naming the field (no usage dump)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

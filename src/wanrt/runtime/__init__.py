@@ -1,0 +1,1 @@
+"""Online: one request -> frames -> MP4."""

@@ -1,0 +1,187 @@
+"""One request -> MP4: text encode -> first-frame VAE encode + mask -> two-expert loop -> VAE decode -> H.264.
+
+Mirrors diffusers' WanImageToVideoPipeline maths (tests/test_parity.py holds us to it) with our own loop, so
+faster backends slot in under `denoise`, the decode streams into the MP4 writer, and every stage is timed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from wanrt.model.components import WanI2VModel
+from wanrt.params import GenerateParams
+from wanrt.runtime import sampler as sampling
+from wanrt.runtime.image import fit_image, image_to_tensor
+from wanrt.runtime.vae import decode_stream, encode_condition, to_uint8_frames
+from wanrt.runtime.video import Mp4Writer
+
+ProgressFn = Callable[[float, str], None]
+
+# Share of the progress bar each stage gets (denoise steps split the middle evenly).
+_P_TEXT, _P_ENCODE, _P_LOOP_END = 2.0, 5.0, 90.0
+
+
+@dataclass
+class GenerateResult:
+    path: Path | None
+    frames_generated: int
+    frames_written: int
+    timings: dict[str, float] = field(default_factory=dict)
+    latents: torch.Tensor | None = None
+    steps_per_expert: dict[str, int] = field(default_factory=dict)
+
+
+class WanI2VPipeline:
+    def __init__(self, model: WanI2VModel, backend=None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        from wanrt.runtime.backends.eager import EagerBackend
+
+        self.model = model
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.backend = backend or EagerBackend(model)
+
+    # ------------------------------------------------------------------ stages
+    @torch.inference_mode()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """UMT5 embeddings, each trimmed to its own length and zero-padded to max_sequence_length."""
+        from diffusers.pipelines.wan.pipeline_wan_i2v import prompt_clean
+
+        max_len = self.model.max_sequence_length
+        tokens = self.model.tokenizer(
+            [prompt_clean(p) for p in prompts], padding="max_length", max_length=max_len, truncation=True,
+            add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+        )
+        te_device = next(self.model.text_encoder.parameters()).device
+        ids, mask = tokens.input_ids.to(te_device), tokens.attention_mask.to(te_device)
+        hidden = self.model.text_encoder(ids, mask).last_hidden_state
+        lengths = mask.gt(0).sum(dim=1)
+        out = torch.zeros_like(hidden)
+        for i, n in enumerate(lengths.tolist()):
+            out[i, :n] = hidden[i, :n]
+        return out.to(self.device, self.dtype)
+
+    def encode_image(self, image: Image.Image, params: GenerateParams) -> torch.Tensor:
+        pixels = image_to_tensor(fit_image(image, params.width, params.height)).to(self.device)
+        return encode_condition(self.model.vae, pixels, params.frames_generated).to(self.device)
+
+    def initial_noise(self, params: GenerateParams) -> torch.Tensor:
+        """Drawn on the CPU generator so the same seed gives the same noise on every device."""
+        shape = (1, self.model.vae.config.z_dim, (params.frames_generated - 1) // 4 + 1, params.height // 8, params.width // 8)
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
+    # ------------------------------------------------------------------ request
+    def generate(
+        self,
+        params: GenerateParams,
+        image: Image.Image,
+        out_path: str | Path | None,
+        progress: ProgressFn | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        keep_latents: bool = False,
+    ) -> GenerateResult:
+        """Run one request. out_path None stops after the loop (latents only, for parity and benchmarks)."""
+        timings: dict[str, float] = {}
+        last = [0.0]
+
+        def report(value: float, stage: str) -> None:
+            value = max(last[0], min(100.0, value))  # monotone, whatever rounding does
+            last[0] = value
+            if progress is not None:
+                progress(value, stage)
+
+        def check_cancel() -> None:
+            if should_cancel is not None and should_cancel():
+                raise sampling.Cancelled()
+
+        t_start = time.perf_counter()
+        report(0.0, "text_encode")
+        plan_scheduler = sampling.make_scheduler(self.model.scheduler_config)
+        plan = sampling.plan_steps(plan_scheduler, params.steps, self.model.boundary_ratio,
+                                   params.cfg_high_noise, params.cfg_low_noise, device=self.device)
+        needs_uncond = any(s.uses_cfg for s in plan)
+
+        with _timer(timings, "text_encode_s", self.device):
+            prompts = [params.prompt] + ([params.negative_prompt] if needs_uncond else [])
+            embeds = self.encode_text(prompts)
+            context, negative = embeds[:1], (embeds[1:2] if needs_uncond else None)
+        report(_P_TEXT, "vae_encode")
+        check_cancel()
+
+        with _timer(timings, "vae_encode_s", self.device):
+            condition = self.encode_image(image, params)
+            latents = self.initial_noise(params)
+        report(_P_ENCODE, "denoise")
+
+        per_step = (_P_LOOP_END - _P_ENCODE) / max(1, len(plan))
+        step_times = {"high": 0.0, "low": 0.0}
+        step_started = [time.perf_counter()]
+
+        def on_step(step: sampling.Step) -> None:
+            _sync(self.device)
+            now = time.perf_counter()
+            step_times[step.expert] += now - step_started[0]
+            step_started[0] = now
+            report(_P_ENCODE + per_step * (step.index + 1), "denoise")
+
+        latents = sampling.sample(self.backend, plan_scheduler, plan, latents, condition, context, negative,
+                                  self.dtype, on_step=on_step, should_cancel=should_cancel)
+        timings["denoise_high_s"], timings["denoise_low_s"] = step_times["high"], step_times["low"]
+        steps_per_expert = {e: sum(1 for s in plan if s.expert == e) for e in ("high", "low")}
+
+        result = GenerateResult(path=None, frames_generated=params.frames_generated, frames_written=0,
+                                timings=timings, steps_per_expert=steps_per_expert,
+                                latents=latents if keep_latents or out_path is None else None)
+        if out_path is None:
+            timings["total_s"] = time.perf_counter() - t_start
+            return result
+
+        decode_s = encode_s = 0.0
+        n_latent = latents.shape[2]
+        writer = Mp4Writer(out_path, params.width, params.height, params.fps, max_frames=params.frames)
+        try:
+            t0 = time.perf_counter()
+            for i, chunk in enumerate(decode_stream(self.model.vae, latents)):
+                frames = to_uint8_frames(chunk)  # syncs the device
+                t1 = time.perf_counter()
+                decode_s += t1 - t0
+                writer.write(frames)
+                t0 = time.perf_counter()
+                encode_s += t0 - t1
+                report(_P_LOOP_END + (100.0 - _P_LOOP_END) * (i + 1) / n_latent * 0.99, "vae_decode")
+                check_cancel()
+            t1 = time.perf_counter()
+            result.path = writer.close()
+            encode_s += time.perf_counter() - t1
+        except BaseException:
+            writer.abort()
+            raise
+        result.frames_written = writer.frames_written
+        timings["vae_decode_s"], timings["mp4_encode_s"] = decode_s, encode_s
+        timings["total_s"] = time.perf_counter() - t_start
+        report(100.0, "done")
+        return result
+
+
+class _timer:
+    def __init__(self, timings: dict, key: str, device: torch.device):
+        self.timings, self.key, self.device = timings, key, device
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        _sync(self.device)
+        self.timings[self.key] = time.perf_counter() - self.t0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

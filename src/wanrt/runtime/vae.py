@@ -1,0 +1,61 @@
+"""VAE encode of the first frame (+ the I2V mask) and a streaming decode, both on diffusers' AutoencoderKLWan."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+
+def latent_stats(vae, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    z = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean, device=device, dtype=dtype).view(1, z, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std, device=device, dtype=dtype).view(1, z, 1, 1, 1)
+    return mean, inv_std
+
+
+@torch.inference_mode()
+def encode_condition(vae, image: torch.Tensor, num_frames: int, temporal: int = 4, spatial: int = 8) -> torch.Tensor:
+    """(1,3,H,W) in [-1,1] -> (1, 4+16, F', H/8, W/8): the first-frame mask and the normalised latent
+    of [image, zeros x (num_frames-1)], exactly as diffusers' WanImageToVideoPipeline builds it."""
+    _, _, height, width = image.shape
+    vae_device = next(vae.parameters()).device
+    video = torch.cat([image.unsqueeze(2), image.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
+    video = video.to(vae_device, vae.dtype)
+    latent = vae.encode(video).latent_dist.mode().float()
+    mean, inv_std = latent_stats(vae, latent.device)
+    latent = (latent - mean) * inv_std
+
+    lat_f, lat_h, lat_w = (num_frames - 1) // temporal + 1, height // spatial, width // spatial
+    mask = torch.zeros(1, 1, num_frames, lat_h, lat_w, device=latent.device)
+    mask[:, :, 0] = 1
+    # The first pixel frame counts 4 times (the VAE's first latent frame stands for one pixel frame).
+    mask = torch.cat([mask[:, :, :1].repeat_interleave(temporal, dim=2), mask[:, :, 1:]], dim=2)
+    mask = mask.view(1, lat_f, temporal, lat_h, lat_w).transpose(1, 2)
+    return torch.cat([mask, latent], dim=1)
+
+
+@torch.inference_mode()
+def decode_stream(vae, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Normalised latents (1,16,F',h,w) -> chunks of (1,3,n,H,W) in [-1,1]: 1 frame, then 4 per latent frame.
+
+    Same maths as AutoencoderKLWan._decode (causal feature cache), but yields each chunk as soon as it is
+    decoded so the MP4 encoder can take it and the full video never sits in memory."""
+    vae_device = next(vae.parameters()).device
+    mean, inv_std = latent_stats(vae, vae_device, vae.dtype)
+    z = latents.to(vae_device, vae.dtype) / inv_std + mean
+    vae.clear_cache()
+    try:
+        x = vae.post_quant_conv(z)
+        for i in range(x.shape[2]):
+            vae._conv_idx = [0]
+            out = vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=(i == 0))
+            yield out.clamp(-1.0, 1.0)
+    finally:
+        vae.clear_cache()
+
+
+def to_uint8_frames(chunk: torch.Tensor):
+    """(1,3,n,H,W) in [-1,1] -> numpy uint8 (n,H,W,3), rounding as diffusers' postprocess does."""
+    frames = ((chunk[0].float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).cpu().numpy()
