@@ -27,6 +27,22 @@ EULER_SCHEDULER_CONFIG: dict[str, Any] = {
 I2V_BOUNDARY_RATIO = 0.9  # high-noise expert while t >= 0.9 * 1000 (Wan2.2 i2v_A14B config)
 
 
+def cast_module(module, device=None, dtype=None):
+    """`module.to(device, dtype)` that keeps `_keep_in_fp32_modules` (RoPE, time embedder, modulation
+    tables, norms in WanTransformer3DModel) in fp32, as diffusers' from_pretrained(torch_dtype=...) does."""
+    import torch
+
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or [])
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        target = dtype
+        if tensor.is_floating_point() and keep and any(part in keep for part in name.split(".")):
+            target = torch.float32 if tensor.dtype != torch.float64 else None
+        if not tensor.is_floating_point():
+            target = None
+        tensor.data = tensor.data.to(device=device, dtype=target)
+    return module
+
+
 @dataclass
 class WanI2VModel:
     """Two experts of one architecture + UMT5 text encoder + Wan 2.1 VAE + tokenizer."""
@@ -46,9 +62,10 @@ class WanI2VModel:
         return {"high": self.transformer_high, "low": self.transformer_low}
 
     def to(self, device, dtype=None) -> "WanI2VModel":
-        """Move everything; the experts and text encoder take `dtype`, the VAE stays fp32 on CPU."""
+        """Move everything; the experts and text encoder take `dtype` (except the modules diffusers keeps
+        in fp32), the VAE stays fp32."""
         for m in (self.transformer_high, self.transformer_low, self.text_encoder):
-            m.to(device=device, dtype=dtype) if dtype is not None else m.to(device)
+            cast_module(m, device, dtype)
         self.vae.to(device)
         return self
 

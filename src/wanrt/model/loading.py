@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from wanrt.model import keymaps
-from wanrt.model.components import I2V_BOUNDARY_RATIO, UNIPC_SCHEDULER_CONFIG, WanI2VModel
+from wanrt.model.components import I2V_BOUNDARY_RATIO, UNIPC_SCHEDULER_CONFIG, WanI2VModel, cast_module
 
 # Wan2.2 I2V A14B expert (both experts share it); verified against Wan-Video/Wan2.2 wan/configs/wan_i2v_A14B.py
 WAN22_I2V_A14B_TRANSFORMER_CONFIG = dict(
@@ -188,7 +188,7 @@ def load_umt5(path: Path, device="cpu", dtype=torch.float32):
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
     _load_strict(model, sd, f"text encoder {path}")
-    return model.to(device=device, dtype=dtype)
+    return cast_module(model, device, dtype)
 
 
 def load_single_files(root: Path, device="cpu", dtype=torch.float32) -> WanI2VModel:
@@ -269,41 +269,50 @@ def save_single_files(model: WanI2VModel, root: Path, layout: str = "comfyui") -
 
 # --------------------------------------------------------------------------------------------- random full size
 def build_random_full(device="cuda", dtype=torch.bfloat16, with_text_encoder: bool = True) -> WanI2VModel:
-    """Full-size A14B with random weights, allocated directly on `device` (or "meta" to inspect shapes).
+    """Full-size A14B with random weights, allocated directly on `device` ("meta" to inspect shapes only).
 
     Speed does not depend on weight values, so GPU benchmarks use this when no weights can be downloaded.
-    Weights are scaled down so 40 layers of random residuals stay finite in bf16."""
+    Parameters are created on meta and materialised one by one on the device (no 2 x 57 GB of fp32 on the
+    host); buffers (RoPE tables) are computed for real; weights get 0.5/sqrt(fan_in) so 40 random residual
+    layers stay finite in bf16."""
+    from accelerate import init_empty_weights
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     from wanrt.model.tiny import build_tiny_tokenizer
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
-    try:
-        with torch.device(device):
-            torch.manual_seed(0)
-            experts = [WanTransformer3DModel(**WAN22_I2V_A14B_TRANSFORMER_CONFIG) for _ in range(2)]
-            if with_text_encoder:
-                text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL_CONFIG))
-            else:
-                text_encoder = UMT5EncoderModel(UMT5Config(**{**UMT5_XXL_CONFIG, "num_layers": 1}))
-        with torch.device(device):
-            torch.set_default_dtype(torch.float32)
-            vae = AutoencoderKLWan()
-    finally:
-        torch.set_default_dtype(previous)
-    if str(device) != "meta":
-        with torch.no_grad():
-            for expert in experts:
-                for name, p in expert.named_parameters():
-                    if p.ndim >= 2:
-                        p.mul_(0.5)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    t5_config = UMT5Config(**(UMT5_XXL_CONFIG if with_text_encoder else {**UMT5_XXL_CONFIG, "num_layers": 1}))
+    with init_empty_weights(include_buffers=False):
+        experts = [WanTransformer3DModel(**WAN22_I2V_A14B_TRANSFORMER_CONFIG) for _ in range(2)]
+        text_encoder = UMT5EncoderModel(t5_config)
+        vae = AutoencoderKLWan()
+    for module, module_dtype in ((experts[0], dtype), (experts[1], dtype), (text_encoder, dtype), (vae, torch.float32)):
+        if str(device) != "meta":
+            _materialise_random(module, device, module_dtype, seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+            cast_module(module, device, module_dtype)
     model = WanI2VModel(
         transformer_high=experts[0], transformer_low=experts[1], vae=vae, text_encoder=text_encoder,
         tokenizer=build_tiny_tokenizer(), scheduler_config=dict(UNIPC_SCHEDULER_CONFIG), name="random-full",
     )
     return model.eval()
+
+
+def _materialise_random(module: torch.nn.Module, device, dtype, seed: int) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    for name, p in list(module.named_parameters()):
+        if p.ndim >= 2 and not name.endswith("scale_shift_table"):
+            fan_in = p[0].numel() if p.ndim > 1 else p.shape[0]
+            value = torch.randn(p.shape, generator=g, device=device, dtype=dtype) * (0.5 / fan_in ** 0.5)
+        elif name.endswith("scale_shift_table"):
+            value = torch.randn(p.shape, generator=g, device=device, dtype=dtype) * p.shape[-1] ** -0.5
+        elif "norm" in name or name.endswith("gamma"):
+            value = torch.ones(p.shape, device=device, dtype=dtype)
+        else:
+            value = torch.zeros(p.shape, device=device, dtype=dtype)
+        set_module_tensor_to_device(module, name, device, value=value)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -330,8 +339,8 @@ def _assign(cls, config: dict, sd: dict, device, dtype, what: str):
     """Build on meta (parameters only; buffers such as RoPE tables are real), then adopt the tensors."""
     from accelerate import init_empty_weights
 
-    config = {k: (tuple(v) if k == "patch_size" else v) for k, v in config.items()}
+    config = {k: (tuple(v) if k == "patch_size" and v is not None else v) for k, v in config.items()}
     with init_empty_weights(include_buffers=False):
         model = cls(**config)
     _load_strict(model, sd, what)
-    return model.to(device=device, dtype=dtype)
+    return cast_module(model, device, dtype)

@@ -25,7 +25,8 @@ class Mp4Writer:
         self._stream = self._container.add_stream("libx264", rate=Fraction(int(fps), 1))
         self._stream.width, self._stream.height = int(width), int(height)
         self._stream.pix_fmt = "yuv420p"
-        self._stream.options = {"crf": str(crf), "preset": preset}
+        # Sliced threads: parallel and deterministic (x264's frame threads gave different bytes run to run).
+        self._stream.options = {"crf": str(crf), "preset": preset, "x264-params": "sliced-threads=1"}
         self._closed = False
 
     def write(self, frames: np.ndarray) -> int:

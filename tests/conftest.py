@@ -1,0 +1,48 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run long variants")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_slow = pytest.mark.skip(reason="long variant: pass --runslow")
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+    has_cuda = torch.cuda.is_available()
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from wanrt.model.tiny import build_tiny_model
+
+    return build_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_model):
+    from wanrt.runtime.pipeline import WanI2VPipeline
+
+    return WanI2VPipeline(tiny_model)
+
+
+def make_image(width=64, height=64, seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
+    return Image.fromarray(base).resize((width, height), Image.Resampling.BILINEAR)
+
+
+@pytest.fixture
+def image64():
+    return make_image(64, 64)

@@ -1,0 +1,54 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wanrt.runtime.video import probe_mp4
+
+ASSET = Path(__file__).parent / "assets" / "first_frame.png"
+
+
+def wanrt(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "wanrt.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_writes_exact_frame_count(tmp_path):
+    out = tmp_path / "clip.mp4"
+    r = wanrt("generate", "--image", str(ASSET), "--prompt", "a cat turning its head", "--width", "256",
+              "--height", "256", "--frames", "18", "--fps", "12", "--steps", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["frames"] == 18 and summary["frames_generated"] == 21
+    assert probe_mp4(out) == {"frames": 18, "width": 256, "height": 256, "fps": 12.0, "codec": "h264", "pix_fmt": "yuv420p"}
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--steps", "30", "steps must be in 1-20"),
+    ("--width", "300", "width must be divisible by 32"),
+    ("--frames", "10", "frames must be in 16-121"),
+    ("--cfg-high-noise", "11", "cfg_high_noise must be in 1.0-10.0"),
+    ("--fps", "abc", "--fps: not a number: 'abc' (allowed: 8-30)"),
+])
+def test_bad_parameters_exit_2_with_one_line(flag, value, expected):
+    r = wanrt("generate", "--image", str(ASSET), "--prompt", "x", flag, value, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], r.stderr
+
+
+def test_bad_image_exit_2(tmp_path):
+    bad = tmp_path / "not_an_image.png"
+    bad.write_bytes(b"hello")
+    r = wanrt("generate", "--image", str(bad), "--prompt", "x", timeout=60)
+    assert r.returncode == 2 and "Invalid image format" in r.stderr
+
+
+def test_doctor_reports_each_component():
+    r = wanrt("doctor", "--json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    for key in ("torch", "cuda_available", "nvml", "tensorrt", "pyav", "h264_encoder"):
+        assert key in info
+    assert info["h264_encoder"] == "libx264"
