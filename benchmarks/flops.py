@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""FLOP model of a WAN 2.2 I2V request: linear and attention FLOPs per expert forward, CFG on/off.
+
+Counts multiply-adds as 2 FLOPs, the transformer only (patch embed, 40 blocks, head); the VAE and the text
+encoder are left out (they are timed separately). Every GPU timing in benchmarks/ is divided by this to
+give achieved TFLOP/s and % of a device's peak.
+
+    python benchmarks/flops.py            # table for the seed's presets at full size
+    python benchmarks/flops.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+
+A14B = dict(dim=5120, layers=40, ffn=13824, heads=40, in_channels=36, out_channels=16, text_dim=4096,
+            text_len=512, patch=(1, 2, 2), freq_dim=256)
+
+# Published dense tensor-core peaks in TFLOP/s (no sparsity). RTX cards: FP32 accumulate, as used for bf16.
+PEAKS_TFLOPS = {
+    "H100 SXM": {"bf16": 989.4, "fp8": 1978.9},
+    "H200": {"bf16": 989.4, "fp8": 1978.9},
+    "RTX 4090": {"bf16": 165.2, "fp8": 330.3},
+    "RTX 3080": {"bf16": 59.5, "fp8": None},  # Ampere has no FP8 tensor cores
+}
+
+# The seed's presets ("Performance Tips") at the default 640x640; "fast" with cfg 1 as our fast path.
+PRESETS = {
+    "fast": dict(steps=4, frames=49, width=640, height=640, cfg_high_noise=1.0, cfg_low_noise=1.0),
+    "default": dict(steps=6, frames=81, width=640, height=640, cfg_high_noise=3.5, cfg_low_noise=3.5),
+    "high_quality": dict(steps=8, frames=121, width=640, height=640, cfg_high_noise=3.5, cfg_low_noise=3.5),
+}
+# Seed's published times (api_contract.md, "Expected Processing Times"), seconds.
+SEED_TARGETS_S = {
+    "fast": {"RTX 4090": 30, "RTX 3080": 60},
+    "default": {"RTX 4090": 60, "RTX 3080": 120},
+    "high_quality": {"RTX 4090": 120, "RTX 3080": 240},
+}
+
+
+@dataclass
+class ForwardFlops:
+    tokens: int
+    linear: float
+    attention_self: float
+    attention_cross: float
+
+    @property
+    def attention(self) -> float:
+        return self.attention_self + self.attention_cross
+
+    @property
+    def total(self) -> float:
+        return self.linear + self.attention
+
+
+def latent_tokens(frames: int, height: int, width: int, patch=(1, 2, 2)) -> int:
+    f_lat = (frames - 1) // 4 + 1
+    return (f_lat // patch[0]) * (height // 8 // patch[1]) * (width // 8 // patch[2])
+
+
+def forward_flops(frames: int, height: int, width: int, arch: dict = A14B) -> ForwardFlops:
+    """One expert forward for one sample (batch 1)."""
+    from wanrt.params import frames_to_generate
+
+    frames = frames_to_generate(frames)
+    L, Lt = latent_tokens(frames, height, width, arch["patch"]), arch["text_len"]
+    d, f, n = arch["dim"], arch["ffn"], arch["layers"]
+    p = arch["patch"][0] * arch["patch"][1] * arch["patch"][2]
+    per_layer_linear = (
+        2 * L * d * d * 4  # self-attention q, k, v, o
+        + 2 * L * d * d * 2  # cross-attention q, o
+        + 2 * Lt * d * d * 2  # cross-attention k, v on the text
+        + 2 * L * d * f * 2  # FFN up + down
+    )
+    linear = n * per_layer_linear
+    linear += 2 * L * arch["in_channels"] * p * d  # patch embedding
+    linear += 2 * L * d * arch["out_channels"] * p  # head
+    linear += 2 * Lt * (arch["text_dim"] * d + d * d)  # text embedding MLP
+    attn_self = n * 4 * L * L * d  # QK^T and PV
+    attn_cross = n * 4 * L * Lt * d
+    return ForwardFlops(L, float(linear), float(attn_self), float(attn_cross))
+
+
+def request_flops(steps: int, frames: int, width: int, height: int, cfg_high_noise: float, cfg_low_noise: float,
+                  steps_high: int | None = None, arch: dict = A14B) -> dict:
+    """FLOPs of the denoising loop. steps_high: steps on the high-noise expert (from the schedule)."""
+    if steps_high is None:
+        steps_high = split_steps(steps)[0]
+    fwd = forward_flops(frames, height, width, arch)
+    per_expert = {}
+    for expert, n_steps, cfg in (("high", steps_high, cfg_high_noise), ("low", steps - steps_high, cfg_low_noise)):
+        batch = 2 if cfg > 1 else 1
+        per_expert[expert] = {"steps": n_steps, "batch": batch, "flops": fwd.total * batch * n_steps,
+                              "linear": fwd.linear * batch * n_steps, "attention": fwd.attention * batch * n_steps}
+    total = sum(e["flops"] for e in per_expert.values())
+    return {"tokens": fwd.tokens, "forward": asdict(fwd) | {"total": fwd.total}, "per_expert": per_expert, "total": total}
+
+
+def split_steps(steps: int, boundary_ratio: float = 0.9) -> tuple[int, int]:
+    """(high, low) steps on the upstream UniPC shift-5 schedule."""
+    from wanrt.model.components import UNIPC_SCHEDULER_CONFIG
+    from wanrt.runtime.sampler import make_scheduler, plan_steps
+
+    plan = plan_steps(make_scheduler(UNIPC_SCHEDULER_CONFIG), steps, boundary_ratio, 1.0, 1.0)
+    high = sum(1 for s in plan if s.expert == "high")
+    return high, steps - high
+
+
+def ideal_seconds(flops: float, device: str, precision: str = "bf16") -> float | None:
+    peak = PEAKS_TFLOPS[device][precision]
+    return None if peak is None else flops / (peak * 1e12)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="write the table as JSON here")
+    args = ap.parse_args(argv)
+    rows = []
+    for name, preset in PRESETS.items():
+        high, low = split_steps(preset["steps"])
+        r = request_flops(**preset, steps_high=high)
+        row = {"preset": name, **preset, "steps_high": high, "steps_low": low, "tokens": r["tokens"],
+               "forward_tflop": r["forward"]["total"] / 1e12,
+               "forward_attention_share": r["forward"]["attention_self"] / r["forward"]["total"],
+               "loop_pflop": r["total"] / 1e15,
+               "ideal_s": {dev: {prec: (None if ideal_seconds(r["total"], dev, prec) is None
+                                        else round(ideal_seconds(r["total"], dev, prec), 2))
+                                 for prec in ("bf16", "fp8")} for dev in PEAKS_TFLOPS}}
+        rows.append(row)
+    print(f"{'preset':<13}{'steps h/l':>10}{'cfg':>9}{'frames':>7}{'tokens':>8}{'fwd TFLOP':>10}{'attn %':>7}"
+          f"{'loop PFLOP':>11}{'H100 bf16 s':>12}{'H100 fp8 s':>11}{'4090 bf16 s':>12}{'seed 4090 s':>12}")
+    for r in rows:
+        print(f"{r['preset']:<13}{r['steps_high']:>5}/{r['steps_low']:<4}{r['cfg_high_noise']:>4}/{r['cfg_low_noise']:<4}"
+              f"{r['frames']:>7}{r['tokens']:>8}{r['forward_tflop']:>10.1f}{100 * r['forward_attention_share']:>6.0f}%"
+              f"{r['loop_pflop']:>11.2f}{r['ideal_s']['H100 SXM']['bf16']:>12.2f}{r['ideal_s']['H100 SXM']['fp8']:>11.2f}"
+              f"{r['ideal_s']['RTX 4090']['bf16']:>12.1f}{SEED_TARGETS_S[r['preset']]['RTX 4090']:>12}")
+    print("ideal_s = loop FLOPs / published dense peak: the time at 100% of the tensor cores, loop only.")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"arch": A14B, "peaks_tflops": PEAKS_TFLOPS, "rows": rows}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

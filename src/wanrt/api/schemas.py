@@ -1,0 +1,42 @@
+"""msgspec structs of the seed contract, with its ranges and defaults (from wanrt.params)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from wanrt.params import DEFAULT_NEGATIVE_PROMPT, FIELDS_BY_NAME, PROMPT_MAX_CHARS
+
+
+def _meta(name: str) -> msgspec.Meta:
+    f = FIELDS_BY_NAME[name]
+    kw = dict(ge=f.lo, le=f.hi, description=f"{f.help} ({f.describe()}, default {f.default})")
+    if f.multiple_of:
+        kw["multiple_of"] = f.multiple_of
+    return msgspec.Meta(**kw)
+
+
+class GenerateRequest(msgspec.Struct, kw_only=True):
+    image_url: Annotated[str, msgspec.Meta(min_length=1, max_length=16 * 1024 * 1024,
+                                           description="http(s) or data: URL of the first frame (JPEG, PNG, WebP, GIF)")]
+    prompt: Annotated[str, msgspec.Meta(min_length=1, max_length=PROMPT_MAX_CHARS, description="what should happen")]
+    negative_prompt: Annotated[str, msgspec.Meta(max_length=PROMPT_MAX_CHARS)] = DEFAULT_NEGATIVE_PROMPT
+    steps: Annotated[int, _meta("steps")] = 6
+    cfg_high_noise: Annotated[float, _meta("cfg_high_noise")] = 3.5
+    cfg_low_noise: Annotated[float, _meta("cfg_low_noise")] = 3.5
+    width: Annotated[int, _meta("width")] = 640
+    height: Annotated[int, _meta("height")] = 640
+    frames: Annotated[int, _meta("frames")] = 81
+    fps: Annotated[int, _meta("fps")] = 16
+    seed: Annotated[int, _meta("seed")] = 1
+
+
+class GenerateResponse(msgspec.Struct):
+    job_id: str
+    status: str
+    message: str
+
+
+class MessageResponse(msgspec.Struct):
+    message: str

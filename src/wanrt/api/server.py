@@ -1,0 +1,89 @@
+"""`wanrt serve`: the API in this process, worker processes beside it (restarted if they die)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+log = logging.getLogger("wanrt.server")
+
+
+def settings_env(settings) -> dict[str, str]:
+    """The settings as WANRT_* variables, so worker processes see exactly what the API was given."""
+    env = {}
+    for name in settings._ENV:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        env[f"WANRT_{name.upper()}"] = ",".join(value) if isinstance(value, tuple) else str(value)
+    return env
+
+
+class WorkerSupervisor:
+    """Keeps `count` worker processes alive; a worker that dies (OOM, kill -9) is started again and
+    re-queues its orphaned job at start."""
+
+    def __init__(self, settings, count: int):
+        self.settings, self.count = settings, count
+        self.procs: list[subprocess.Popen | None] = [None] * count
+        self.stopping = threading.Event()
+        self.restarts = 0
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _spawn(self, slot: int) -> subprocess.Popen:
+        env = {**os.environ, **settings_env(self.settings)}
+        cmd = [sys.executable, "-m", "wanrt.cli", "worker", "--worker-id", f"{os.uname().nodename}-w{slot}"]
+        if self.count > 1 and self.settings.device in ("auto", "cuda"):  # one worker per GPU
+            cmd += ["--gpu", str(slot)]
+        return subprocess.Popen(cmd, env=env)
+
+    def start(self) -> "WorkerSupervisor":
+        for i in range(self.count):
+            self.procs[i] = self._spawn(i)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(1.0):
+            for i, p in enumerate(self.procs):
+                if p is not None and p.poll() is not None and not self.stopping.is_set():
+                    log.warning("worker %d exited with %s; starting it again", i, p.returncode)
+                    self.restarts += 1
+                    self.procs[i] = self._spawn(i)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM: each worker stops at the next step and re-queues its job; kill after `timeout`."""
+        self.stopping.set()
+        for p in self.procs:
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.time() + timeout
+        for p in self.procs:
+            if p is None:
+                continue
+            try:
+                p.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def serve(settings) -> int:
+    import uvicorn
+
+    from wanrt.api.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app = create_app(settings)
+    supervisor = WorkerSupervisor(settings, settings.workers).start() if settings.workers > 0 else None
+    try:
+        # uvicorn handles SIGTERM/SIGINT: it stops accepting and finishes in-flight requests.
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10)
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+    return 0

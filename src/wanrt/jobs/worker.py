@@ -1,0 +1,185 @@
+"""One worker process per GPU: owns the model, claims jobs, runs the runtime, heartbeats, reports progress.
+
+Never speaks HTTP. A worker killed mid-job leaves the job to be claimed again when its lease runs out (or
+at once by its own restart, which releases its orphans); SIGTERM stops at the next step and re-queues.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+from PIL import Image
+
+from wanrt.jobs.paths import DataPaths
+from wanrt.jobs.store import Job, JobStore
+from wanrt.params import GenerateParams, ParamError
+
+log = logging.getLogger("wanrt.worker")
+
+
+class _JobControl:
+    """Shared between the sampling thread and the heartbeat thread of one job."""
+
+    def __init__(self):
+        self.progress, self.stage = 0.0, "starting"
+        self.stop = threading.Event()  # cancelled, deleted, or lost the lease
+        self.done = threading.Event()
+
+
+class Worker:
+    def __init__(self, settings, worker_id: str | None = None, store: JobStore | None = None, pipeline=None):
+        self.settings = settings
+        self.paths = DataPaths(settings.data_dir).ensure()
+        self.store = store or JobStore(self.paths.db)
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self._pipeline = pipeline
+        self.shutdown = threading.Event()
+        self.jobs_done = 0
+
+    @property
+    def pipeline(self):
+        if self._pipeline is None:
+            from wanrt.cli import load_runtime
+
+            self._pipeline = load_runtime(self.settings)
+        return self._pipeline
+
+    # ------------------------------------------------------------------ loop
+    def run(self, poll_s: float = 0.2, max_jobs: int | None = None) -> None:
+        pipeline = self.pipeline  # load the model before claiming anything
+        released = self.store.release_orphans(self.worker_id)
+        if released:
+            log.warning("re-queued %d job(s) left by a previous run of %s", released, self.worker_id)
+        slots = max(1, int(self.settings.concurrency))
+        pipelines = [pipeline] + [self._clone_for_concurrency(pipeline) for _ in range(slots - 1)]
+        threads = [threading.Thread(target=self._slot_loop, args=(p, poll_s, max_jobs, i), daemon=True)
+                   for i, p in enumerate(pipelines)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def _slot_loop(self, pipeline, poll_s: float, max_jobs: int | None, slot: int) -> None:
+        worker_id = self.worker_id if slot == 0 else f"{self.worker_id}/{slot}"
+        if slot:
+            self.store.release_orphans(worker_id)
+        while not self.shutdown.is_set():
+            if max_jobs is not None and self.jobs_done >= max_jobs:
+                return
+            job = self.store.claim(worker_id, self.settings.lease_s, device=str(pipeline.device))
+            if job is None:
+                self.shutdown.wait(poll_s)
+                continue
+            self.run_job(job, pipeline, worker_id)
+            self.jobs_done += 1
+
+    @staticmethod
+    def _clone_for_concurrency(pipeline):
+        """Experts and text encoder are shared (inference is thread-safe); the VAE keeps a causal cache
+        on the module, so each slot gets its own copy."""
+        from wanrt.runtime.pipeline import WanI2VPipeline
+
+        model = copy.copy(pipeline.model)
+        model.vae = copy.deepcopy(pipeline.model.vae)
+        return WanI2VPipeline(model, pipeline.backend, device=pipeline.device, dtype=pipeline.dtype)
+
+    # ------------------------------------------------------------------ one job
+    def run_job(self, job: Job, pipeline, worker_id: str) -> str:
+        from wanrt.runtime.sampler import Cancelled
+
+        control = _JobControl()
+        beat = threading.Thread(target=self._heartbeat, args=(job, worker_id, control), daemon=True)
+        beat.start()
+        out = self.paths.output_path(job.id)
+        outcome = "error"
+        try:
+            params = GenerateParams.from_dict(job.params)
+            image = self._load_input(job)
+            log.info("job %s: %s", job.id, {k: v for k, v in job.params.items() if k != "negative_prompt"})
+
+            def progress(value: float, stage: str) -> None:
+                control.progress, control.stage = round(value, 1), stage
+
+            def should_cancel() -> bool:
+                return control.stop.is_set() or self.shutdown.is_set()
+
+            result = pipeline.generate(params, image, out, progress=progress, should_cancel=should_cancel)
+            control.done.set()
+            timings = {k: round(v, 4) for k, v in result.timings.items()}
+            if self.store.complete(job.id, worker_id, str(out), timings):
+                outcome = "completed"
+            else:  # lost the job meanwhile (deleted, or re-claimed after a lease lapse): don't leave files
+                self.paths.remove_job_files(job.id, keep_input=True)
+                outcome = "lost"
+        except Cancelled:
+            control.done.set()
+            if self.shutdown.is_set() and not control.stop.is_set():
+                self.store.release(job.id, worker_id)
+                outcome = "released"
+            else:
+                gone = self.store.finish_cancelled(job.id, worker_id)
+                self.paths.remove_job_files(job.id, job.input_image, keep_input=not (gone and gone.deleted))
+                outcome = "cancelled"
+        except Exception as e:  # the job fails, the worker lives on
+            control.done.set()
+            error_type, retryable = classify_error(e)
+            log.exception("job %s failed", job.id)
+            self.store.fail(job.id, worker_id, f"{type(e).__name__}: {e}"[:2000], error_type, retryable)
+            self.paths.remove_job_files(job.id, keep_input=True)
+        finally:
+            control.done.set()
+            beat.join(timeout=5)
+        log.info("job %s: %s", job.id, outcome)
+        return outcome
+
+    def _heartbeat(self, job: Job, worker_id: str, control: _JobControl) -> None:
+        sent = None
+        while not control.done.wait(min(self.settings.heartbeat_s, 0.5) if sent is None else self.settings.heartbeat_s):
+            try:
+                ok = self.store.heartbeat(job.id, worker_id, self.settings.lease_s, control.progress, control.stage)
+                sent = control.progress
+            except Exception:  # a busy database must not kill the job; the next beat retries
+                log.exception("heartbeat failed")
+                continue
+            if not ok:
+                control.stop.set()
+
+    def _load_input(self, job: Job) -> Image.Image:
+        if not job.input_image:
+            raise FileNotFoundError("job has no input image")
+        path = self.paths.inputs / job.input_image
+        with Image.open(path) as img:
+            img.seek(0)
+            return img.convert("RGB")
+
+
+def classify_error(e: Exception) -> tuple[str, bool]:
+    """Machine-readable error_type and whether retrying the same request may succeed."""
+    name = type(e).__name__
+    if name == "OutOfMemoryError" or "out of memory" in str(e).lower():
+        return "out_of_memory", True
+    if isinstance(e, ParamError):
+        return "invalid_params", False
+    if isinstance(e, FileNotFoundError):
+        return "input_missing", False
+    return "internal_error", True
+
+
+def run_worker(settings, worker_id: str | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    worker = Worker(settings, worker_id)
+
+    def stop(signum, frame):
+        log.info("signal %s: finishing the current step, re-queueing the job", signum)
+        worker.shutdown.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    worker.run()
+    return 0

@@ -1,0 +1,36 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import flops  # noqa: E402
+
+
+def test_flop_model_known_values():
+    fwd = flops.forward_flops(81, 640, 640)
+    assert fwd.tokens == 21 * 40 * 40 == 33600
+    # self-attention alone: 40 layers x 4 L^2 d
+    assert fwd.attention_self == 40 * 4 * 33600**2 * 5120
+    req = flops.request_flops(steps=6, frames=81, width=640, height=640, cfg_high_noise=3.5, cfg_low_noise=1.0, steps_high=3)
+    assert req["per_expert"]["high"]["batch"] == 2 and req["per_expert"]["low"]["batch"] == 1
+    assert req["total"] == fwd.total * (3 * 2 + 3 * 1)
+    assert flops.split_steps(6) == (3, 3)
+    # frames that are not 4k+1 cost what is generated
+    assert flops.forward_flops(50, 640, 640).tokens == flops.forward_flops(53, 640, 640).tokens
+
+
+def test_flops_table_and_runtime_bench_run(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "flops.py"), "--json", str(tmp_path / "f.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "default" in r.stdout and json.loads((tmp_path / "f.json").read_text())["rows"][1]["tokens"] == 33600
+    out = tmp_path / "rt.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_runtime.py"), "--model", "tiny",
+                        "--repeats", "1", "--warmup", "0", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert set(report["median_s"]) >= {"text_encode_s", "vae_encode_s", "denoise_high_s", "denoise_low_s", "vae_decode_s", "mp4_encode_s"}
+    assert report["loop_tflop"] > 0 and report["steps_per_expert"] == {"high": 2, "low": 2}
