@@ -176,7 +176,7 @@ def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
                     if declared and declared.isdigit() and int(declared) > policy.max_bytes:
                         raise FetchError(f"Failed to download image: image is larger than {policy.max_bytes} bytes")
                     chunks, total = [], 0
-                    for chunk in resp.iter_raw(65536):
+                    for chunk in resp.iter_raw():  # as it arrives (a chunk size would buffer a slow drip)
                         total += len(chunk)
                         if total > policy.max_bytes:
                             raise FetchError(f"Failed to download image: image is larger than {policy.max_bytes} bytes")
@@ -220,7 +220,7 @@ def decode_image(data: bytes, policy: FetchPolicy, source: str = "") -> FetchedI
     except FetchError:
         raise
     except Image.DecompressionBombError:
-        raise FetchError(f"Failed to process image: more pixels than the limit of {policy.max_pixels}")
+        raise FetchError(f"Failed to process image: pixel count exceeds the limit of {policy.max_pixels}")
     except Exception as e:
         raise FetchError(f"Failed to process image: Invalid image format ({type(e).__name__}: {str(e)[:120]})")
     return FetchedImage(image=image, data=data, format=fmt, source=source)

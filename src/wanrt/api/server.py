@@ -80,8 +80,11 @@ def serve(settings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(settings)
     supervisor = WorkerSupervisor(settings, settings.workers).start() if settings.workers > 0 else None
+    # uvicorn handles SIGTERM/SIGINT (stops accepting, finishes in-flight requests) and then re-raises the
+    # signal to the handler that was there before: make that one a no-op so we go on to drain the workers.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
-        # uvicorn handles SIGTERM/SIGINT: it stops accepting and finishes in-flight requests.
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10)
     finally:
         if supervisor is not None:

@@ -1,0 +1,70 @@
+"""Nothing accepted is lost: kill -9 of a worker mid-job, and a full server restart with queued jobs."""
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from servers import ImageServer, WanrtServer
+from wanrt.runtime.video import probe_mp4
+
+SMALL = {"width": 256, "height": 256, "frames": 16, "steps": 2}
+
+
+@pytest.fixture(scope="module")
+def images():
+    with ImageServer() as srv:
+        yield srv
+
+
+def test_kill_9_worker_mid_job_then_job_completes(tmp_path, images):
+    with WanrtServer(tmp_path / "d") as srv:
+        job = httpx.post(srv.base + "/generate", json={"image_url": images.url("/img.png"), "prompt": "x",
+                                                       **{**SMALL, "frames": 32}}).json()["job_id"]
+        srv.wait_status(job, states=("processing",))
+        (pid,) = srv.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        final = srv.wait_status(job, timeout=180)
+        assert final["status"] == "completed", final
+        dbg = httpx.get(f"{srv.base}/debug/job/{job}").json()["job"]
+        assert dbg["attempts"] == 2  # run again, not lost
+        assert probe_mp4(final["video_path"])["frames"] == 32
+        assert srv.worker_pids() and srv.worker_pids()[0] != pid  # the supervisor started a new worker
+        outputs = list((tmp_path / "d" / "outputs").iterdir())
+        assert [p.name for p in outputs] == [f"wanrt_{job}.mp4"]  # one output, no leftovers
+
+
+def test_restart_loses_nothing(tmp_path, images):
+    data = tmp_path / "d"
+    body = {"image_url": images.url("/img.jpg"), "prompt": "x", **SMALL}
+    with WanrtServer(data) as srv:
+        done = httpx.post(srv.base + "/generate", json=body).json()["job_id"]
+        assert srv.wait_status(done)["status"] == "completed"
+    # API only: jobs are accepted and wait
+    srv = WanrtServer(data, workers=0).start()
+    queued = [httpx.post(srv.base + "/generate", json={**body, "seed": i}).json()["job_id"] for i in range(3)]
+    assert all(httpx.get(f"{srv.base}/status/{j}").json()["status"] == "queued" for j in queued)
+    assert srv.stop() == 0
+    # back with a worker: all queued jobs run, the earlier one still downloads
+    with WanrtServer(data) as srv:
+        for j in queued:
+            assert srv.wait_status(j, timeout=240)["status"] == "completed"
+        r = httpx.get(f"{srv.base}/download/{done}")
+        assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+
+
+def test_sigterm_requeues_the_running_job(tmp_path, images):
+    data = tmp_path / "d"
+    body = {"image_url": images.url("/img.jpg"), "prompt": "x", **{**SMALL, "steps": 20, "frames": 48}}
+    srv = WanrtServer(data).start()
+    job = httpx.post(srv.base + "/generate", json=body).json()["job_id"]
+    srv.wait_status(job, states=("processing",))
+    t0 = time.time()
+    assert srv.stop() == 0
+    assert time.time() - t0 < 30
+    with WanrtServer(data) as srv:
+        final = srv.wait_status(job, timeout=240)
+        assert final["status"] == "completed"
+        assert httpx.get(f"{srv.base}/debug/job/{job}").json()["job"]["attempts"] == 1
