@@ -68,3 +68,18 @@ def test_sigterm_requeues_the_running_job(tmp_path, images):
         final = srv.wait_status(job, timeout=240)
         assert final["status"] == "completed"
         assert httpx.get(f"{srv.base}/debug/job/{job}").json()["job"]["attempts"] == 1
+
+
+def test_workers_do_not_outlive_a_killed_server(tmp_path):
+    import psutil
+
+    srv = WanrtServer(tmp_path / "d").start()
+    pids = srv.worker_pids()
+    assert pids
+    srv.proc.kill()
+    srv.proc.wait()
+    srv._log.close()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids):
+        time.sleep(0.5)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)

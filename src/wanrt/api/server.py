@@ -36,7 +36,7 @@ class WorkerSupervisor:
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def _spawn(self, slot: int) -> subprocess.Popen:
-        env = {**os.environ, **settings_env(self.settings)}
+        env = {**os.environ, **settings_env(self.settings), "WANRT_SUPERVISOR_PID": str(os.getpid())}
         cmd = [sys.executable, "-m", "wanrt.cli", "worker", "--worker-id", f"{os.uname().nodename}-w{slot}"]
         if self.count > 1 and self.settings.device in ("auto", "cuda"):  # one worker per GPU
             cmd += ["--gpu", str(slot)]

@@ -181,5 +181,15 @@ def run_worker(settings, worker_id: str | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    parent = os.environ.get("WANRT_SUPERVISOR_PID")
+    if parent:  # started by `wanrt serve`: never outlive it (even if it was kill -9'd)
+        threading.Thread(target=_exit_with_parent, args=(int(parent), worker), daemon=True).start()
     worker.run()
     return 0
+
+
+def _exit_with_parent(parent_pid: int, worker: Worker) -> None:
+    while not worker.shutdown.wait(1.0):
+        if os.getppid() != parent_pid:
+            log.warning("supervisor %d is gone; stopping", parent_pid)
+            worker.shutdown.set()

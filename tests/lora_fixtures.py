@@ -1,0 +1,48 @@
+"""LoRA state dicts in every format users have, built for the tiny model with the real key names."""
+
+from __future__ import annotations
+
+import torch
+
+from wanrt.model import keymaps
+
+TARGETS = ["blocks.0.attn1.to_q", "blocks.0.attn1.to_out.0", "blocks.1.attn2.to_k", "blocks.1.ffn.net.0.proj",
+           "blocks.0.ffn.net.2", "proj_out"]
+
+
+def random_lora(expert, rank=4, seed=0, targets=TARGETS, alpha=None):
+    """{diffusers module name: (A, B, alpha)} with B non-zero so the LoRA really changes the weights."""
+    g = torch.Generator().manual_seed(seed)
+    modules = dict(expert.named_modules())
+    out = {}
+    for name in targets:
+        w = modules[name].weight
+        out[name] = (torch.randn(rank, w.shape[1], generator=g) * 0.1, torch.randn(w.shape[0], rank, generator=g) * 0.1,
+                     alpha)
+    return out
+
+
+def to_original(name: str) -> str:
+    return next(iter(keymaps.transformer_to_original({f"{name}.weight": None})))[: -len(".weight")]
+
+
+def as_format(lora: dict, fmt: str) -> dict[str, torch.Tensor]:
+    sd = {}
+    for name, (a, b, alpha) in lora.items():
+        if fmt == "peft":
+            base = f"transformer.{name}"
+            sd[f"{base}.lora_A.weight"], sd[f"{base}.lora_B.weight"] = a.clone(), b.clone()
+        elif fmt == "comfy":
+            base = f"diffusion_model.{to_original(name)}"
+            sd[f"{base}.lora_down.weight"], sd[f"{base}.lora_up.weight"] = a.clone(), b.clone()
+        elif fmt == "kohya":
+            base = "lora_unet_" + to_original(name).replace(".", "_")
+            sd[f"{base}.lora_down.weight"], sd[f"{base}.lora_up.weight"] = a.clone(), b.clone()
+        elif fmt == "wan":
+            base = to_original(name)
+            sd[f"{base}.lora_A.weight"], sd[f"{base}.lora_B.weight"] = a.clone(), b.clone()
+        else:
+            raise ValueError(fmt)
+        if alpha is not None:
+            sd[f"{base}.alpha"] = torch.tensor(float(alpha))
+    return sd
