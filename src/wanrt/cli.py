@@ -15,13 +15,15 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto|cpu|cuda|cuda:N [WANRT_DEVICE]")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="[WANRT_DTYPE]")
     p.add_argument("--scheduler", choices=["unipc", "euler"], help="sampler (unipc is upstream's) [WANRT_SCHEDULER]")
+    p.add_argument("--artifacts", help="a `wanrt build` output dir: fused (and quantized) experts [WANRT_ARTIFACTS]")
 
 
 def _settings(args, **extra):
     from wanrt.config import Settings
 
     return Settings.from_env(model=getattr(args, "model", None), device=getattr(args, "device", None),
-                             dtype=getattr(args, "dtype", None), scheduler=getattr(args, "scheduler", None), **extra)
+                             dtype=getattr(args, "dtype", None), scheduler=getattr(args, "scheduler", None),
+                             artifacts=getattr(args, "artifacts", None), **extra)
 
 
 def load_runtime(settings):
@@ -33,6 +35,10 @@ def load_runtime(settings):
 
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     model = load_model(settings.model, device, dtype)
+    if settings.artifacts:
+        from wanrt.engine_build.build import load_artifacts_into
+
+        load_artifacts_into(model, Path(settings.artifacts), settings.model)
     if settings.scheduler == "euler":
         model.scheduler_config = dict(EULER_SCHEDULER_CONFIG)
     return WanI2VPipeline(model, make_backend(settings.backend, model), device=device, dtype=dtype)
@@ -108,6 +114,26 @@ def cmd_worker(args) -> int:
     return run_worker(settings, worker_id=args.worker_id)
 
 
+def cmd_build(args) -> int:
+    from wanrt.engine_build.build import BuildOptions, build
+    from wanrt.engine_build.lora import LoraError, LoraSpec
+
+    try:
+        specs = [LoraSpec.parse(x) for x in args.lora]
+        result = build(BuildOptions(
+            model=args.model or "tiny", loras=specs, precision=args.precision, out=Path(args.out),
+            fp8_granularity=args.fp8_granularity, fp8_exclude=tuple(args.fp8_exclude),
+            profiles=tuple(p for p in args.profiles.split(",") if p), onnx=not args.no_onnx,
+            tensorrt=not args.no_tensorrt, allow_unmatched=args.allow_unmatched, device=args.device or "auto",
+            force=args.force))
+    except (LoraError, FileNotFoundError, ValueError) as e:
+        print(f"wanrt build: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": args.out, "cache_hit": result["cache_hit"], "key": result["key"][:12],
+                      "tensorrt": result["tensorrt"]}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="wanrt", description="WAN 2.2 image-to-video inference server")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -136,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-worker", action="store_true", help="API only; workers run elsewhere (`wanrt worker`)")
     _add_model_flags(s)
     s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("build", help="fuse LoRAs, quantize, export ONNX and TensorRT engines, write a manifest")
+    b.add_argument("--model", help="base model (tiny, a diffusers dir, a dir of single files)")
+    b.add_argument("--device")
+    b.add_argument("--lora", action="append", default=[], metavar="high|low|both:PATH[:STRENGTH]")
+    b.add_argument("--precision", choices=["bf16", "fp16", "fp32", "fp8"], default="bf16")
+    b.add_argument("--fp8-granularity", choices=["channel", "tensor"], default="channel")
+    b.add_argument("--fp8-exclude", action="append", default=[], metavar="REGEX", help="keep matching layers in BF16")
+    b.add_argument("--profiles", default="small,default,large", help="TensorRT shape profiles")
+    b.add_argument("--out", required=True)
+    b.add_argument("--no-onnx", action="store_true")
+    b.add_argument("--no-tensorrt", action="store_true")
+    b.add_argument("--allow-unmatched", action="store_true", help="ignore LoRA keys that match no layer")
+    b.add_argument("--force", action="store_true", help="rebuild even on a cache hit")
+    b.set_defaults(func=cmd_build)
 
     w = sub.add_parser("worker", help="one GPU worker: claims jobs from the store and runs them")
     w.add_argument("--data-dir")

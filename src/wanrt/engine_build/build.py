@@ -1,0 +1,200 @@
+"""`wanrt build`: base model + LoRAs -> fused weights (BF16/FP16 or FP8 + scales) -> ONNX -> TensorRT, with
+a manifest. The same inputs again are a cache hit; a changed LoRA strength rebuilds."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from wanrt.engine_build import manifest as mf
+from wanrt.engine_build.lora import LoraSpec, file_sha256, fuse_loras
+from wanrt.engine_build.tensorrt_build import (PROFILES, TensorRTUnavailable, build_engine, profiles_as_dict,
+                                               tensorrt_available)
+
+PRECISIONS = ("bf16", "fp16", "fp32", "fp8")
+
+
+@dataclass
+class BuildOptions:
+    model: str = "tiny"
+    loras: list[LoraSpec] = field(default_factory=list)
+    precision: str = "bf16"
+    out: Path = Path("artifacts")
+    fp8_granularity: str = "channel"
+    fp8_exclude: tuple[str, ...] = ()
+    profiles: tuple[str, ...] = ("small", "default", "large")
+    onnx: bool = True
+    tensorrt: bool = True
+    allow_unmatched: bool = False
+    device: str = "auto"
+    force: bool = False
+
+    def key_inputs(self, base: dict) -> dict:
+        return {
+            "base": base,
+            "loras": [{"target": s.target, "sha256": file_sha256(s.path), "strength": s.strength} for s in self.loras],
+            "precision": self.precision, "fp8_granularity": self.fp8_granularity, "fp8_exclude": list(self.fp8_exclude),
+            "profiles": list(self.profiles), "onnx": self.onnx, "wanrt": mf.tool_versions()["wanrt"],
+        }
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def build(opts: BuildOptions, log=_log) -> dict:
+    if opts.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}")
+    for name in opts.profiles:
+        if name not in PROFILES:
+            raise ValueError(f"unknown profile {name!r} (known: {', '.join(PROFILES)})")
+    for spec in opts.loras:
+        if not spec.path.is_file():
+            raise FileNotFoundError(f"LoRA file {spec.path} does not exist")
+    out = Path(opts.out)
+    base = mf.base_fingerprint(opts.model)
+    key = mf.build_key(opts.key_inputs(base))
+    previous = mf.read_manifest(out)
+    if previous and previous.get("key") == key and not opts.force and _outputs_exist(out, previous):
+        log(f"cache hit: {out / mf.MANIFEST} was built from the same inputs (key {key[:12]}); nothing to do")
+        return {**previous, "cache_hit": True}
+
+    from wanrt.config import Settings
+    from wanrt.model.loading import load_model
+
+    settings = Settings(model=opts.model, device=opts.device)
+    device = settings.resolved_device()
+    # LoRA maths is fp32 either way; full-size experts stay BF16 on the GPU (fp32 would need 2 x 57 GB).
+    load_dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    t0 = time.perf_counter()
+    model = load_model(opts.model, device, load_dtype)
+    log(f"loaded {opts.model} on {device} ({load_dtype}) in {time.perf_counter() - t0:.1f} s")
+
+    reports = fuse_loras(model, opts.loras, allow_unmatched=opts.allow_unmatched)
+    for expert, rs in reports.items():
+        for r in rs:
+            log(f"{expert}-noise expert: LoRA {r.lora} x{r.strength} touched {r.layers_touched} layers"
+                + (f", skipped {len(r.skipped)} keys ({', '.join(r.skipped[:3])}...)" if r.skipped else ""))
+        if not rs:
+            log(f"{expert}-noise expert: no LoRA")
+
+    out.mkdir(parents=True, exist_ok=True)
+    experts_info = {}
+    for name, expert in model.experts.items():
+        experts_info[name] = _build_expert(name, expert, model, opts, out, log)
+        experts_info[name]["loras"] = [{"file": str(s.path), "sha256": file_sha256(s.path), "strength": s.strength,
+                                        "layers_touched": r.layers_touched, "skipped": r.skipped}
+                                       for s, r in zip([s for s in opts.loras if s.applies_to(name)], reports[name])]
+
+    trt_ok, trt_why = tensorrt_available()
+    if opts.onnx and opts.tensorrt and not trt_ok:
+        log(trt_why)
+    manifest = {
+        "key": key, "base": base, "precision": opts.precision,
+        "fp8": {"granularity": opts.fp8_granularity, "exclude": list(opts.fp8_exclude)} if opts.precision == "fp8" else None,
+        "profiles": profiles_as_dict(opts.profiles), "experts": experts_info, "boundary_ratio": model.boundary_ratio,
+        "tools": mf.tool_versions(), "device": device,
+        "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+        "tensorrt": {"built": bool(trt_ok and opts.onnx and opts.tensorrt), "reason": None if trt_ok else trt_why},
+    }
+    mf.write_manifest(out, manifest)
+    log(f"wrote {out / mf.MANIFEST}")
+    return {**manifest, "cache_hit": False}
+
+
+def _build_expert(name: str, expert, model, opts: BuildOptions, out: Path, log) -> dict:
+    from safetensors.torch import save_file
+
+    from wanrt.engine_build import quantize
+
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    info: dict = {}
+    weights = folder / "expert.safetensors"
+    if opts.precision == "fp8":
+        sd = quantize.quantize_expert(expert, opts.fp8_granularity, exclude=opts.fp8_exclude)
+        save_file(sd, str(weights), metadata={"format": "wanrt-fp8", "granularity": opts.fp8_granularity})
+        info["fp8_layers"] = len(quantize.quantizable_layers(expert, exclude=opts.fp8_exclude))
+        info["fp8_weight_rel_error"] = quantize.weight_error(expert, sd)
+        log(f"{name}: FP8 ({opts.fp8_granularity}) on {info['fp8_layers']} layers; weight rel. error "
+            f"mean {info['fp8_weight_rel_error']['mean']:.4f}, max {info['fp8_weight_rel_error']['max']:.4f}")
+        if sum(p.numel() for p in expert.parameters()) < 2e9:  # output guard on a CPU copy (the GPU path: issue 6)
+            candidate = _copy_with_state(expert, quantize.dequantize_state_dict(sd, torch.float32))
+            reference = _copy_with_state(expert, {k: v.float() for k, v in expert.state_dict().items()})
+            guard = quantize.quality_guard(reference, candidate)
+            info["quality_guard"] = {"cosine": guard.cosine, "rel_error": guard.rel_error,
+                                     "max_abs_error": guard.max_abs_error, "passes": guard.passes()}
+            log(f"{name}: FP8 guard vs fused weights: cosine {guard.cosine:.5f}, rel. error {guard.rel_error:.4f}")
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[opts.precision]
+        keep = set(getattr(expert, "_keep_in_fp32_modules", None) or [])
+        sd = {k: (v.float() if any(p in keep for p in k.split(".")) else v.to(dtype)).contiguous().cpu()
+              for k, v in expert.state_dict().items()}
+        save_file(sd, str(weights), metadata={"format": f"wanrt-{opts.precision}"})
+    info["weights"] = str(weights.relative_to(out))
+    info["weights_sha256"] = mf.file_fingerprint(weights)
+
+    if opts.onnx:
+        from wanrt.engine_build.onnx_export import export_expert, onnx_parity
+
+        t0 = time.perf_counter()
+        onnx_path = export_expert(expert, folder / "expert.onnx", text_len=model.max_sequence_length)
+        info["onnx"] = str(onnx_path.relative_to(out))
+        info["onnx_export_s"] = round(time.perf_counter() - t0, 2)
+        if next(expert.parameters()).device.type == "cpu":
+            parity = onnx_parity(expert, onnx_path, text_len=model.max_sequence_length)
+            info["onnx_parity"] = [{"shape": p.shape, "max_abs_error": p.max_abs_error, "rel_error": p.rel_error} for p in parity]
+            log(f"{name}: ONNX {onnx_path.name} exported in {info['onnx_export_s']} s; onnxruntime parity "
+                + ", ".join(f"{p.shape}: max |d| {p.max_abs_error:.2e}" for p in parity))
+        if opts.tensorrt and tensorrt_available()[0]:
+            cfg = expert.config
+            info["engines"] = {}
+            for profile in opts.profiles:
+                engine = build_engine(onnx_path, folder / f"engine_{profile}.plan", PROFILES[profile],
+                                      precision="bf16" if opts.precision in ("fp8", "fp32") else opts.precision,
+                                      timing_cache=out / "timing.cache", in_channels=cfg.in_channels,
+                                      text_len=model.max_sequence_length, text_dim=cfg.text_dim)
+                info["engines"][profile] = str(engine.relative_to(out))
+                log(f"{name}: TensorRT engine {engine.name}")
+    return info
+
+
+def _copy_with_state(expert, sd):
+    import copy
+
+    clone = copy.deepcopy(expert).to("cpu")
+    clone.load_state_dict(sd)
+    return clone.float().eval()
+
+
+def _outputs_exist(out: Path, manifest: dict) -> bool:
+    for info in manifest.get("experts", {}).values():
+        for key in ("weights", "onnx"):
+            if info.get(key) and not (out / info[key]).is_file():
+                return False
+    return True
+
+
+def load_artifacts_into(model, artifacts: Path, model_spec: str, dtype=None) -> dict:
+    """Runtime side: check the manifest against the served model and load the fused (and, for FP8,
+    dequantized) expert weights into it. The compiled and TensorRT backends read their own formats."""
+    from safetensors.torch import load_file
+
+    from wanrt.engine_build.quantize import dequantize_state_dict
+
+    artifacts = Path(artifacts)
+    manifest = mf.read_manifest(artifacts)
+    if manifest is None:
+        raise mf.ArtifactMismatch(f"{artifacts} has no {mf.MANIFEST}; build it with `wanrt build`")
+    mf.check_matches(manifest, mf.base_fingerprint(model_spec))
+    for name, expert in model.experts.items():
+        device = next(expert.parameters()).device
+        sd = load_file(str(artifacts / manifest["experts"][name]["weights"]), device=str(device))
+        if manifest["precision"] == "fp8":
+            sd = dequantize_state_dict(sd, dtype or expert.dtype)
+        current = expert.state_dict()
+        expert.load_state_dict({k: v.to(current[k].dtype) for k, v in sd.items()})
+    return manifest
