@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 MODEL ?= tiny
 
-.PHONY: install serve generate test bench doctor
+.PHONY: install redis serve generate test bench doctor
 
 # CPU machines take torch 2.13.0 (a CPU build); a machine that already has torch (GPU images) keeps its own.
 install:
@@ -18,12 +18,18 @@ serve: install
 generate: install
 	$(PYTHON) -m wanrt.cli generate --model $(MODEL) --image tests/assets/first_frame.png --prompt "a cat turning its head slowly" --out out.mp4
 
-test: install
+# The tests start their own redis-server on a free port; install Debian's when it is missing.
+redis:
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
+
+test: install redis
 	$(PYTHON) -m pytest -q tests
 
-bench: install
+bench: install redis
 	$(PYTHON) benchmarks/flops.py
 	$(PYTHON) benchmarks/bench_runtime.py --model $(MODEL)
+	$(PYTHON) benchmarks/bench_fp8_guard.py --model $(MODEL)
+	$(PYTHON) benchmarks/bench_reliability.py
 
 doctor: install
 	$(PYTHON) -m wanrt.cli doctor

@@ -115,3 +115,11 @@ def test_allow_hosts_accepts_cidrs():
     with pytest.raises(FetchError):
         check_address("internal", "10.0.0.5", FetchPolicy(allow_hosts=("192.168.0.0/16",)))
     check_address("example.com", "93.184.216.34", STRICT)
+
+
+def test_allow_list_mode_refuses_before_resolving():
+    policy = FetchPolicy(allow_hosts=("127.0.0.1",), only_allowed=True)
+    with pytest.raises(FetchError, match="not in the allowed hosts"):
+        fetch_image("http://example.com/x.png", policy)
+    with pytest.raises(FetchError, match="not in the allowed hosts"):
+        fetch_image("http://93.184.216.34/x.png", policy)

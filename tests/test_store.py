@@ -1,4 +1,4 @@
-"""The SQLite job store on a real file: ordering, leases, retries, cancel, idempotency, TTL."""
+"""The job store contract, run on both backends: SQLite on a real file and a real Redis server."""
 
 import threading
 import time
@@ -8,9 +8,20 @@ import pytest
 from wanrt.jobs.store import MAX_ATTEMPTS, JobStore, QueueFull
 
 
-@pytest.fixture
-def store(tmp_path):
-    return JobStore(tmp_path / "jobs.sqlite3")
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        yield JobStore(tmp_path / "jobs.sqlite3")
+        return
+    import redis
+
+    from wanrt.jobs.redis_queue import RedisJobStore
+
+    url = request.getfixturevalue("redis_url")
+    redis.Redis.from_url(url).flushdb()
+    s = RedisJobStore(url)
+    yield s
+    s.close()
 
 
 def test_wal_and_durable_create(tmp_path):
@@ -66,14 +77,20 @@ def test_poison_job_ends_as_error_after_max_attempts(store):
     assert dead.status == "error" and dead.error_type == "worker_lost" and dead.retryable
 
 
-def test_release_orphans_and_graceful_release(store):
+def test_restarted_worker_takes_back_its_orphan_first(store):
     a, b = store.create({})[0], store.create({})[0]
-    store.claim("w0", 30)
-    assert store.release_orphans("w0") == 1
-    assert store.get(a.id).status == "queued"
+    assert store.claim("w0", 30).id == a.id
+    store.release_orphans("w0")  # a new life of w0 (SQLite re-queues; Redis re-reads its pending entries)
+    again = store.claim("w0", 30)
+    assert again.id == a.id and again.attempts == 2
+    assert store.claim("w1", 30).id == b.id
+
+
+def test_graceful_release(store):
+    a = store.create({})[0]
     got = store.claim("w0", 30)
     assert store.release(got.id, "w0")
-    assert store.get(got.id).attempts == 1  # graceful release does not count against the job
+    assert store.get(got.id).attempts == 0  # graceful release does not count against the job
 
 
 def test_heartbeat_progress_and_cancel(store):
@@ -110,9 +127,9 @@ def test_expire_removes_only_old_finished(store):
     old = store.create({})[0]
     store.claim("w", 30)
     store.complete(old.id, "w", "/v.mp4", {})
-    store._write("UPDATE jobs SET finished_at=? WHERE id=?", (time.time() - 100, old.id))
+    time.sleep(0.3)
     fresh = store.create({})[0]
-    expired = store.expire(50)
+    expired = store.expire(0.2)
     assert [j.id for j in expired] == [old.id]
     assert store.get(old.id) is None and store.get(fresh.id) is not None
 

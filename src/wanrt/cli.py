@@ -15,6 +15,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto|cpu|cuda|cuda:N [WANRT_DEVICE]")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="[WANRT_DTYPE]")
     p.add_argument("--scheduler", choices=["unipc", "euler"], help="sampler (unipc is upstream's) [WANRT_SCHEDULER]")
+    p.add_argument("--queue", help="'sqlite' (default, under the data dir) or redis://host:port/db [WANRT_QUEUE]")
     p.add_argument("--artifacts", help="a `wanrt build` output dir: fused (and quantized) experts [WANRT_ARTIFACTS]")
 
 
@@ -23,7 +24,7 @@ def _settings(args, **extra):
 
     return Settings.from_env(model=getattr(args, "model", None), device=getattr(args, "device", None),
                              dtype=getattr(args, "dtype", None), scheduler=getattr(args, "scheduler", None),
-                             artifacts=getattr(args, "artifacts", None), **extra)
+                             artifacts=getattr(args, "artifacts", None), queue=getattr(args, "queue", None), **extra)
 
 
 def load_runtime(settings):

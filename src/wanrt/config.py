@@ -36,6 +36,7 @@ class Settings:
     lease_s: float = 30.0  # a worker that misses heartbeats this long loses its job back to the queue
     heartbeat_s: float = 2.0
     allow_hosts: tuple[str, ...] = ()  # hosts/CIDRs the image fetcher may reach despite being private
+    fetch_only_allowed: bool = False  # allow-list mode: refuse every host not in allow_hosts
     api_keys: tuple[str, ...] = ()  # bearer tokens; empty = no auth (the seed contract)
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
@@ -45,7 +46,7 @@ class Settings:
     _ENV = {
         "model": str, "device": str, "dtype": str, "backend": str, "scheduler": str, "artifacts": str,
         "host": str, "port": int, "data_dir": Path, "workers": int, "concurrency": int, "queue_max": int,
-        "job_ttl_s": float, "lease_s": float, "heartbeat_s": float, "allow_hosts": _list, "api_keys": _list,
+        "job_ttl_s": float, "lease_s": float, "heartbeat_s": float, "allow_hosts": _list, "fetch_only_allowed": _bool, "api_keys": _list,
         "max_image_bytes": int, "max_image_pixels": int, "fetch_timeout_s": float, "queue": str,
     }
 

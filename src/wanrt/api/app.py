@@ -18,7 +18,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from wanrt.api.routes import API_TITLE, ROUTES
 from wanrt.jobs.paths import DataPaths
-from wanrt.jobs.store import JobStore
+from wanrt.jobs import open_store
 from wanrt.params import FIELDS_BY_NAME
 
 log = logging.getLogger("wanrt.api")
@@ -62,7 +62,7 @@ def _error_handler(request: Request, exc: Exception) -> Response:
 
 def create_app(settings) -> Litestar:
     paths = DataPaths(settings.data_dir).ensure()
-    store = JobStore(paths.db)
+    store = open_store(settings, paths.db)
 
     def retry_after_s() -> int:
         return 10

@@ -53,12 +53,14 @@ class FetchPolicy:
     read_timeout_s: float = 10.0
     deadline_s: float = 30.0
     allow_files: bool = False  # local paths: the CLI only, never the API
+    only_allowed: bool = False  # allow-list mode: nothing outside allow_hosts, public or not
 
     @classmethod
     def from_settings(cls, settings, allow_files: bool = False) -> "FetchPolicy":
         return cls(allow_hosts=tuple(settings.allow_hosts), max_bytes=settings.max_image_bytes,
                    max_pixels=settings.max_image_pixels, read_timeout_s=min(10.0, settings.fetch_timeout_s),
-                   deadline_s=settings.fetch_timeout_s, allow_files=allow_files)
+                   deadline_s=settings.fetch_timeout_s, allow_files=allow_files,
+                   only_allowed=settings.fetch_only_allowed)
 
 
 # ------------------------------------------------------------------------------------------- address rules
@@ -75,12 +77,21 @@ def _allowed_by_config(host: str, ip: ipaddress._BaseAddress | None, policy: Fet
     return False
 
 
+def _literal_ip(host: str):
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
 def check_address(host: str, ip_text: str, policy: FetchPolicy) -> None:
     ip = ipaddress.ip_address(ip_text.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     if _allowed_by_config(host, ip, policy):
         return
+    if policy.only_allowed:
+        raise FetchError(f"Failed to download image: host {host!r} is not in the allowed hosts")
     if not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified:
         raise FetchError(f"Failed to download image: address {ip} of host {host!r} is not allowed "
                          "(loopback, private, link-local or reserved)")
@@ -88,6 +99,8 @@ def check_address(host: str, ip_text: str, policy: FetchPolicy) -> None:
 
 def resolve(host: str, port: int, policy: FetchPolicy) -> str:
     """Resolve and check every address; return the first, which is what we connect to."""
+    if policy.only_allowed and not _allowed_by_config(host, _literal_ip(host), policy):
+        raise FetchError(f"Failed to download image: host {host!r} is not in the allowed hosts")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:

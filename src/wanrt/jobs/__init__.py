@@ -1,0 +1,20 @@
+"""Durable job records and the queue between the API and the workers (SQLite by default, Redis to scale out)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def open_store(settings, db_path: Path | None = None):
+    """SQLite under the data dir, or Redis when `settings.queue` is a redis:// URL."""
+    queue = settings.queue or "sqlite"
+    if queue.startswith(("redis://", "rediss://", "unix://")):
+        from wanrt.jobs.redis_queue import RedisJobStore
+
+        return RedisJobStore(queue)
+    if queue != "sqlite":
+        raise ValueError(f"queue must be 'sqlite' or a redis:// URL, not {queue!r}")
+    from wanrt.jobs.paths import DataPaths
+    from wanrt.jobs.store import JobStore
+
+    return JobStore(db_path or DataPaths(settings.data_dir).ensure().db)

@@ -17,7 +17,8 @@ import time
 from PIL import Image
 
 from wanrt.jobs.paths import DataPaths
-from wanrt.jobs.store import Job, JobStore
+from wanrt.jobs import open_store
+from wanrt.jobs.store import Job
 from wanrt.params import GenerateParams, ParamError
 
 log = logging.getLogger("wanrt.worker")
@@ -36,7 +37,7 @@ class Worker:
     def __init__(self, settings, worker_id: str | None = None, store: JobStore | None = None, pipeline=None):
         self.settings = settings
         self.paths = DataPaths(settings.data_dir).ensure()
-        self.store = store or JobStore(self.paths.db)
+        self.store = store or open_store(settings, self.paths.db)
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self._pipeline = pipeline
         self.shutdown = threading.Event()
