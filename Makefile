@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 MODEL ?= tiny
 
-.PHONY: install redis serve generate test bench doctor
+.PHONY: install redis chromium serve generate test bench doctor
 
 # CPU machines take torch 2.13.0 (a CPU build); a machine that already has torch (GPU images) keeps its own.
 install:
@@ -18,11 +18,15 @@ serve: install
 generate: install
 	$(PYTHON) -m wanrt.cli generate --model $(MODEL) --image tests/assets/first_frame.png --prompt "a cat turning its head slowly" --out out.mp4
 
-# The tests start their own redis-server on a free port; install Debian's when it is missing.
+# The tests start their own redis-server on a free port and drive Debian's chromium (no browser download):
+# install them from the system package manager when missing.
 redis:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
 
-test: install redis
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: install redis chromium
 	$(PYTHON) -m pytest -q tests
 
 bench: install redis

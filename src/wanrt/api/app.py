@@ -7,6 +7,7 @@ import contextlib
 import logging
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, Request, Response
@@ -14,6 +15,7 @@ from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.openapi import OpenAPIConfig
+from litestar.static_files import create_static_files_router
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from wanrt.api.routes import API_TITLE, ROUTES
@@ -23,6 +25,8 @@ from wanrt.params import FIELDS_BY_NAME
 
 log = logging.getLogger("wanrt.api")
 OPEN_PATHS = ("/", "/schema")
+OPEN_PREFIXES = ("/schema", "/ui")
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 def _validation_detail(exc: ValidationException) -> tuple[int, str]:
@@ -68,7 +72,8 @@ def create_app(settings) -> Litestar:
         return 10
 
     async def auth(request: Request) -> Response | None:
-        if not settings.api_keys or request.scope["path"] in OPEN_PATHS or request.scope["path"].startswith("/schema"):
+        path = request.scope["path"]
+        if not settings.api_keys or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             return None
         if request.method == "OPTIONS":
             return None
@@ -101,7 +106,8 @@ def create_app(settings) -> Litestar:
     state = State({"settings": settings, "store": store, "paths": paths, "started_at": time.time(),
                    "retry_after_s": retry_after_s})
     return Litestar(
-        route_handlers=ROUTES,
+        route_handlers=[*ROUTES, create_static_files_router(path="/ui", directories=[STATIC_DIR], html_mode=True,
+                                                             name="ui")],
         state=state,
         before_request=auth,
         lifespan=[expiry],

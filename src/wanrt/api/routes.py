@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -66,32 +67,38 @@ async def health() -> dict[str, str]:
     return {"message": API_TITLE, "status": "running"}
 
 
-@post("/generate", status_code=200, summary="Queue an image-to-video job")
-async def generate(data: GenerateRequest, request: Request, state: State) -> Response[GenerateResponse]:
+async def submit_job(state: State, fields: dict, idem: str | None, image_url: str | None = None,
+                     upload: bytes | None = None) -> Response[GenerateResponse]:
+    """Validate, get the image (URL fetch or upload, same checks), write the input and the job, answer."""
+    from wanrt.api.fetch import decode_image
+
     settings = state.settings
     try:
-        params = GenerateParams.from_request({f: getattr(data, f) for f in GenerateRequest.__struct_fields__ if f != "image_url"})
+        params = GenerateParams.from_request(fields)
     except ParamError as e:
         raise ApiError(status_code=422, detail=str(e))
-    idem = request.headers.get("idempotency-key")
     if idem is not None and not (0 < len(idem) <= 255):
         raise ApiError(status_code=400, detail="Idempotency-Key must be 1-255 characters")
     if idem:
         existing = state.store.get_by_idempotency_key(idem)
         if existing is not None:
             return Response(GenerateResponse(existing.id, existing.status, "Job already exists for this Idempotency-Key"))
+    queue_full = ApiError(status_code=429, detail=f"Queue is full ({settings.queue_max} jobs waiting); retry later",
+                          headers={"Retry-After": str(state.retry_after_s())})
     if state.store.counts()["queued"] >= settings.queue_max:
-        raise ApiError(status_code=429, detail=f"Queue is full ({settings.queue_max} jobs waiting); retry later",
-                       headers={"Retry-After": str(state.retry_after_s())})
+        raise queue_full
 
     # Fetch and check the image before answering, as the seed does: a bad image is a 400 and no job.
     policy = FetchPolicy.from_settings(settings)
     try:
-        fetched = await anyio.to_thread.run_sync(fetch_image, data.image_url, policy)
+        if upload is not None:
+            if len(upload) > policy.max_bytes:
+                raise ApiError(status_code=413, detail=f"Image is larger than {policy.max_bytes} bytes")
+            fetched = await anyio.to_thread.run_sync(decode_image, upload, policy, "upload")
+        else:
+            fetched = await anyio.to_thread.run_sync(fetch_image, image_url, policy)
     except FetchError as e:
         raise ApiError(status_code=400, detail=str(e))
-
-    import uuid
 
     job_id = str(uuid.uuid4())
     input_path = state.paths.input_path(job_id, fetched.extension)
@@ -102,8 +109,7 @@ async def generate(data: GenerateRequest, request: Request, state: State) -> Res
                                           job_id=job_id, queue_max=settings.queue_max)
     except QueueFull:
         input_path.unlink(missing_ok=True)
-        raise ApiError(status_code=429, detail=f"Queue is full ({settings.queue_max} jobs waiting); retry later",
-                       headers={"Retry-After": str(state.retry_after_s())})
+        raise queue_full
     except Exception as e:
         input_path.unlink(missing_ok=True)
         raise ApiError(status_code=500, detail=f"Failed to queue workflow: {e}")
@@ -111,6 +117,55 @@ async def generate(data: GenerateRequest, request: Request, state: State) -> Res
         input_path.unlink(missing_ok=True)
         return Response(GenerateResponse(job.id, job.status, "Job already exists for this Idempotency-Key"))
     return Response(GenerateResponse(job.id, "queued", "Image-to-video generation started"))
+
+
+async def multipart_generate(request: Request) -> Response | None:
+    """Extension: POST /generate as multipart/form-data with an `image` file (or `image_url`) and the same
+    fields as strings. JSON requests pass through to the typed handler unchanged."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return None
+    import msgspec
+
+    form = await request.form()
+    upload, fields = None, {}
+    for key, value in form.multi_items():
+        if hasattr(value, "read"):
+            if key == "image":
+                upload = await value.read()
+        else:
+            fields[key] = value
+    image_url = fields.pop("image_url", None)
+    if upload is None and not image_url:
+        raise ApiError(status_code=422, detail="image: upload a file in the 'image' field or give image_url")
+    try:
+        data = msgspec.convert({"image_url": image_url or "upload", **fields}, GenerateRequest, strict=False)
+    except msgspec.ValidationError as e:
+        raise ApiError(status_code=422, detail=_msgspec_detail(e))
+    values = {f: getattr(data, f) for f in GenerateRequest.__struct_fields__ if f != "image_url"}
+    return await submit_job(request.app.state, values, request.headers.get("idempotency-key"),
+                            image_url=image_url if upload is None else None, upload=upload)
+
+
+def _msgspec_detail(e: Exception) -> str:
+    import re
+
+    text = str(e)
+    m = re.search(r"at `\$\.(\w+)`", text)
+    if m:
+        from wanrt.params import FIELDS_BY_NAME
+
+        name = m.group(1)
+        rng = f" (allowed: {FIELDS_BY_NAME[name].describe()})" if name in FIELDS_BY_NAME else ""
+        return f"{name}: {text.split(' - at')[0]}{rng}"
+    return text
+
+
+@post("/generate", status_code=200, summary="Queue an image-to-video job", before_request=multipart_generate,
+      description="JSON body as in the seed contract. Extension: multipart/form-data with an `image` file upload "
+                  "(or `image_url`) and the same fields as form values.")
+async def generate(data: GenerateRequest, request: Request, state: State) -> Response[GenerateResponse]:
+    values = {f: getattr(data, f) for f in GenerateRequest.__struct_fields__ if f != "image_url"}
+    return await submit_job(state, values, request.headers.get("idempotency-key"), image_url=data.image_url)
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -209,6 +264,37 @@ async def delete_job(job_id: str, state: State) -> MessageResponse:
     return MessageResponse("Job deleted")
 
 
+@get("/events/{job_id:str}", summary="Server-sent events: the job's /status body each time it changes")
+async def events(job_id: str, state: State) -> Response:
+    import asyncio
+    import json as _json
+
+    from litestar.response import ServerSentEvent
+
+    _get_job(state, job_id)  # 404 before the stream starts
+
+    async def stream():
+        last, idle, deadline = None, 0.0, time.monotonic() + 3600
+        while time.monotonic() < deadline:
+            job = state.store.get(job_id)
+            if job is None:
+                yield {"event": "gone", "data": _json.dumps({"detail": JOB_NOT_FOUND})}
+                return
+            body = _json.dumps(job_status(state, job))
+            if body != last:
+                last, idle = body, 0.0
+                yield {"event": "status", "data": body}
+                if job.status in ("completed", "error", "cancelled"):
+                    return
+            elif idle >= 15:
+                idle = 0.0
+                yield {"comment": "keep-alive", "data": None}
+            await asyncio.sleep(0.25)
+            idle += 0.25
+
+    return ServerSentEvent(stream())
+
+
 # ------------------------------------------------------------------------------------------------ debug
 @get("/debug/files", summary="Files in the data directory")
 async def debug_files(state: State) -> dict[str, Any]:
@@ -269,4 +355,4 @@ async def metrics(state: State) -> str:
     return "\n".join(lines) + "\n"
 
 
-ROUTES = [health, generate, status, download, list_jobs, delete_job, debug_files, debug_job, debug_gpu, metrics]
+ROUTES = [health, generate, status, download, list_jobs, delete_job, events, debug_files, debug_job, debug_gpu, metrics]

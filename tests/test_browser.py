@@ -1,0 +1,151 @@
+"""The web playground and the seed's JavaScript example in headless Chromium (Debian's, driven by Playwright)."""
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from servers import ImageServer, WanrtServer
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required"]
+
+SEED_JS = """
+async function generateVideo(imageUrl, prompt) {
+  // Start generation
+  const response = await fetch('API/generate', {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({
+      image_url: imageUrl,
+      prompt: prompt,
+      steps: 2,
+      frames: 16, width: 256, height: 256
+    })
+  });
+
+  const { job_id } = await response.json();
+  console.log(`Job started: ${job_id}`);
+
+  // Poll for completion
+  while (true) {
+    const statusResponse = await fetch(`API/status/${job_id}`);
+    const status = await statusResponse.json();
+
+    console.log(`Status: ${status.status}, Progress: ${status.progress || 0}%`);
+
+    if (status.status === 'completed') {
+      // Download video
+      const videoResponse = await fetch(`API/download/${job_id}`);
+      const videoBlob = await videoResponse.blob();
+
+      // Create download link
+      const url = URL.createObjectURL(videoBlob);
+      const a = document.createElement('a');
+      a.href = url;
+      a.download = 'generated_video.mp4';
+      a.click();
+      window.seedResult = { job_id, size: videoBlob.size, type: videoBlob.type };
+      break;
+    } else if (status.status === 'error') {
+      console.error(`Error: ${status.error}`);
+      window.seedResult = { error: status.error };
+      break;
+    }
+
+    await new Promise(resolve => setTimeout(resolve, 500));
+  }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    with ImageServer() as images, WanrtServer(tmp_path_factory.mktemp("ui")) as server:
+        yield images, server
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def test_playground_generates_and_plays_a_video(env, browser):
+    images, server = env
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.base + "/ui/")
+    page.wait_for_selector("#steps")  # ranges and defaults loaded from /schema
+    assert page.get_attribute("#steps", "max") == "20" and page.input_value("#width") == "640"
+    page.fill("#image_url", images.url("/img.jpg"))
+    page.fill("#prompt", "a cat turning its head slowly")
+    for name, value in (("width", "256"), ("height", "256"), ("frames", "16"), ("steps", "2")):
+        page.fill(f"#{name}", value)
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('state').textContent.startsWith('completed')", timeout=180_000)
+    assert page.text_content("#via") in ("live (SSE)", "polling")
+    page.wait_for_function("(() => { const v = document.getElementById('video');"
+                           " return v.readyState >= 2 && v.duration > 0; })()", timeout=30_000)
+    duration = page.evaluate("document.getElementById('video').duration")
+    assert abs(duration - 1.0) < 0.15  # 16 frames at 16 fps
+    page.evaluate("document.getElementById('video').play()")
+    page.wait_for_function("document.getElementById('video').currentTime > 0.1", timeout=15_000)
+    assert page.get_attribute("#download", "href").startswith("/download/")
+    assert page.locator("#jobs tr").count() >= 1
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
+    # delete from the list
+    job_id = page.text_content("#job_id")
+    page.click(f"button[data-delete='{job_id}']")
+    page.wait_for_function(f"!document.querySelector(\"button[data-delete='{job_id}']\")", timeout=10_000)
+    assert errors == []
+    page.close()
+
+
+def test_playground_upload_and_error_display(env, browser, tmp_path):
+    from servers import image_bytes
+
+    images, server = env
+    f = tmp_path / "frame.png"
+    f.write_bytes(image_bytes("PNG"))
+    page = browser.new_page()
+    page.goto(server.base + "/ui/")
+    page.wait_for_selector("#steps")
+    page.set_input_files("#image_file", str(f))
+    for name, value in (("width", "256"), ("height", "256"), ("frames", "16"), ("steps", "1")):
+        page.fill(f"#{name}", value)
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('job_id').textContent.length > 8", timeout=30_000)
+    page.wait_for_function("document.getElementById('state').textContent.startsWith('completed')", timeout=180_000)
+    # a bad URL shows the API's detail
+    page.set_input_files("#image_file", [])
+    page.fill("#image_url", "http://169.254.169.254/latest/meta-data/")
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('error').textContent.includes('400')", timeout=30_000)
+    assert "not allowed" in page.text_content("#error")
+    page.close()
+
+
+def test_seed_javascript_example_from_another_origin(env, browser):
+    """The seed's browser example, run from the image server's origin: only CORS lets it work."""
+    images, server = env
+    images.routes["/client.html"] = (200, "text/html", b"<!doctype html><title>client</title><p>other origin</p>")
+    page = browser.new_page()
+    page.goto(images.url("/client.html"))
+    assert page.evaluate("location.origin") != server.base
+    page.add_script_tag(content=SEED_JS.replace("API", server.base))
+    page.evaluate(f"generateVideo('{images.url('/img.png')}', 'person smiling and waving')")
+    page.wait_for_function("window.seedResult !== undefined", timeout=180_000)
+    result = page.evaluate("window.seedResult")
+    assert result.get("type") == "video/mp4" and result["size"] > 1000, result
+    page.close()
