@@ -15,6 +15,11 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto|cpu|cuda|cuda:N [WANRT_DEVICE]")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="[WANRT_DTYPE]")
     p.add_argument("--scheduler", choices=["unipc", "euler"], help="sampler (unipc is upstream's) [WANRT_SCHEDULER]")
+    p.add_argument("--backend", choices=["eager", "compiled"], help="[WANRT_BACKEND]")
+    p.add_argument("--no-fp8", dest="fp8", action="store_false", default=None, help="compiled: BF16 linears")
+    p.add_argument("--attn", choices=["sdpa", "flash", "efficient", "cudnn", "math"], help="compiled: attention kernel")
+    p.add_argument("--no-compile", dest="compile", action="store_false", default=None, help="compiled: no torch.compile")
+    p.add_argument("--no-cudagraphs", dest="cudagraphs", action="store_false", default=None)
     p.add_argument("--queue", help="'sqlite' (default, under the data dir) or redis://host:port/db [WANRT_QUEUE]")
     p.add_argument("--artifacts", help="a `wanrt build` output dir: fused (and quantized) experts [WANRT_ARTIFACTS]")
 
@@ -24,7 +29,10 @@ def _settings(args, **extra):
 
     return Settings.from_env(model=getattr(args, "model", None), device=getattr(args, "device", None),
                              dtype=getattr(args, "dtype", None), scheduler=getattr(args, "scheduler", None),
-                             artifacts=getattr(args, "artifacts", None), queue=getattr(args, "queue", None), **extra)
+                             artifacts=getattr(args, "artifacts", None), queue=getattr(args, "queue", None),
+                             backend=getattr(args, "backend", None), fp8=getattr(args, "fp8", None),
+                             attn=getattr(args, "attn", None), compile=getattr(args, "compile", None),
+                             cudagraphs=getattr(args, "cudagraphs", None), **extra)
 
 
 def load_runtime(settings):
@@ -42,7 +50,10 @@ def load_runtime(settings):
         load_artifacts_into(model, Path(settings.artifacts), settings.model)
     if settings.scheduler == "euler":
         model.scheduler_config = dict(EULER_SCHEDULER_CONFIG)
-    return WanI2VPipeline(model, make_backend(settings.backend, model), device=device, dtype=dtype)
+    options = {}
+    if settings.backend == "compiled":
+        options = dict(fp8=settings.fp8, attn=settings.attn, compile=settings.compile, cudagraphs=settings.cudagraphs)
+    return WanI2VPipeline(model, make_backend(settings.backend, model, **options), device=device, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------ generate

@@ -22,7 +22,12 @@ class Settings:
     model: str = "tiny"  # "tiny", "random-full", a diffusers directory, or a directory of single files
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:N"
     dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16", "fp32"
-    backend: str = "eager"
+    backend: str = "eager"  # "eager" (reference) or "compiled" (the switches below)
+    fp8: bool = True
+    attn: str = "sdpa"
+    compile: bool = True
+    cudagraphs: bool = True
+    warmup: tuple[str, ...] = ()  # shape buckets compiled before the first job, e.g. "640x640x81"
     scheduler: str = "unipc"  # "unipc" (upstream default) or "euler"
     artifacts: str | None = None
     # --- server ---
@@ -44,7 +49,8 @@ class Settings:
     queue: str = "sqlite"  # "sqlite" or a redis:// URL
 
     _ENV = {
-        "model": str, "device": str, "dtype": str, "backend": str, "scheduler": str, "artifacts": str,
+        "model": str, "device": str, "dtype": str, "backend": str, "fp8": _bool, "attn": str, "compile": _bool,
+        "cudagraphs": _bool, "warmup": _list, "scheduler": str, "artifacts": str,
         "host": str, "port": int, "data_dir": Path, "workers": int, "concurrency": int, "queue_max": int,
         "job_ttl_s": float, "lease_s": float, "heartbeat_s": float, "allow_hosts": _list, "fetch_only_allowed": _bool, "api_keys": _list,
         "max_image_bytes": int, "max_image_pixels": int, "fetch_timeout_s": float, "queue": str,

@@ -53,7 +53,8 @@ class Worker:
 
     # ------------------------------------------------------------------ loop
     def run(self, poll_s: float = 0.2, max_jobs: int | None = None) -> None:
-        pipeline = self.pipeline  # load the model before claiming anything
+        pipeline = self.pipeline  # load the model (and compile the warm-up buckets) before claiming anything
+        warm_up(pipeline, self.settings.warmup)
         released = self.store.release_orphans(self.worker_id)
         if released:
             log.warning("re-queued %d job(s) left by a previous run of %s", released, self.worker_id)
@@ -158,6 +159,17 @@ class Worker:
         with Image.open(path) as img:
             img.seek(0)
             return img.convert("RGB")
+
+
+def warm_up(pipeline, buckets) -> None:
+    """Run each "WxHxF" bucket once (loop only) so compiled graphs exist before the first request."""
+    for bucket in buckets:
+        w, h, f = (int(v) for v in bucket.lower().split("x"))
+        for cfg in (3.5, 1.0):  # batch 2 (CFG) and batch 1 shapes
+            params = GenerateParams(prompt="warm-up", width=w, height=h, frames=f, steps=2,
+                                    cfg_high_noise=cfg, cfg_low_noise=cfg)
+            pipeline.generate(params, Image.new("RGB", (w, h)), None)
+        log.info("warmed up %s", bucket)
 
 
 def classify_error(e: Exception) -> tuple[str, bool]:

@@ -14,7 +14,7 @@ import numpy as np
 
 class Mp4Writer:
     def __init__(self, path: str | os.PathLike, width: int, height: int, fps: int, max_frames: int | None = None,
-                 crf: int = 18, preset: str = "medium"):
+                 crf: int = 18, preset: str = "medium", threads: int = 1):
         import av
 
         self.path = Path(path)
@@ -25,8 +25,9 @@ class Mp4Writer:
         self._stream = self._container.add_stream("libx264", rate=Fraction(int(fps), 1))
         self._stream.width, self._stream.height = int(width), int(height)
         self._stream.pix_fmt = "yuv420p"
-        # Sliced threads: parallel and deterministic (x264's frame threads gave different bytes run to run).
-        self._stream.options = {"crf": str(crf), "preset": preset, "x264-params": "sliced-threads=1"}
+        # One encoder thread: x264's threaded modes (frame and, under load, sliced) gave different bytes run
+        # to run, and "same inputs + seed => same video" is a promise. threads=0 trades it for speed.
+        self._stream.options = {"crf": str(crf), "preset": preset, "threads": str(threads)}
         self._closed = False
 
     def write(self, frames: np.ndarray) -> int:

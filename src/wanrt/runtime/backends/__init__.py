@@ -8,4 +8,8 @@ def make_backend(name: str, model, **options):
         from wanrt.runtime.backends.eager import EagerBackend
 
         return EagerBackend(model)
-    raise ValueError(f"unknown backend {name!r} (available: eager)")
+    if name == "compiled":
+        from wanrt.runtime.backends.compiled import CompiledBackend
+
+        return CompiledBackend(model, **options)
+    raise ValueError(f"unknown backend {name!r} (available: eager, compiled)")
