@@ -57,7 +57,7 @@ def test_restart_loses_nothing(tmp_path, images):
 
 def test_sigterm_requeues_the_running_job(tmp_path, images):
     data = tmp_path / "d"
-    body = {"image_url": images.url("/img.jpg"), "prompt": "x", **{**SMALL, "steps": 20, "frames": 48}}
+    body = {"image_url": images.url("/img.jpg"), "prompt": "x", **{**SMALL, "steps": 20, "frames": 32}}
     srv = WanrtServer(data).start()
     job = httpx.post(srv.base + "/generate", json=body).json()["job_id"]
     srv.wait_status(job, states=("processing",))

@@ -46,8 +46,9 @@ def test_failure_leaves_no_partial_file(tmp_path):
 
 
 def test_encoding_is_deterministic(tmp_path):
-    for name in ("a", "b", "c"):
+    # x264's mb-tree rate control made every few encodes of the same frames differ; it is off
+    for name in "abcdefgh":
         with Mp4Writer(tmp_path / f"{name}.mp4", 96, 64, fps=16) as w:
             w.write(frames(17))
-    blobs = {(tmp_path / f"{n}.mp4").read_bytes() for n in "abc"}
+    blobs = {(tmp_path / f"{n}.mp4").read_bytes() for n in "abcdefgh"}
     assert len(blobs) == 1

@@ -63,7 +63,7 @@ def crash_rounds(server: WanrtServer, images, rounds: int) -> dict:
             "expected_outputs": sorted(f"wanrt_{j}.mp4" for j, _, _ in outcomes)}
 
 
-@pytest.mark.parametrize("rounds", [pytest.param(2, id="ci"), pytest.param(20, id="long", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("rounds", [pytest.param(1, id="ci"), pytest.param(20, id="long", marks=pytest.mark.slow)])
 def test_crash_kill9_every_job_completes_exactly_once(tmp_path, images, redis_queue, rounds):
     with WanrtServer(tmp_path / "d", WANRT_QUEUE=redis_queue) as srv:
         r = crash_rounds(srv, images, rounds)
@@ -83,8 +83,11 @@ def restart_round(data_dir: Path, queue: str, images, n_jobs: int) -> dict:
     return {"jobs": n_jobs, "completed": done, "seconds": time.time() - t0}
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
-@pytest.mark.parametrize("n_jobs", [pytest.param(3, id="ci"), pytest.param(50, id="long", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend,n_jobs", [
+    pytest.param("redis", 3, id="ci-redis"),  # SQLite's short variant is tests/test_recovery.py
+    pytest.param("sqlite", 50, id="long-sqlite", marks=pytest.mark.slow),
+    pytest.param("redis", 50, id="long-redis", marks=pytest.mark.slow),
+])
 def test_restart_with_queued_jobs_loses_nothing(tmp_path, images, request, backend, n_jobs):
     queue = request.getfixturevalue("redis_queue") if backend == "redis" else "sqlite"
     r = restart_round(tmp_path / "d", queue, images, n_jobs)

@@ -14,7 +14,7 @@ import numpy as np
 
 class Mp4Writer:
     def __init__(self, path: str | os.PathLike, width: int, height: int, fps: int, max_frames: int | None = None,
-                 crf: int = 18, preset: str = "medium", threads: int = 1):
+                 crf: int = 18, preset: str = "medium", threads: int = 0):
         import av
 
         self.path = Path(path)
@@ -25,9 +25,10 @@ class Mp4Writer:
         self._stream = self._container.add_stream("libx264", rate=Fraction(int(fps), 1))
         self._stream.width, self._stream.height = int(width), int(height)
         self._stream.pix_fmt = "yuv420p"
-        # One encoder thread: x264's threaded modes (frame and, under load, sliced) gave different bytes run
-        # to run, and "same inputs + seed => same video" is a promise. threads=0 trades it for speed.
-        self._stream.options = {"crf": str(crf), "preset": preset, "threads": str(threads)}
+        # no-mbtree: x264's macroblock-tree rate control gave different bytes for the same frames from one
+        # encode to the next (seen with one thread too), and "same inputs + seed => same video" is a promise.
+        self._stream.options = {"crf": str(crf), "preset": preset, "threads": str(threads), "x264-params": "no-mbtree=1"}
+        self._time_base = Fraction(1, int(fps))
         self._closed = False
 
     def write(self, frames: np.ndarray) -> int:
@@ -41,6 +42,7 @@ class Mp4Writer:
             if self.max_frames is not None and self.frames_written >= self.max_frames:
                 break
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            vf.pts, vf.time_base = self.frames_written, self._time_base
             for packet in self._stream.encode(vf):
                 self._container.mux(packet)
             self.frames_written += 1
