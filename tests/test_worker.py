@@ -1,0 +1,52 @@
+"""The worker in-process on a real SQLite store: concurrency slots, error classification, lost jobs."""
+
+import threading
+
+from conftest import make_image
+from wanrt.config import Settings
+from wanrt.jobs.paths import DataPaths
+from wanrt.jobs.store import JobStore
+from wanrt.jobs.worker import Worker
+from wanrt.params import GenerateParams
+from wanrt.runtime.video import probe_mp4
+
+TINY = dict(prompt="x", width=64, height=64, frames=9, steps=2)
+
+
+def queue_job(paths: DataPaths, store: JobStore, **params):
+    p = GenerateParams(**{**TINY, **params})
+    job, _ = store.create(p.to_dict() | {"frames_generated": p.frames_generated})
+    name = f"{job.id}_input.png"
+    make_image(96, 64).save(paths.inputs / name)
+    store._write("UPDATE jobs SET input_image=? WHERE id=?", (name, job.id))
+    return job.id
+
+
+def test_two_slots_run_jobs_at_the_same_time(tmp_path, tiny_pipeline):
+    settings = Settings(data_dir=tmp_path, concurrency=2, heartbeat_s=0.2)
+    paths = DataPaths(tmp_path).ensure()
+    store = JobStore(paths.db)
+    ids = [queue_job(paths, store, frames=33, seed=i) for i in range(2)]
+    worker = Worker(settings, "w", store=store, pipeline=tiny_pipeline)
+    t = threading.Thread(target=worker.run, kwargs={"poll_s": 0.05, "max_jobs": 2})
+    t.start()
+    t.join(120)
+    jobs = [store.get(i) for i in ids]
+    assert [j.status for j in jobs] == ["completed", "completed"]
+    assert {j.worker_id for j in jobs} == {"w", "w/1"}  # one job per slot
+    a, b = sorted(jobs, key=lambda j: j.started_at)
+    assert b.started_at < a.finished_at  # they overlapped
+    assert all(probe_mp4(j.video_path)["frames"] == 33 for j in jobs)
+
+
+def test_failed_job_gets_error_type_and_worker_goes_on(tmp_path, tiny_pipeline):
+    settings = Settings(data_dir=tmp_path, heartbeat_s=0.2)
+    paths = DataPaths(tmp_path).ensure()
+    store = JobStore(paths.db)
+    bad = queue_job(paths, store)
+    (paths.inputs / f"{bad}_input.png").unlink()  # the input vanished
+    good = queue_job(paths, store)
+    Worker(settings, "w", store=store, pipeline=tiny_pipeline).run(poll_s=0.05, max_jobs=2)
+    failed = store.get(bad)
+    assert failed.status == "error" and failed.error_type == "input_missing" and failed.retryable is False
+    assert store.get(good).status == "completed"
