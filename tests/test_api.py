@@ -68,6 +68,10 @@ def test_seed_python_example_flow(server, images, tmp_path):
     assert status["video_path"].endswith(".mp4") and status["progress"] == 100
     assert status["params"]["frames_generated"] == 17 and status["params"]["seed"] == 1
     assert status["created_at"] <= status["started_at"] <= status["finished_at"]
+    workers = httpx.get(f"{server.base}/debug/workers").json()["workers"]
+    assert len(workers) == 1 and workers[0]["device"] == "cpu" and workers[0]["backend"]["backend"] == "eager"
+    assert workers[0]["jobs_done"] >= 1
+    assert 'wanrt_worker_jobs_done{worker="' in httpx.get(f"{server.base}/metrics").text
     dbg = httpx.get(f"{server.base}/debug/job/{job_id}").json()
     assert dbg["job"]["worker_id"] and dbg["job"]["device"] == "cpu" and dbg["job"]["attempts"] == 1
     assert {"text_encode_s", "vae_encode_s", "denoise_high_s", "denoise_low_s", "vae_decode_s"} <= set(dbg["job"]["timings"])

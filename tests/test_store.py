@@ -140,3 +140,12 @@ def test_list_filter_and_paging(store):
     jobs, total = store.list(status="queued", limit=2, offset=1)
     assert total == 4 and [j.id for j in jobs] == ids[2:4]
     assert store.counts()["processing"] == 1
+
+
+def test_worker_reports(store):
+    store.report_worker("w0", {"device": "cpu", "jobs_done": 1, "backend": {"backend": "eager"}})
+    store.report_worker("w0", {"device": "cpu", "jobs_done": 2, "backend": {"backend": "eager"}})
+    store.report_worker("w1", {"device": "cuda:1", "jobs_done": 0, "backend": {"dynamo_graphs": 4}})
+    workers = store.workers()
+    assert [w["id"] for w in workers] == ["w0", "w1"] and workers[0]["jobs_done"] == 2
+    assert workers[1]["backend"]["dynamo_graphs"] == 4 and workers[0]["updated_at"] > 0

@@ -318,6 +318,14 @@ async def debug_job(job_id: str, state: State) -> dict[str, Any]:
     return {"job": record, "status": job_status(state, job)}
 
 
+@get("/debug/workers", summary="Workers: device, backend (FP8, attention, compiled graphs), jobs done, last report")
+async def debug_workers(state: State) -> dict[str, Any]:
+    workers = state.store.workers()
+    for w in workers:
+        w["updated_at"] = _iso(w.get("updated_at"))
+    return {"workers": workers}
+
+
 @get("/debug/gpu", summary="NVML: memory, utilisation, temperature, power and clocks per GPU")
 async def debug_gpu() -> dict[str, Any]:
     from wanrt.doctor import gpu_report
@@ -343,6 +351,18 @@ async def metrics(state: State) -> str:
     for stage, values in sorted(sums.items()):
         lines += [f'wanrt_stage_seconds_sum{{stage="{stage}"}} {sum(values):.6f}',
                   f'wanrt_stage_seconds_count{{stage="{stage}"}} {len(values)}']
+    lines += ["# HELP wanrt_worker_jobs_done Jobs a worker has finished since it started.",
+              "# TYPE wanrt_worker_jobs_done counter",
+              "# HELP wanrt_worker_compiled_graphs torch.compile graphs a worker holds (a count that grows with"
+              " traffic means recompiles).", "# TYPE wanrt_worker_compiled_graphs gauge"]
+    for w in state.store.workers():
+        label = f'worker="{w["id"]}",device="{w.get("device", "")}"'
+        lines.append(f"wanrt_worker_jobs_done{{{label}}} {w.get('jobs_done', 0)}")
+        backend = w.get("backend") or {}
+        if "dynamo_graphs" in backend:
+            lines.append(f"wanrt_worker_compiled_graphs{{{label}}} {backend['dynamo_graphs']}")
+        if "shape_buckets" in backend:
+            lines.append(f"wanrt_worker_shape_buckets{{{label}}} {backend['shape_buckets']}")
     gpu = await anyio.to_thread.run_sync(gpu_report)
     lines += ["# HELP wanrt_gpu_available 1 when NVML sees an NVIDIA GPU.", "# TYPE wanrt_gpu_available gauge",
               f"wanrt_gpu_available {1 if gpu.get('available') else 0}"]
@@ -355,4 +375,4 @@ async def metrics(state: State) -> str:
     return "\n".join(lines) + "\n"
 
 
-ROUTES = [health, generate, status, download, list_jobs, delete_job, events, debug_files, debug_job, debug_gpu, metrics]
+ROUTES = [health, generate, status, download, list_jobs, delete_job, events, debug_files, debug_job, debug_workers, debug_gpu, metrics]

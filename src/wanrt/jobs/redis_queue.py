@@ -367,6 +367,12 @@ class RedisJobStore:
         self.r.xadd(STREAM, {"id": job_id})
         return True
 
+    def report_worker(self, worker_id: str, info: dict) -> None:
+        self.r.hset(f"{P}:workers", worker_id, json.dumps({**info, "updated_at": time.time()}))
+
+    def workers(self) -> list[dict]:
+        return [{"id": k, **json.loads(v)} for k, v in sorted(self.r.hgetall(f"{P}:workers").items())]
+
     def release_orphans(self, worker_id: str) -> int:
         """At worker start: entries still pending for this consumer belong to its previous, dead, life;
         the next claims take them first (same stream entry, so queue order is kept)."""

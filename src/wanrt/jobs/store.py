@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     deleted INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs(status, seq);
+CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, info TEXT NOT NULL, updated_at REAL NOT NULL);
 """
 
 
@@ -294,6 +295,15 @@ class JobStore:
             "attempts=MAX(attempts-1, 0) WHERE id=? AND worker_id=? AND status='processing' RETURNING id",
             (job_id, worker_id))
         return bool(rows)
+
+    def report_worker(self, worker_id: str, info: dict) -> None:
+        """What a worker runs (device, backend, compile counts, jobs done), for /metrics and /debug/workers."""
+        self._write("INSERT INTO workers (id, info, updated_at) VALUES (?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                    "info=excluded.info, updated_at=excluded.updated_at", (worker_id, json.dumps(info), time.time()))
+
+    def workers(self) -> list[dict]:
+        rows = self._conn().execute("SELECT id, info, updated_at FROM workers ORDER BY id").fetchall()
+        return [{"id": r["id"], "updated_at": r["updated_at"], **json.loads(r["info"])} for r in rows]
 
     def release_orphans(self, worker_id: str) -> int:
         """At worker start: jobs still marked as ours belong to our previous, dead, life."""

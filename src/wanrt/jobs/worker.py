@@ -67,10 +67,21 @@ class Worker:
         for t in threads:
             t.join()
 
+    def _report(self, worker_id: str, pipeline, state: str) -> None:
+        backend = pipeline.backend
+        info = {"state": state, "pid": os.getpid(), "device": str(pipeline.device), "dtype": str(pipeline.dtype),
+                "model": self.settings.model, "jobs_done": self.jobs_done,
+                "backend": backend.describe() if hasattr(backend, "describe") else {"backend": getattr(backend, "name", "?")}}
+        try:
+            self.store.report_worker(worker_id, info)
+        except Exception:
+            log.exception("could not report worker state")
+
     def _slot_loop(self, pipeline, poll_s: float, max_jobs: int | None, slot: int) -> None:
         worker_id = self.worker_id if slot == 0 else f"{self.worker_id}/{slot}"
         if slot:
             self.store.release_orphans(worker_id)
+        self._report(worker_id, pipeline, "idle")
         while not self.shutdown.is_set():
             if max_jobs is not None and self.jobs_done >= max_jobs:
                 return
@@ -80,6 +91,8 @@ class Worker:
                 continue
             self.run_job(job, pipeline, worker_id)
             self.jobs_done += 1
+            self._report(worker_id, pipeline, "idle")
+        self._report(worker_id, pipeline, "stopped")
 
     @staticmethod
     def _clone_for_concurrency(pipeline):
