@@ -109,3 +109,17 @@ def test_non_matching_image_is_cover_cropped(tiny_pipeline, tmp_path):
     wide = make_image(200, 80)
     r = tiny_pipeline.generate(GenerateParams(**SMALL, frames=9), wide, tmp_path / "v.mp4")
     assert probe_mp4(r.path)["width"] == 64
+
+
+def test_chunked_first_frame_encode_equals_vae_encode(tiny_model):
+    from wanrt.runtime.vae import encode_first_frame_video
+
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(1, 3, 32, 48, generator=g) * 2 - 1
+    video = torch.cat([image.unsqueeze(2), torch.zeros(1, 3, 12, 32, 48)], dim=2)
+    with torch.inference_mode():
+        ref = tiny_model.vae.encode(video).latent_dist.mode()
+    seen = []
+    got = encode_first_frame_video(tiny_model.vae, image, 13, on_chunk=lambda i, n: seen.append((i, n)))
+    assert torch.equal(got, ref)
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]

@@ -67,9 +67,9 @@ class WanI2VPipeline:
             out[i, :n] = hidden[i, :n]
         return out.to(self.device, self.dtype)
 
-    def encode_image(self, image: Image.Image, params: GenerateParams) -> torch.Tensor:
+    def encode_image(self, image: Image.Image, params: GenerateParams, on_chunk=None) -> torch.Tensor:
         pixels = image_to_tensor(fit_image(image, params.width, params.height)).to(self.device)
-        return encode_condition(self.model.vae, pixels, params.frames_generated).to(self.device)
+        return encode_condition(self.model.vae, pixels, params.frames_generated, on_chunk=on_chunk).to(self.device)
 
     def initial_noise(self, params: GenerateParams) -> torch.Tensor:
         """Drawn on the CPU generator so the same seed gives the same noise on every device."""
@@ -115,8 +115,12 @@ class WanI2VPipeline:
         report(_P_TEXT, "vae_encode")
         check_cancel()
 
+        def on_encode_chunk(i: int, n: int) -> None:
+            report(_P_TEXT + (_P_ENCODE - _P_TEXT) * i / n, "vae_encode")
+            check_cancel()
+
         with _timer(timings, "vae_encode_s", self.device):
-            condition = self.encode_image(image, params)
+            condition = self.encode_image(image, params, on_chunk=on_encode_chunk)
             latents = self.initial_noise(params)
         report(_P_ENCODE, "denoise")
 

@@ -15,14 +15,37 @@ def latent_stats(vae, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.
 
 
 @torch.inference_mode()
-def encode_condition(vae, image: torch.Tensor, num_frames: int, temporal: int = 4, spatial: int = 8) -> torch.Tensor:
+def encode_first_frame_video(vae, image: torch.Tensor, num_frames: int, on_chunk=None) -> torch.Tensor:
+    """Latent mean of [image, zeros x (num_frames-1)], chunk by chunk like AutoencoderKLWan._encode, but the
+    zero frames are made per 4-frame chunk (the full pixel video is never built: 1.5 GB fp32 at
+    1024x1024x121) and `on_chunk(i, n)` is called after each chunk (progress, cancel)."""
+    _, _, height, width = image.shape
+    device, dtype = next(vae.parameters()).device, vae.dtype
+    first = image.unsqueeze(2).to(device, dtype)
+    zeros = torch.zeros(1, 3, 4, height, width, device=device, dtype=dtype)
+    n_chunks = 1 + (num_frames - 1) // 4
+    vae.clear_cache()
+    try:
+        outs = []
+        for i in range(n_chunks):
+            vae._enc_conv_idx = [0]
+            chunk = first if i == 0 else zeros
+            outs.append(vae.encoder(chunk, feat_cache=vae._enc_feat_map, feat_idx=vae._enc_conv_idx))
+            if on_chunk is not None:
+                on_chunk(i + 1, n_chunks)
+        moments = vae.quant_conv(torch.cat(outs, dim=2))
+    finally:
+        vae.clear_cache()
+    return moments[:, : vae.config.z_dim]  # the mode of the diagonal Gaussian is its mean
+
+
+@torch.inference_mode()
+def encode_condition(vae, image: torch.Tensor, num_frames: int, temporal: int = 4, spatial: int = 8,
+                     on_chunk=None) -> torch.Tensor:
     """(1,3,H,W) in [-1,1] -> (1, 4+16, F', H/8, W/8): the first-frame mask and the normalised latent
     of [image, zeros x (num_frames-1)], exactly as diffusers' WanImageToVideoPipeline builds it."""
     _, _, height, width = image.shape
-    vae_device = next(vae.parameters()).device
-    video = torch.cat([image.unsqueeze(2), image.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
-    video = video.to(vae_device, vae.dtype)
-    latent = vae.encode(video).latent_dist.mode().float()
+    latent = encode_first_frame_video(vae, image, num_frames, on_chunk).float()
     mean, inv_std = latent_stats(vae, latent.device)
     latent = (latent - mean) * inv_std
 
