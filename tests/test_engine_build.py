@@ -182,3 +182,33 @@ def test_in_place_guard_equals_copy_guard_and_restores(tiny_model):
     b = quantize.quality_guard_in_place(expert, sd)
     assert abs(a.cosine - b.cosine) < 1e-9 and abs(a.rel_error - b.rel_error) < 1e-9
     assert all(torch.equal(v, before[k]) for k, v in expert.state_dict().items())
+
+
+def test_tensorrt_backend_refuses_clearly_without_tensorrt(tmp_path, tiny_model):
+    from wanrt.runtime.backends import make_backend
+
+    if tensorrt_available()[0]:
+        pytest.skip("TensorRT is installed here")
+    with pytest.raises(TensorRTUnavailable, match="TensorRT"):
+        make_backend("tensorrt", tiny_model, artifacts=str(tmp_path))
+
+
+@pytest.mark.gpu
+def test_tensorrt_backend_matches_eager_on_gpu(tmp_path, tiny_model, image64):
+    """Build tiny engines, serve them through the pipeline, compare with the eager path."""
+    if not tensorrt_available()[0]:
+        pytest.skip(tensorrt_available()[1])
+    import copy
+
+    from wanrt.params import GenerateParams
+    from wanrt.runtime.backends import make_backend
+    from wanrt.runtime.pipeline import WanI2VPipeline
+
+    model = copy.deepcopy(tiny_model).to("cuda")
+    build(BuildOptions(model="tiny", precision="fp16", out=tmp_path / "a", profiles=("small",), device="cuda"),
+          log=lambda m: None)
+    p = GenerateParams(prompt="a cat", width=256, height=256, frames=17, steps=2)
+    ref = WanI2VPipeline(model, device="cuda").generate(p, image64, None).latents
+    backend = make_backend("tensorrt", model, artifacts=str(tmp_path / "a"), device="cuda")
+    got = WanI2VPipeline(model, backend, device="cuda").generate(p, image64, None).latents
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.999

@@ -15,7 +15,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto|cpu|cuda|cuda:N [WANRT_DEVICE]")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="[WANRT_DTYPE]")
     p.add_argument("--scheduler", choices=["unipc", "euler"], help="sampler (unipc is upstream's) [WANRT_SCHEDULER]")
-    p.add_argument("--backend", choices=["eager", "compiled"], help="[WANRT_BACKEND]")
+    p.add_argument("--backend", choices=["eager", "compiled", "tensorrt"], help="[WANRT_BACKEND]")
     p.add_argument("--no-fp8", dest="fp8", action="store_false", default=None, help="compiled: BF16 linears")
     p.add_argument("--attn", choices=["sdpa", "flash", "efficient", "cudnn", "math"], help="compiled: attention kernel")
     p.add_argument("--no-compile", dest="compile", action="store_false", default=None, help="compiled: no torch.compile")
@@ -53,6 +53,8 @@ def load_runtime(settings):
     options = {}
     if settings.backend == "compiled":
         options = dict(fp8=settings.fp8, attn=settings.attn, compile=settings.compile, cudagraphs=settings.cudagraphs)
+    elif settings.backend == "tensorrt":
+        options = dict(artifacts=settings.artifacts, device=device)
     return WanI2VPipeline(model, make_backend(settings.backend, model, **options), device=device, dtype=dtype)
 
 

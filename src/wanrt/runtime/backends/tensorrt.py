@@ -1,0 +1,72 @@
+"""TensorRT backend: the engines `wanrt build` made, one per expert per shape profile (TensorRT 10 API).
+
+Inputs and outputs stay torch CUDA tensors (addresses handed to the execution context), run on torch's
+current stream, so the pipeline around it is unchanged. The profile is chosen per request from the latent
+shape. Chosen only when `tensorrt` imports and artifacts with engines are given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from wanrt.engine_build.onnx_export import INPUT_NAMES, OUTPUT_NAMES
+from wanrt.engine_build.tensorrt_build import select_profile
+
+
+def _torch_dtype(trt, dt):
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
+             trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64}
+    return table[dt]
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, artifacts: Path, manifest: dict, device: str = "cuda"):
+        import tensorrt as trt
+
+        self.trt = trt
+        self.artifacts = Path(artifacts)
+        self.device = torch.device(device)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine_files = {name: info.get("engines", {}) for name, info in manifest["experts"].items()}
+        if not any(self.engine_files.values()):
+            raise FileNotFoundError(f"{self.artifacts} has no TensorRT engines (build them on a GPU with `wanrt build`)")
+        self.profiles = list(manifest["profiles"])
+        self._loaded: dict[tuple[str, str], tuple] = {}
+
+    def _context(self, expert: str, profile: str):
+        key = (expert, profile)
+        if key not in self._loaded:
+            path = self.artifacts / self.engine_files[expert][profile]
+            engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise RuntimeError(f"TensorRT could not load {path} (built for another GPU or TensorRT version?)")
+            self._loaded[key] = (engine, engine.create_execution_context())
+        return self._loaded[key]
+
+    @torch.inference_mode()
+    def denoise(self, expert: str, latent_input: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        _, _, f, h, w = latent_input.shape
+        profile = select_profile(f, h, w, self.profiles).name
+        engine, ctx = self._context(expert, profile)
+        feeds = {}
+        for name, tensor in zip(INPUT_NAMES, (latent_input, timestep, context)):
+            t = tensor.to(self.device, _torch_dtype(self.trt, engine.get_tensor_dtype(name))).contiguous()
+            ctx.set_input_shape(name, tuple(t.shape))
+            ctx.set_tensor_address(name, t.data_ptr())
+            feeds[name] = t  # keep alive until the stream has run
+        out_name = OUTPUT_NAMES[0]
+        out = torch.empty(tuple(ctx.get_tensor_shape(out_name)), device=self.device,
+                          dtype=_torch_dtype(self.trt, engine.get_tensor_dtype(out_name)))
+        ctx.set_tensor_address(out_name, out.data_ptr())
+        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise RuntimeError(f"TensorRT execution failed for the {expert}-noise expert ({profile} profile)")
+        return out.to(latent_input.dtype)
+
+    def describe(self) -> dict:
+        return {"backend": "tensorrt", "engines": {e: sorted(p) for e, p in self.engine_files.items()},
+                "loaded": sorted(f"{e}/{p}" for e, p in self._loaded)}
