@@ -20,6 +20,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn", choices=["sdpa", "flash", "efficient", "cudnn", "math"], help="compiled: attention kernel")
     p.add_argument("--no-compile", dest="compile", action="store_false", default=None, help="compiled: no torch.compile")
     p.add_argument("--no-cudagraphs", dest="cudagraphs", action="store_false", default=None)
+    p.add_argument("--memory", choices=["auto", "resident", "offload"],
+                   help="both experts on the GPU, or one at a time (24 GB cards) [WANRT_MEMORY]")
     p.add_argument("--queue", help="'sqlite' (default, under the data dir) or redis://host:port/db [WANRT_QUEUE]")
     p.add_argument("--artifacts", help="a `wanrt build` output dir: fused (and quantized) experts [WANRT_ARTIFACTS]")
 
@@ -32,7 +34,7 @@ def _settings(args, **extra):
                              artifacts=getattr(args, "artifacts", None), queue=getattr(args, "queue", None),
                              backend=getattr(args, "backend", None), fp8=getattr(args, "fp8", None),
                              attn=getattr(args, "attn", None), compile=getattr(args, "compile", None),
-                             cudagraphs=getattr(args, "cudagraphs", None), **extra)
+                             cudagraphs=getattr(args, "cudagraphs", None), memory=getattr(args, "memory", None), **extra)
 
 
 def load_runtime(settings):
@@ -42,20 +44,34 @@ def load_runtime(settings):
     from wanrt.runtime.backends import make_backend
     from wanrt.runtime.pipeline import WanI2VPipeline
 
+    from wanrt.runtime.memory import ExpertSwapper, OffloadingBackend, estimate_plan
+
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
-    model = load_model(settings.model, device, dtype)
+    plan = estimate_plan(settings.model, device, dtype, settings.memory)
+    # Offload: load on the host, then only the text encoder and VAE go to the GPU; experts take turns there.
+    model = load_model(settings.model, "cpu" if plan.mode == "offload" else device, dtype)
     if settings.artifacts:
         from wanrt.engine_build.build import load_artifacts_into
 
         load_artifacts_into(model, Path(settings.artifacts), settings.model)
     if settings.scheduler == "euler":
         model.scheduler_config = dict(EULER_SCHEDULER_CONFIG)
+    swapper = None
+    if plan.mode == "offload":
+        model.text_encoder.to(device)
+        model.vae.to(device)
+        swapper = ExpertSwapper(model.experts, device)
     options = {}
     if settings.backend == "compiled":
-        options = dict(fp8=settings.fp8, attn=settings.attn, compile=settings.compile, cudagraphs=settings.cudagraphs)
+        # CUDA graphs capture weight addresses; experts that move between host and GPU cannot use them.
+        options = dict(fp8=settings.fp8, attn=settings.attn, compile=settings.compile,
+                       cudagraphs=settings.cudagraphs and swapper is None)
     elif settings.backend == "tensorrt":
         options = dict(artifacts=settings.artifacts, device=device)
-    return WanI2VPipeline(model, make_backend(settings.backend, model, **options), device=device, dtype=dtype)
+    backend = make_backend(settings.backend, model, **options)
+    if swapper is not None:
+        backend = OffloadingBackend(backend, swapper)
+    return WanI2VPipeline(model, backend, device=device, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------ generate

@@ -27,6 +27,7 @@ class Settings:
     attn: str = "sdpa"
     compile: bool = True
     cudagraphs: bool = True
+    memory: str = "auto"  # "auto", "resident" (both experts on the GPU) or "offload" (one at a time)
     warmup: tuple[str, ...] = ()  # shape buckets compiled before the first job, e.g. "640x640x81"
     scheduler: str = "unipc"  # "unipc" (upstream default) or "euler"
     artifacts: str | None = None
@@ -50,7 +51,7 @@ class Settings:
 
     _ENV = {
         "model": str, "device": str, "dtype": str, "backend": str, "fp8": _bool, "attn": str, "compile": _bool,
-        "cudagraphs": _bool, "warmup": _list, "scheduler": str, "artifacts": str,
+        "cudagraphs": _bool, "warmup": _list, "memory": str, "scheduler": str, "artifacts": str,
         "host": str, "port": int, "data_dir": Path, "workers": int, "concurrency": int, "queue_max": int,
         "job_ttl_s": float, "lease_s": float, "heartbeat_s": float, "allow_hosts": _list, "fetch_only_allowed": _bool, "api_keys": _list,
         "max_image_bytes": int, "max_image_pixels": int, "fetch_timeout_s": float, "queue": str,

@@ -60,6 +60,10 @@ _TAKE = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or redis.call('HGET', KEYS[1], 'deleted') == '1' then return 'gone' end
 if status ~= 'queued' and status ~= 'processing' then return 'gone' end
+if status == 'processing' and redis.call('HGET', KEYS[1], 'worker_id') ~= ARGV[1] then
+  local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '') or 0
+  if lease >= tonumber(ARGV[4]) then return 'busy' end  -- another live worker has it
+end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 local id = redis.call('HGET', KEYS[1], 'id')
 if attempts >= tonumber(ARGV[5]) then
@@ -268,7 +272,7 @@ class RedisJobStore:
     def claim(self, worker_id: str, lease_s: float, device: str | None = None) -> Job | None:
         """Entries whose job's lease ran out (their worker died; or our own previous life's, found by
         release_orphans) first, then new ones."""
-        candidates = self._orphans.pop(worker_id, []) + self._stale_entries(worker_id)
+        candidates = self._orphans.pop(worker_id, []) + self._stale_entries(worker_id, lease_s)
         if not candidates:
             new = self.r.xreadgroup(GROUP, worker_id, {STREAM: ">"}, count=1)
             candidates = [m for _, msgs in new for m in msgs]
@@ -277,6 +281,8 @@ class RedisJobStore:
             now = time.time()
             result = self._take(keys=[_key(job_id), QUEUED, f"{P}:state:", FINISHED],
                                 args=[worker_id, device or "", now + lease_s, now, MAX_ATTEMPTS]) if job_id else "gone"
+            if result == "busy":  # a live worker took it first: not ours to drop
+                continue
             if result != "ok":  # deleted, already finished, or failed too often: drop the entry
                 self._ack(entry_id)
                 continue
@@ -284,12 +290,13 @@ class RedisJobStore:
             return self.get(job_id, include_deleted=True)
         return None
 
-    def _stale_entries(self, worker_id: str, limit: int = 100) -> list:
-        """Pending entries held by other consumers whose job lease has expired: XCLAIM them to us."""
+    def _stale_entries(self, worker_id: str, lease_s: float, limit: int = 100) -> list:
+        """Pending entries whose worker is gone: the job's lease has passed, or (read but never taken, the
+        reader died in between) the entry has been idle for a lease. XCLAIM them to us."""
         stale = []
         now = time.time()
         for p in self.r.xpending_range(STREAM, GROUP, min="-", max="+", count=limit):
-            entry_id, owner = p["message_id"], p["consumer"]
+            entry_id, idle_ms = p["message_id"], p["time_since_delivered"]
             found = self.r.xrange(STREAM, entry_id, entry_id)
             if not found:
                 self._ack(entry_id)
@@ -299,6 +306,8 @@ class RedisJobStore:
             status = self.r.hget(_key(job_id), "status")
             if status == "processing" and lease and float(lease) >= now:
                 continue  # alive
+            if status == "queued" and idle_ms < lease_s * 1000:
+                continue  # being taken by the worker that just read it
             claimed = self.r.xclaim(STREAM, GROUP, worker_id, 0, [entry_id])
             stale += [m for m in claimed if m and m[1]]
             if stale:

@@ -138,6 +138,8 @@ class WanI2VPipeline:
         latents = sampling.sample(self.backend, plan_scheduler, plan, latents, condition, context, negative,
                                   self.dtype, on_step=on_step, should_cancel=should_cancel)
         timings["denoise_high_s"], timings["denoise_low_s"] = step_times["high"], step_times["low"]
+        if hasattr(self.backend, "after_loop"):  # e.g. prefetch the next request's expert during the decode
+            self.backend.after_loop()
         steps_per_expert = {e: sum(1 for s in plan if s.expert == e) for e in ("high", "low")}
 
         result = GenerateResult(path=None, frames_generated=params.frames_generated, frames_written=0,
