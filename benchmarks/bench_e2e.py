@@ -35,6 +35,7 @@ CONFIGS = [  # (name, backend, options) in the order the switches are added
     ("+fp8 +compile", "compiled", dict(fp8=True, compile=True, cudagraphs=False)),
     ("+fp8 +compile +cudagraphs", "compiled", dict(fp8=True, compile=True, cudagraphs=True)),
     ("bf16 +compile +cudagraphs", "compiled", dict(fp8=False, compile=True, cudagraphs=True)),
+    ("tensorrt", "tensorrt", {}),  # only with --artifacts and an importable TensorRT
 ]
 GPU_PEAK_KEYS = {"H100": "H100 SXM", "H200": "H200"}
 
@@ -84,6 +85,25 @@ def run_diffusers(model, params, image, device):
                              "total_s": loop_and_encode + decode}
 
 
+def cold_start(args, preset_name: str) -> dict:
+    """A fresh `wanrt generate` process: imports, model load (from artifacts when given), one video."""
+    import subprocess
+
+    preset = PRESETS[preset_name]
+    image = Path(__file__).resolve().parent.parent / "tests" / "assets" / "first_frame.png"
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "wanrt.cli", "generate", "--model", args.model, "--image", str(image),
+               "--prompt", "cold start", "--out", str(Path(tmp) / "v.mp4"), "--device", args.device]
+        cmd += [f"--{k.replace('_', '-')}={v}" for k, v in preset.items()]
+        if args.artifacts:
+            cmd += ["--artifacts", args.artifacts]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "returncode": r.returncode, "preset": preset_name, "artifacts": args.artifacts,
+            "stderr_tail": r.stderr[-500:] if r.returncode else ""}
+
+
 def main(argv=None) -> int:
     import torch
     from PIL import Image
@@ -101,6 +121,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--artifacts", default=None, help="a `wanrt build` output: adds the tensorrt row")
+    ap.add_argument("--cold-start", action="store_true",
+                    help="also time `wanrt generate` from process start to the MP4 (with --artifacts if given)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -108,6 +131,8 @@ def main(argv=None) -> int:
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     presets = (args.presets or ("tiny" if args.model == "tiny" else "fast,default,high_quality")).split(",")
     configs = [c for c in CONFIGS if not args.configs or c[0] in args.configs.split(",")]
+    if not args.artifacts:
+        configs = [c for c in configs if c[1] != "tensorrt"]
     model = load_model(args.model, device, dtype)
     image = Image.open(Path(__file__).resolve().parent.parent / "tests" / "assets" / "first_frame.png")
     dev_name = device_name(device)
@@ -133,6 +158,8 @@ def main(argv=None) -> int:
                         if i >= args.warmup:
                             runs.append(timings)
                 else:
+                    if backend_name == "tensorrt":
+                        options = dict(artifacts=args.artifacts, device=device)
                     backend = make_backend(backend_name, model, **options)
                     pipe = WanI2VPipeline(model, backend, device=device, dtype=dtype)
                     with tempfile.TemporaryDirectory() as tmp:
@@ -172,6 +199,11 @@ def main(argv=None) -> int:
             print(json.dumps({k: row[k] for k in ("preset", "config") if k in row}
                              | {"total_s": row.get("median_s", {}).get("total_s"), "error": row.get("error")}), flush=True)
 
+    cold = None
+    if args.cold_start:
+        cold = cold_start(args, presets[0])
+        print(f"cold start (process start -> {presets[0]} MP4): {cold['seconds']:.1f} s")
+
     base = {r["preset"]: r["median_s"]["total_s"] for r in rows if r["config"] == "diffusers" and "median_s" in r}
     lines = [f"device: {dev_name}, model {args.model}, median of {args.repeats} after {args.warmup} warm-up",
              "", "| preset | config | total s | vs diffusers | loop TFLOP/s | % BF16 peak | latent cos | PSNR dB | peak GB |",
@@ -196,8 +228,8 @@ def main(argv=None) -> int:
     slug = dev_name.split()[0].lower() if device.startswith("cuda") else "cpu"
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"e2e_{args.model}_{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": dev_name, "model": args.model, "torch": torch.__version__, "rows": rows},
-                              indent=2, default=str))
+    out.write_text(json.dumps({"device": dev_name, "model": args.model, "torch": torch.__version__, "rows": rows,
+                               "cold_start": cold}, indent=2, default=str))
     out.with_suffix(".md").write_text(table + "\n")
     try:
         import matplotlib

@@ -34,3 +34,18 @@ def test_flops_table_and_runtime_bench_run(tmp_path):
     report = json.loads(out.read_text())
     assert set(report["median_s"]) >= {"text_encode_s", "vae_encode_s", "denoise_high_s", "denoise_low_s", "vae_decode_s", "mp4_encode_s"}
     assert report["loop_tflop"] > 0 and report["steps_per_expert"] == {"high": 2, "low": 2}
+
+
+def test_bench_e2e_runs_on_cpu_with_guard(tmp_path):
+    out = tmp_path / "e2e.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--model", "tiny",
+                        "--configs", "diffusers,eager,+fp8", "--repeats", "1", "--warmup", "0", "--cold-start",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {row["config"]: row for row in report["rows"]}
+    assert set(rows) == {"diffusers", "eager", "+fp8"} and all("median_s" in row for row in rows.values())
+    assert abs(rows["eager"]["guard"]["latent_cosine"] - 1.0) < 1e-6 and rows["eager"]["guard"]["frames_psnr_db"] == float("inf")
+    assert 0.999 < rows["+fp8"]["guard"]["latent_cosine"] < 1.0 and rows["+fp8"]["guard"]["frames_psnr_db"] > 30
+    assert report["cold_start"]["returncode"] == 0 and report["cold_start"]["seconds"] > 0
+    assert (tmp_path / "e2e.md").read_text().count("| tiny |") == 3
