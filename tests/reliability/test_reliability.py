@@ -175,7 +175,7 @@ def fuzz_round(server: WanrtServer, max_examples: int) -> dict:
     t0 = time.time()
     r = subprocess.run([exe, "run", f"{server.base}/schema/openapi.json", "--checks", "not_a_server_error,error_has_detail",
                         "--max-examples", str(max_examples), "--request-timeout", "20", "--seed", "1", "-w", "2"],
-                       env=env, capture_output=True, text=True, timeout=600)
+                       env=env, capture_output=True, text=True, timeout=600, cwd=server.data_dir)
     import re
 
     m = re.search(r"(\d+) generated, (\d+) passed", r.stdout)
