@@ -79,17 +79,9 @@ class ImageServer:
                 if path == "/missing":
                     return self._send(404, "text/plain", b"nope")
                 if path == "/redirect":
-                    self.send_response(302)
-                    self.send_header("Location", urllib.parse.parse_qs(query)["to"][0])
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
+                    return self._redirect(urllib.parse.parse_qs(query)["to"][0])
                 if path == "/redirect-loop":
-                    self.send_response(302)
-                    self.send_header("Location", "/redirect-loop")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
+                    return self._redirect("/redirect-loop")
                 if path == "/lying-length":  # says 1 KB, sends 12 MB
                     self.send_response(200)
                     self.send_header("Content-Type", "image/png")
@@ -131,6 +123,12 @@ class ImageServer:
                     code, ctype, body = server.routes[path]
                     return self._send(code, ctype, body)
                 return self._send(404, "text/plain", b"not found")
+
+            def _redirect(self, location):
+                self.send_response(302)
+                self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def _send(self, code, ctype, body):
                 self.send_response(code)

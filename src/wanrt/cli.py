@@ -26,15 +26,14 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifacts", help="a `wanrt build` output dir: fused (and quantized) experts [WANRT_ARTIFACTS]")
 
 
+MODEL_FLAGS = ("model", "device", "dtype", "scheduler", "backend", "fp8", "attn", "compile", "cudagraphs", "memory",
+               "queue", "artifacts")  # the settings `_add_model_flags` sets
+
+
 def _settings(args, **extra):
     from wanrt.config import Settings
 
-    return Settings.from_env(model=getattr(args, "model", None), device=getattr(args, "device", None),
-                             dtype=getattr(args, "dtype", None), scheduler=getattr(args, "scheduler", None),
-                             artifacts=getattr(args, "artifacts", None), queue=getattr(args, "queue", None),
-                             backend=getattr(args, "backend", None), fp8=getattr(args, "fp8", None),
-                             attn=getattr(args, "attn", None), compile=getattr(args, "compile", None),
-                             cudagraphs=getattr(args, "cudagraphs", None), memory=getattr(args, "memory", None), **extra)
+    return Settings.from_env(**{name: getattr(args, name, None) for name in MODEL_FLAGS}, **extra)
 
 
 def load_runtime(settings):

@@ -21,7 +21,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from wanrt.api.routes import API_TITLE, ROUTES
 from wanrt.jobs.paths import DataPaths
 from wanrt.jobs import open_store
-from wanrt.params import FIELDS_BY_NAME
+from wanrt.api.schemas import field_error
 
 log = logging.getLogger("wanrt.api")
 OPEN_PATHS = ("/", "/schema")
@@ -40,9 +40,7 @@ def _validation_detail(exc: ValidationException) -> tuple[int, str]:
         missing = re.search(r"missing required field `([^`]+)`", message)
         if missing:
             key, message = missing.group(1), "field required"
-        if key in FIELDS_BY_NAME:
-            message += f" (allowed: {FIELDS_BY_NAME[key].describe()})"
-        parts.append(f"{key}: {message}" if key else message)
+        parts.append(field_error(key, message))
     if not parts:
         text = str(exc.detail)
         if "JSON" in text or "decode" in text.lower() or "malformed" in text.lower():
@@ -67,9 +65,6 @@ def _error_handler(request: Request, exc: Exception) -> Response:
 def create_app(settings) -> Litestar:
     paths = DataPaths(settings.data_dir).ensure()
     store = open_store(settings, paths.db)
-
-    def retry_after_s() -> int:
-        return 10
 
     async def auth(request: Request) -> Response | None:
         path = request.scope["path"]
@@ -103,8 +98,7 @@ def create_app(settings) -> Litestar:
         finally:
             task.cancel()
 
-    state = State({"settings": settings, "store": store, "paths": paths, "started_at": time.time(),
-                   "retry_after_s": retry_after_s})
+    state = State({"settings": settings, "store": store, "paths": paths, "started_at": time.time()})
     return Litestar(
         route_handlers=[*ROUTES, create_static_files_router(path="/ui", directories=[STATIC_DIR], html_mode=True,
                                                              name="ui")],

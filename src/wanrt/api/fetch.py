@@ -90,8 +90,6 @@ def check_address(host: str, ip_text: str, policy: FetchPolicy) -> None:
         ip = ip.ipv4_mapped
     if _allowed_by_config(host, ip, policy):
         return
-    if policy.only_allowed:
-        raise FetchError(f"Failed to download image: host {host!r} is not in the allowed hosts")
     if not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified:
         raise FetchError(f"Failed to download image: address {ip} of host {host!r} is not allowed "
                          "(loopback, private, link-local or reserved)")

@@ -15,13 +15,14 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.response import Stream
 
-from wanrt.api.fetch import FetchError, FetchPolicy, fetch_image
-from wanrt.api.schemas import GenerateRequest, GenerateResponse, MessageResponse
+from wanrt.api.fetch import FetchError, FetchPolicy, decode_image, fetch_image
+from wanrt.api.schemas import GenerateRequest, GenerateResponse, MessageResponse, field_error, request_fields
 from wanrt.jobs.store import STATES, Job, QueueFull
 from wanrt.params import GenerateParams, ParamError
 
 API_TITLE = "WAN 2.2-14B LoRAs Image-to-Video API"
 JOB_NOT_FOUND = "Job not found"
+RETRY_AFTER_S = 10  # what a 429 (queue full) tells the client to wait
 
 
 class ApiError(HTTPException):
@@ -70,8 +71,6 @@ async def health() -> dict[str, str]:
 async def submit_job(state: State, fields: dict, idem: str | None, image_url: str | None = None,
                      upload: bytes | None = None) -> Response[GenerateResponse]:
     """Validate, get the image (URL fetch or upload, same checks), write the input and the job, answer."""
-    from wanrt.api.fetch import decode_image
-
     settings = state.settings
     try:
         params = GenerateParams.from_request(fields)
@@ -84,7 +83,7 @@ async def submit_job(state: State, fields: dict, idem: str | None, image_url: st
         if existing is not None:
             return Response(GenerateResponse(existing.id, existing.status, "Job already exists for this Idempotency-Key"))
     queue_full = ApiError(status_code=429, detail=f"Queue is full ({settings.queue_max} jobs waiting); retry later",
-                          headers={"Retry-After": str(state.retry_after_s())})
+                          headers={"Retry-After": str(RETRY_AFTER_S)})
     if state.store.counts()["queued"] >= settings.queue_max:
         raise queue_full
 
@@ -141,8 +140,7 @@ async def multipart_generate(request: Request) -> Response | None:
         data = msgspec.convert({"image_url": image_url or "upload", **fields}, GenerateRequest, strict=False)
     except msgspec.ValidationError as e:
         raise ApiError(status_code=422, detail=_msgspec_detail(e))
-    values = {f: getattr(data, f) for f in GenerateRequest.__struct_fields__ if f != "image_url"}
-    return await submit_job(request.app.state, values, request.headers.get("idempotency-key"),
+    return await submit_job(request.app.state, request_fields(data), request.headers.get("idempotency-key"),
                             image_url=image_url if upload is None else None, upload=upload)
 
 
@@ -151,21 +149,14 @@ def _msgspec_detail(e: Exception) -> str:
 
     text = str(e)
     m = re.search(r"at `\$\.(\w+)`", text)
-    if m:
-        from wanrt.params import FIELDS_BY_NAME
-
-        name = m.group(1)
-        rng = f" (allowed: {FIELDS_BY_NAME[name].describe()})" if name in FIELDS_BY_NAME else ""
-        return f"{name}: {text.split(' - at')[0]}{rng}"
-    return text
+    return field_error(m.group(1), text.split(" - at")[0]) if m else text
 
 
 @post("/generate", status_code=200, summary="Queue an image-to-video job", before_request=multipart_generate,
       description="JSON body as in the seed contract. Extension: multipart/form-data with an `image` file upload "
                   "(or `image_url`) and the same fields as form values.")
 async def generate(data: GenerateRequest, request: Request, state: State) -> Response[GenerateResponse]:
-    values = {f: getattr(data, f) for f in GenerateRequest.__struct_fields__ if f != "image_url"}
-    return await submit_job(state, values, request.headers.get("idempotency-key"), image_url=data.image_url)
+    return await submit_job(state, request_fields(data), request.headers.get("idempotency-key"), image_url=data.image_url)
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -32,6 +32,18 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     seed: Annotated[int, _meta("seed")] = 1
 
 
+def request_fields(data: GenerateRequest) -> dict:
+    """The generation parameters of a request (everything but the image source)."""
+    return {f: getattr(data, f) for f in GenerateRequest.__struct_fields__ if f != "image_url"}
+
+
+def field_error(field: str | None, message: str) -> str:
+    """A 422 detail: the field, the problem, and for numeric seed fields their allowed range."""
+    if field in FIELDS_BY_NAME:
+        message += f" (allowed: {FIELDS_BY_NAME[field].describe()})"
+    return f"{field}: {message}" if field else message
+
+
 class GenerateResponse(msgspec.Struct):
     job_id: str
     status: str

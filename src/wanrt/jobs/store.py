@@ -8,6 +8,7 @@ Each thread gets its own connection; every write is one short IMMEDIATE transact
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -104,17 +105,22 @@ class JobStore:
             self._local.conn = conn
         return conn
 
-    def _write(self, sql: str, args=()) -> sqlite3.Cursor:
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One IMMEDIATE transaction (the write lock up front, so read-then-write is atomic): committed when
+        the block ends, returns included; rolled back when it raises."""
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            cur = conn.execute(sql, args)
-            rows = cur.fetchall()
-            conn.execute("COMMIT")
-            return rows
+            yield conn
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        conn.execute("COMMIT")
+
+    def _write(self, sql: str, args=()) -> list[sqlite3.Row]:
+        with self._transaction() as conn:
+            return conn.execute(sql, args).fetchall()
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -127,13 +133,10 @@ class JobStore:
                job_id: str | None = None, queue_max: int | None = None) -> tuple[Job, bool]:
         """Insert a queued job. Returns (job, created); an existing Idempotency-Key returns its job.
         Raises QueueFull when queue_max queued jobs are waiting."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as conn:
             if idempotency_key:
                 row = conn.execute("SELECT * FROM jobs WHERE idempotency_key=? AND deleted=0", (idempotency_key,)).fetchone()
                 if row is not None:
-                    conn.execute("COMMIT")
                     return Job.from_row(row), False
             if queue_max is not None:
                 (queued,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE status='queued' AND deleted=0").fetchone()
@@ -145,11 +148,7 @@ class JobStore:
                 (job_id, "queued", json.dumps(params), input_image, time.time(), idempotency_key),
             )
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-            conn.execute("COMMIT")
             return Job.from_row(row), True
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def get(self, job_id: str, include_deleted: bool = False) -> Job | None:
         row = self._conn().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
@@ -190,23 +189,16 @@ class JobStore:
     def delete(self, job_id: str) -> Job | None:
         """Hide the job from the API at once. A running job is asked to cancel (its worker removes the
         files and the row); any other job's row is removed now and returned so the caller deletes files."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE id=? AND deleted=0", (job_id,)).fetchone()
             if row is None:
-                conn.execute("COMMIT")
                 return None
             job = Job.from_row(row)
             if job.status == "processing":
                 conn.execute("UPDATE jobs SET deleted=1, cancel_requested=1 WHERE id=?", (job_id,))
             else:
                 conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
-            conn.execute("COMMIT")
             return job
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def cancel(self, job_id: str) -> Job | None:
         """Cancel without deleting: queued -> cancelled now; processing -> the worker stops within a step."""
@@ -227,9 +219,7 @@ class JobStore:
     def claim(self, worker_id: str, lease_s: float, device: str | None = None) -> Job | None:
         """Atomically take the oldest queued job, or one whose worker's lease ran out."""
         now = time.time()
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as conn:
             # Jobs whose worker vanished too often end as errors instead of being retried forever.
             conn.execute(
                 "UPDATE jobs SET status='error', finished_at=?, error=?, error_type='worker_lost', retryable=1, "
@@ -239,17 +229,12 @@ class JobStore:
                 "SELECT id FROM jobs WHERE deleted=0 AND (status='queued' OR (status='processing' AND lease_until<?)) "
                 "ORDER BY seq LIMIT 1", (now,)).fetchone()
             if row is None:
-                conn.execute("COMMIT")
                 return None
             row = conn.execute(
                 "UPDATE jobs SET status='processing', worker_id=?, device=?, lease_until=?, attempts=attempts+1, "
                 "started_at=COALESCE(started_at, ?), progress=0, stage='starting' WHERE id=? RETURNING *",
                 (worker_id, device, now + lease_s, now, row["id"])).fetchone()
-            conn.execute("COMMIT")
             return Job.from_row(row)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float, progress: float | None = None,
                   stage: str | None = None) -> bool:

@@ -25,18 +25,25 @@ class MemoryPlan:
     reason: str
 
 
-def choose_plan(model, device: str | torch.device, headroom: float = 0.25, free_bytes: int | None = None) -> MemoryPlan:
-    """Resident when experts + text encoder + VAE + `headroom` (activations, attention workspace) fit in the
-    device's free memory; offload otherwise. CPU: always resident."""
-    device = torch.device(device)
-    need = sum(module_bytes(m) for m in (model.transformer_high, model.transformer_low, model.text_encoder, model.vae))
-    need = int(need * (1 + headroom))
-    if free_bytes is None and device.type == "cuda":
-        free_bytes = torch.cuda.mem_get_info(device)[0]
+HEADROOM = 0.25  # activations and attention workspace on top of the weights
+
+
+def _decide(weight_bytes: float, free_bytes: int | None) -> MemoryPlan:
+    need = int(weight_bytes * (1 + HEADROOM))
     if free_bytes is None or need <= free_bytes:
         return MemoryPlan("resident", need, free_bytes, "everything fits")
     return MemoryPlan("offload", need, free_bytes,
                       f"needs {need / 2**30:.1f} GiB, {free_bytes / 2**30:.1f} GiB free: one expert at a time")
+
+
+def choose_plan(model, device: str | torch.device, free_bytes: int | None = None) -> MemoryPlan:
+    """Resident when experts + text encoder + VAE + headroom fit in the device's free memory; offload
+    otherwise. CPU: always resident."""
+    device = torch.device(device)
+    if free_bytes is None and device.type == "cuda":
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    parts = (model.transformer_high, model.transformer_low, model.text_encoder, model.vae)
+    return _decide(sum(module_bytes(m) for m in parts), free_bytes)
 
 
 A14B_EXPERT_PARAMS = 14.3e9
@@ -51,11 +58,7 @@ def estimate_plan(spec: str, device, dtype, requested: str = "auto") -> MemoryPl
     if device.type != "cuda" or spec == "tiny":
         return MemoryPlan("resident", 0, None, "CPU or tiny model")
     bytes_per = torch.tensor([], dtype=dtype).element_size()
-    need = int((2 * A14B_EXPERT_PARAMS + UMT5_XXL_PARAMS) * bytes_per * 1.25)
-    free = torch.cuda.mem_get_info(device)[0]
-    if need <= free:
-        return MemoryPlan("resident", need, free, "everything fits")
-    return MemoryPlan("offload", need, free, f"needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free")
+    return _decide((2 * A14B_EXPERT_PARAMS + UMT5_XXL_PARAMS) * bytes_per, torch.cuda.mem_get_info(device)[0])
 
 
 class ExpertSwapper:
