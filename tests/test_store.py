@@ -1,21 +1,25 @@
 """The job store contract, run on both backends: SQLite on a real file and a real Redis server."""
 
+import inspect
+import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import pytest
 
-from wanrt.jobs.store import MAX_ATTEMPTS, JobStore, QueueFull
+from wanrt.jobs.protocol import JobStore
+from wanrt.jobs.redis_queue import RedisJobStore
+from wanrt.jobs.store import MAX_ATTEMPTS, STATES, TERMINAL, QueueFull, SqliteJobStore
 
 
 @pytest.fixture(params=["sqlite", "redis"])
 def store(request, tmp_path):
     if request.param == "sqlite":
-        yield JobStore(tmp_path / "jobs.sqlite3")
+        yield SqliteJobStore(tmp_path / "jobs.sqlite3")
         return
     import redis
-
-    from wanrt.jobs.redis_queue import RedisJobStore
 
     url = request.getfixturevalue("redis_url")
     redis.Redis.from_url(url).flushdb()
@@ -25,12 +29,12 @@ def store(request, tmp_path):
 
 
 def test_wal_and_durable_create(tmp_path):
-    s = JobStore(tmp_path / "j.sqlite3")
+    s = SqliteJobStore(tmp_path / "j.sqlite3")
     job, created = s.create({"prompt": "x"}, input_image="a.png")
     assert created and job.status == "queued"
     assert s._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     # a second, independent connection (another process in production) sees it at once
-    assert JobStore(tmp_path / "j.sqlite3").get(job.id).params == {"prompt": "x"}
+    assert SqliteJobStore(tmp_path / "j.sqlite3").get(job.id).params == {"prompt": "x"}
 
 
 def test_claim_is_fifo_and_exclusive(store):
@@ -87,7 +91,7 @@ def test_restarted_worker_takes_back_its_orphan_first(store):
 
 
 def test_graceful_release(store):
-    a = store.create({})[0]
+    store.create({})
     got = store.claim("w0", 30)
     assert store.release(got.id, "w0")
     assert store.get(got.id).attempts == 0  # graceful release does not count against the job
@@ -149,3 +153,239 @@ def test_worker_reports(store):
     workers = store.workers()
     assert [w["id"] for w in workers] == ["w0", "w1"] and workers[0]["jobs_done"] == 2
     assert workers[1]["backend"]["dynamo_graphs"] == 4 and workers[0]["updated_at"] > 0
+
+
+# ---------------------------------------------------------------------- one protocol, bounded reads, new methods
+PROTOCOL_METHODS = sorted(n for n, v in vars(JobStore).items() if callable(v) and not n.startswith("_"))
+
+
+@pytest.mark.parametrize("cls", [SqliteJobStore, RedisJobStore])
+def test_both_stores_define_every_protocol_method_alike(cls):
+    assert "wait_for_change" in PROTOCOL_METHODS and "stage_totals" in PROTOCOL_METHODS
+    for name in PROTOCOL_METHODS:
+        want = list(inspect.signature(getattr(JobStore, name)).parameters)
+        assert list(inspect.signature(getattr(cls, name)).parameters) == want, name
+
+
+def test_store_is_a_jobstore(store):
+    assert isinstance(store, JobStore)
+
+
+def _assert_consistent(store):
+    """counts(), list()'s totals and pages agree with each other (index and records in step)."""
+    counts = store.counts()
+    jobs, total = store.list()
+    assert total == len(jobs) == sum(counts.values())
+    for s in STATES:
+        page, n = store.list(status=s)
+        assert n == counts[s] == len(page) and all(j.status == s for j in page), (s, counts, [j.status for j in page])
+
+
+def test_list_pages_counts_and_positions(store):
+    ids = [store.create({"n": i})[0].id for i in range(6)]
+    store.claim("w", 30)  # ids[0]
+    store.cancel(ids[1])
+    store.delete(ids[2])  # queued: removed now
+    store.claim("w2", 30)  # ids[3]
+    store.delete(ids[3])  # running: hidden now
+    jobs, total = store.list()
+    assert total == 4 and [j.id for j in jobs] == [ids[0], ids[1], ids[4], ids[5]]  # limit=None lists everything
+    jobs, total = store.list(limit=2, offset=1)
+    assert total == 4 and [j.id for j in jobs] == [ids[1], ids[4]]
+    assert store.list(status="queued", limit=0) == ([], 2)
+    assert store.list(status="nope") == ([], 0)
+    assert store.counts() == {"queued": 2, "processing": 1, "completed": 0, "error": 0, "cancelled": 1}
+    assert [store.queue_position(store.get(i)) for i in ids[4:]] == [1, 2]
+    _assert_consistent(store)
+
+
+def test_stage_totals_add_up_completed_jobs_only(store):
+    assert store.stage_totals() == {}
+    for timings in ({"denoise_high_s": 1.5, "total_s": 2.0}, {"total_s": 3.0}):
+        job = _running(store)
+        assert store.complete(job.id, "w", "/v.mp4", timings)
+    job = _running(store)
+    store.fail(job.id, "w", "boom", "internal_error", True, {"total_s": 100.0})
+    totals = {"denoise_high": (1.5, 1), "total": (5.0, 2)}
+    assert store.stage_totals() == totals
+    time.sleep(0.01)
+    assert len(store.expire(0)) == 3
+    assert store.stage_totals() == totals  # a counter: expiry does not take completed work back
+
+
+def test_wait_for_change(store):
+    job = _running(store)
+    t0 = time.monotonic()
+    store.wait_for_change(job.id, 0.2)  # nothing happens: returns after the timeout
+    assert 0.15 <= time.monotonic() - t0 < 2
+    if isinstance(store, SqliteJobStore):
+        return  # no cross-process notification: a plain sleep, the caller backs off
+    for change in (lambda: store.heartbeat(job.id, "w", 30, progress=10.0), lambda: store.cancel(job.id),
+                   lambda: store.finish_cancelled(job.id, "w")):
+        timer = threading.Timer(0.2, change)
+        timer.start()
+        t0 = time.monotonic()
+        store.wait_for_change(job.id, 10)
+        assert time.monotonic() - t0 < 5  # woken by the publish, not the timeout
+        timer.join()
+
+
+# ---------------------------------------------------------------------- atomic state changes
+# Each test races two operations on one job many times (a barrier starts both together) and checks that the
+# outcome is one of the serial ones. Old code lost some of these races (noted per test).
+ROUNDS = 150
+
+
+@pytest.fixture
+def pool():
+    with ThreadPoolExecutor(max_workers=8) as p:
+        yield p
+
+
+def _race(pool, *fns):
+    barrier = threading.Barrier(len(fns))
+
+    def go(fn):
+        barrier.wait()
+        time.sleep(random.random() * 0.002)  # vary which step of one meets which step of the other
+        return fn()
+
+    return [f.result() for f in [pool.submit(go, fn) for fn in fns]]
+
+
+def _claim(store, job_id, worker="w"):
+    """Claim job_id, the only job queued (Redis may first read the stream entry of a job removed meanwhile)."""
+    for _ in range(5):
+        got = store.claim(worker, 30)
+        if got is not None:
+            assert got.id == job_id
+            return got
+    raise AssertionError("could not claim the job")
+
+
+def _running(store, worker="w"):
+    return _claim(store, store.create({})[0].id, worker)
+
+
+@pytest.mark.parametrize("op", ["delete", "cancel"])
+def test_race_delete_or_cancel_vs_complete_or_fail(store, pool, op):
+    """A job asked to stop is never finished by its worker (old code: complete/fail won anyway, leaving a hidden
+    completed job and its files, or a cancel that was answered and then ignored)."""
+    for i in range(ROUNDS):
+        job = _running(store)
+        end = (partial(store.complete, job.id, "w", "/v.mp4", {"total_s": 1.0}) if i % 2 else
+               partial(store.fail, job.id, "w", "boom", "internal_error", True))
+        asked, finished = _race(pool, partial(getattr(store, op), job.id), end)
+        if finished:  # the worker was first: the request saw a finished job
+            assert asked.status in TERMINAL
+            final = store.get(job.id, include_deleted=True)
+            assert final is None if op == "delete" else final.status == asked.status
+        else:  # the request was first: the worker goes the cancel path
+            assert asked.status == "processing"
+            assert store.get(job.id, include_deleted=True).cancel_requested
+            gone = store.finish_cancelled(job.id, "w")
+            assert gone is not None and gone.deleted == (op == "delete")
+            final = store.get(job.id, include_deleted=True)
+            assert final is None if op == "delete" else final.status == "cancelled"
+    _assert_consistent(store)
+
+
+@pytest.mark.parametrize("op", ["delete", "cancel"])
+def test_race_delete_or_cancel_vs_claim(store, pool, op):
+    """A queued job is either taken (and then asked to stop) or stopped, never both (old Redis: cancel/delete
+    read 'queued', a worker took the job, then it was marked cancelled or removed under the worker)."""
+    for _ in range(ROUNDS):
+        job = store.create({})[0]
+        asked, claimed = _race(pool, partial(getattr(store, op), job.id), partial(store.claim, "w", 30))
+        if claimed is not None:
+            assert claimed.id == job.id and asked.status == "processing"
+            assert store.heartbeat(job.id, "w", 30) is False
+            assert store.finish_cancelled(job.id, "w").deleted == (op == "delete")
+        else:
+            assert asked.status == ("queued" if op == "delete" else "cancelled")
+        final = store.get(job.id, include_deleted=True)
+        assert final is None if op == "delete" else final.status == "cancelled"
+        assert store.claim("w", 30) is None  # nothing left to run
+    _assert_consistent(store)
+
+
+def test_race_release_vs_complete(store, pool):
+    """Exactly one of release and complete wins (old Redis: both did; a completed job sat in the queue)."""
+    for _ in range(ROUNDS):
+        job = _running(store)
+        released, completed = _race(pool, partial(store.release, job.id, "w"),
+                                    partial(store.complete, job.id, "w", "/v.mp4", {}))
+        assert released != completed
+        final = store.get(job.id)
+        if released:
+            assert final.status == "queued" and final.attempts == 0 and store.queue_position(final) == 1
+            _claim(store, job.id, "w2")
+            assert store.complete(job.id, "w2", "/v.mp4", {})
+        else:
+            assert final.status == "completed"
+        assert store.counts()["queued"] == 0
+    _assert_consistent(store)
+
+
+def test_race_release_vs_delete(store, pool):
+    """A deleted job is never re-queued (old code: release put it back as a hidden queued job, kept forever)."""
+    for _ in range(ROUNDS):
+        job = _running(store)
+        released, deleted = _race(pool, partial(store.release, job.id, "w"), partial(store.delete, job.id))
+        if released:  # delete came second and removed the queued job
+            assert deleted.status == "queued"
+        else:
+            assert deleted.status == "processing"
+            assert store.finish_cancelled(job.id, "w").deleted
+        assert store.get(job.id, include_deleted=True) is None
+    _assert_consistent(store)
+
+
+def test_race_finish_cancelled_vs_delete(store, pool):
+    """Whichever comes first, a deleted job is removed (old code: finish_cancelled read 'not deleted', delete
+    then hid the job, finish_cancelled marked it cancelled: a hidden row left until expiry, input file kept)."""
+    for _ in range(ROUNDS):
+        job = _running(store)
+        store.cancel(job.id)  # the worker stops at its next step...
+        finished, deleted = _race(pool, partial(store.finish_cancelled, job.id, "w"), partial(store.delete, job.id))
+        assert finished is not None and deleted is not None
+        assert finished.deleted == (deleted.status == "processing")  # deleted first: the worker removed it
+        assert store.get(job.id, include_deleted=True) is None
+    _assert_consistent(store)
+
+
+def test_race_expire_vs_delete(store, pool):
+    """A finished job is removed (and its files handed back) exactly once (old Redis: by both)."""
+    for _ in range(ROUNDS):
+        job = _running(store)
+        store.complete(job.id, "w", "/v.mp4", {})
+        time.sleep(0.002)
+        expired, deleted = _race(pool, partial(store.expire, 0), partial(store.delete, job.id))
+        assert [j.id for j in expired].count(job.id) + (deleted is not None) == 1
+        assert store.get(job.id, include_deleted=True) is None
+    _assert_consistent(store)
+
+
+def test_concurrent_create_with_one_idempotency_key(store, pool):
+    """N requests with one key make one job; deleting it frees the key at once, also while its worker still
+    runs it (old code: SQLite raised IntegrityError, Redis answered with the deleted job)."""
+    n = 8
+    previous = set()
+    for r in range(ROUNDS // 4):
+        results = _race(pool, *[partial(store.create, {"i": i}, idempotency_key="k") for i in range(n)])
+        assert sum(created for _, created in results) == 1
+        (job_id,) = {job.id for job, _ in results}
+        assert job_id not in previous and store.get_by_idempotency_key("k").id == job_id
+        previous.add(job_id)
+        if r % 2:
+            store.delete(job_id)  # queued: removed now
+        else:
+            _claim(store, job_id)
+            store.delete(job_id)  # running: hidden, its worker removes it later
+            assert store.get_by_idempotency_key("k") is None
+            new, created = store.create({}, idempotency_key="k")
+            assert created and new.id != job_id
+            assert store.finish_cancelled(job_id, "w").deleted
+            assert store.get_by_idempotency_key("k").id == new.id  # not dropped with the old job
+            store.delete(new.id)
+    _assert_consistent(store)

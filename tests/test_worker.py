@@ -5,7 +5,7 @@ import threading
 from conftest import make_image
 from wanrt.config import Settings
 from wanrt.jobs.paths import DataPaths
-from wanrt.jobs.store import JobStore
+from wanrt.jobs.store import SqliteJobStore
 from wanrt.jobs.worker import Worker
 from wanrt.params import GenerateParams
 from wanrt.runtime.video import probe_mp4
@@ -13,7 +13,7 @@ from wanrt.runtime.video import probe_mp4
 TINY = dict(prompt="x", width=64, height=64, frames=9, steps=2)
 
 
-def queue_job(paths: DataPaths, store: JobStore, **params):
+def queue_job(paths: DataPaths, store: SqliteJobStore, **params):
     p = GenerateParams(**{**TINY, **params})
     job, _ = store.create(p.to_dict() | {"frames_generated": p.frames_generated})
     name = f"{job.id}_input.png"
@@ -25,7 +25,7 @@ def queue_job(paths: DataPaths, store: JobStore, **params):
 def test_two_slots_run_jobs_at_the_same_time(tmp_path, tiny_pipeline):
     settings = Settings(data_dir=tmp_path, concurrency=2, heartbeat_s=0.2)
     paths = DataPaths(tmp_path).ensure()
-    store = JobStore(paths.db)
+    store = SqliteJobStore(paths.db)
     ids = [queue_job(paths, store, frames=33, seed=i) for i in range(2)]
     worker = Worker(settings, "w", store=store, pipeline=tiny_pipeline)
     t = threading.Thread(target=worker.run, kwargs={"poll_s": 0.05, "max_jobs": 2})
@@ -42,7 +42,7 @@ def test_two_slots_run_jobs_at_the_same_time(tmp_path, tiny_pipeline):
 def test_failed_job_gets_error_type_and_worker_goes_on(tmp_path, tiny_pipeline):
     settings = Settings(data_dir=tmp_path, heartbeat_s=0.2)
     paths = DataPaths(tmp_path).ensure()
-    store = JobStore(paths.db)
+    store = SqliteJobStore(paths.db)
     bad = queue_job(paths, store)
     (paths.inputs / f"{bad}_input.png").unlink()  # the input vanished
     good = queue_job(paths, store)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from wanrt.jobs.protocol import JobStore
 
-def open_store(settings, db_path: Path | None = None):
+
+def open_store(settings, db_path: Path | None = None) -> JobStore:
     """SQLite under the data dir, or Redis when `settings.queue` is a redis:// URL."""
     queue = settings.queue or "sqlite"
     if queue.startswith(("redis://", "rediss://", "unix://")):
@@ -15,6 +17,6 @@ def open_store(settings, db_path: Path | None = None):
     if queue != "sqlite":
         raise ValueError(f"queue must be 'sqlite' or a redis:// URL, not {queue!r}")
     from wanrt.jobs.paths import DataPaths
-    from wanrt.jobs.store import JobStore
+    from wanrt.jobs.store import SqliteJobStore
 
-    return JobStore(db_path or DataPaths(settings.data_dir).ensure().db)
+    return SqliteJobStore(db_path or DataPaths(settings.data_dir).ensure().db)

@@ -2,12 +2,17 @@
 
 - Job records are hashes (`wanrt:job:<id>`); the queue is a stream (`wanrt:queue`) read by the consumer
   group `workers`, one consumer per worker slot.
+- Indexes, all sorted by the job's creation seq so a page is one ZRANGE: `wanrt:jobs` (every live job) and
+  `wanrt:state:<status>` (live jobs per state; `wanrt:state:queued` gives queue positions and the bound).
+  `wanrt:finished` holds finished (and hidden, deleted) jobs by time, for expiry. Deleted jobs leave the
+  indexes at once, so list/counts never see them.
 - A claimed entry stays pending until the job ends (XACK). The worker's heartbeat re-claims its own entry
   (XCLAIM JUSTID, which resets the idle time); a worker that dies stops doing that, and after the lease any
   other worker takes the entry with XAUTOCLAIM. A restarted worker first reads its own pending entries.
-- State changes that must be atomic (claim, complete, heartbeat ownership, queue bound) are Lua scripts.
+- Every change to a job's record and indexes is one Lua script (atomic: nothing reads a half-made change,
+  and each script re-checks the state it acts on), and publishes on `wanrt:events:<id>` for wait_for_change.
 - Progress and cancel flags travel in the hash, so an API node anywhere sees them.
-Same interface as jobs.store.JobStore; tests/test_store_contract.py runs one suite on both.
+RedisJobStore implements jobs.protocol.JobStore; tests/test_store.py runs one suite on both stores.
 """
 
 from __future__ import annotations
@@ -16,11 +21,20 @@ import json
 import time
 import uuid
 
-from wanrt.jobs.store import MAX_ATTEMPTS, STATES, TERMINAL, Job, QueueFull
+from wanrt.jobs.store import (
+    MAX_ATTEMPTS,
+    STATES,
+    TERMINAL,
+    Job,
+    QueueFull,
+    stage_seconds,
+)
 
 P = "wanrt"
 STREAM, GROUP = f"{P}:queue", "workers"
-JOBS, QUEUED, FINISHED, SEQ = f"{P}:jobs", f"{P}:queued", f"{P}:finished", f"{P}:seq"
+JOBS, FINISHED, SCHEMA = f"{P}:jobs", f"{P}:finished", f"{P}:schema"
+STAGE_SECONDS, STAGE_COUNT = f"{P}:stage_seconds", f"{P}:stage_count"
+SCHEMA_VERSION = "2"
 
 _JSON_FIELDS = ("params", "timings")
 _FLOAT_FIELDS = ("progress", "created_at", "started_at", "finished_at", "lease_until")
@@ -36,81 +50,269 @@ def _state_key(status: str) -> str:
     return f"{P}:state:{status}"
 
 
-# KEYS: job hash, queued zset, jobs zset, state:queued set, idem key | ARGV: id, seq-less fields json, queue_max, now
-_CREATE = """
-if ARGV[5] ~= '' then
-  local existing = redis.call('GET', KEYS[5])
-  if existing then return {0, existing} end
+QUEUED = _state_key("queued")
+
+# Shared by every script. Scripts name their keys from the prefix (one Redis, not a cluster).
+_LIB = """
+local P = '%(P)s'
+local STATES = {%(states)s}
+local TERMINAL = {%(terminal)s}
+local function jkey(id) return P .. ':job:' .. id end
+local function skey(s) return P .. ':state:' .. s end
+local function publish(id, what) redis.call('PUBLISH', P .. ':events:' .. id, what) end
+local function job(id)  -- the hash as a table (nil when gone) and as the flat reply Python decodes
+  local flat = redis.call('HGETALL', jkey(id))
+  if #flat == 0 then return nil, flat end
+  local h = {}
+  for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
+  return h, flat
 end
-if tonumber(ARGV[3]) >= 0 and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return {-1, ''} end
-local seq = redis.call('INCR', KEYS[6])
-local fields = cjson.decode(ARGV[2])
-for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
-redis.call('HSET', KEYS[1], 'seq', seq)
-redis.call('ZADD', KEYS[2], seq, ARGV[1])
-redis.call('ZADD', KEYS[3], seq, ARGV[1])
-redis.call('SADD', KEYS[4], ARGV[1])
-if ARGV[5] ~= '' then redis.call('SET', KEYS[5], ARGV[1]) end
-redis.call('XADD', KEYS[7], '*', 'id', ARGV[1])
-return {1, ARGV[1]}
+local function is_terminal(s)
+  for _, t in ipairs(TERMINAL) do if s == t then return true end end
+  return false
+end
+local function set_status(id, h, to)  -- a live job moves between state indexes
+  redis.call('ZREM', skey(h.status), id)
+  redis.call('ZADD', skey(to), h.seq, id)
+  redis.call('HSET', jkey(id), 'status', to)
+end
+local function unindex(id)
+  redis.call('ZREM', P .. ':jobs', id)
+  for _, s in ipairs(STATES) do redis.call('ZREM', skey(s), id) end
+end
+local function drop_idem(id, h)  -- only if the key still names this job
+  if h.idempotency_key and h.idempotency_key ~= '' then
+    local k = P .. ':idem:' .. h.idempotency_key
+    if redis.call('GET', k) == id then redis.call('DEL', k) end
+  end
+end
+local function remove(id, h)
+  redis.call('DEL', jkey(id))
+  unindex(id)
+  redis.call('ZREM', P .. ':finished', id)
+  drop_idem(id, h)
+  publish(id, 'removed')
+end
+local function finish(id, h, to, now, fields)
+  set_status(id, h, to)
+  redis.call('HSET', jkey(id), 'finished_at', now, 'lease_until', '', unpack(fields))
+  redis.call('ZADD', P .. ':finished', now, id)
+  publish(id, to)
+end
+local CANCELLED = {'error', 'Cancelled by request', 'error_type', 'cancelled', 'retryable', '0'}
+local function add_stages(stages)  -- {stage: seconds} into the /metrics totals
+  for stage, seconds in pairs(stages) do
+    redis.call('HINCRBYFLOAT', P .. ':stage_seconds', stage, seconds)
+    redis.call('HINCRBY', P .. ':stage_count', stage, 1)
+  end
+end
+""" % {"P": P, "states": ", ".join(f"'{s}'" for s in STATES), "terminal": ", ".join(f"'{s}'" for s in TERMINAL)}
+
+# ARGV: id, fields json, queue_max (-1: none), idempotency key ('' : none). Returns {code, job}: 1 created,
+# 0 the key's existing job, -1 queue full.
+_CREATE = """
+local id, idem = ARGV[1], ARGV[4] ~= '' and (P .. ':idem:' .. ARGV[4]) or nil
+if idem then
+  local existing = redis.call('GET', idem)
+  if existing then
+    local h, flat = job(existing)
+    if h and h.deleted ~= '1' then return {0, flat} end  -- a key left by a hidden job is free
+  end
+end
+if tonumber(ARGV[3]) >= 0 and redis.call('ZCARD', skey('queued')) >= tonumber(ARGV[3]) then return {-1, {}} end
+local seq = redis.call('INCR', P .. ':seq')
+for k, v in pairs(cjson.decode(ARGV[2])) do redis.call('HSET', jkey(id), k, v) end
+redis.call('HSET', jkey(id), 'seq', seq)
+redis.call('ZADD', P .. ':jobs', seq, id)
+redis.call('ZADD', skey('queued'), seq, id)
+if idem then redis.call('SET', idem, id) end
+redis.call('XADD', P .. ':queue', '*', 'id', id)
+publish(id, 'queued')
+local _, flat = job(id)
+return {1, flat}
 """
 
-# Take a delivered entry: KEYS job hash, queued zset, state prefix | ARGV worker, device, lease_until, now, max_attempts
+# Take a delivered entry's job. ARGV: id, worker, device, lease_until, now, max_attempts
 _TAKE = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status or redis.call('HGET', KEYS[1], 'deleted') == '1' then return 'gone' end
-if status ~= 'queued' and status ~= 'processing' then return 'gone' end
-if status == 'processing' and redis.call('HGET', KEYS[1], 'worker_id') ~= ARGV[1] then
-  local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '') or 0
-  if lease >= tonumber(ARGV[4]) then return 'busy' end  -- another live worker has it
+local id, now = ARGV[1], ARGV[5]
+local h = job(id)
+if not h or h.deleted == '1' then return 'gone' end  -- a deleted running job: its worker or expire removes it
+if h.status ~= 'queued' and h.status ~= 'processing' then return 'gone' end
+if h.status == 'processing' and h.worker_id ~= ARGV[2] then
+  local lease = tonumber(h.lease_until or '') or 0
+  if lease >= tonumber(now) then return 'busy' end  -- another live worker has it
 end
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-local id = redis.call('HGET', KEYS[1], 'id')
-if attempts >= tonumber(ARGV[5]) then
-  redis.call('SREM', KEYS[3] .. status, id)
-  redis.call('SADD', KEYS[3] .. 'error', id)
-  redis.call('ZREM', KEYS[2], id)
-  redis.call('HSET', KEYS[1], 'status', 'error', 'finished_at', ARGV[4], 'error_type', 'worker_lost', 'retryable', '1',
-             'error', 'The worker running this job died ' .. ARGV[5] .. ' times')
-  redis.call('ZADD', KEYS[4], ARGV[4], id)
+if h.cancel_requested == '1' then  -- asked to cancel while its worker was dead: nothing left to run
+  finish(id, h, 'cancelled', now, CANCELLED)
+  return 'cancelled'
+end
+local attempts = tonumber(h.attempts or '0')
+if attempts >= tonumber(ARGV[6]) then
+  finish(id, h, 'error', now, {'error_type', 'worker_lost', 'retryable', '1',
+                               'error', 'The worker running this job died ' .. ARGV[6] .. ' times'})
   return 'poison'
 end
-redis.call('SREM', KEYS[3] .. status, id)
-redis.call('SADD', KEYS[3] .. 'processing', id)
-redis.call('ZREM', KEYS[2], id)
-redis.call('HSET', KEYS[1], 'status', 'processing', 'worker_id', ARGV[1], 'device', ARGV[2], 'lease_until', ARGV[3],
+set_status(id, h, 'processing')
+redis.call('HSET', jkey(id), 'worker_id', ARGV[2], 'device', ARGV[3], 'lease_until', ARGV[4],
            'attempts', attempts + 1, 'progress', '0', 'stage', 'starting')
-if not redis.call('HGET', KEYS[1], 'started_at') then redis.call('HSET', KEYS[1], 'started_at', ARGV[4]) end
+if not h.started_at or h.started_at == '' then redis.call('HSET', jkey(id), 'started_at', now) end
+publish(id, 'processing')
 return 'ok'
 """
 
-# Finish a job this worker owns: KEYS job hash, state prefix, finished zset | ARGV worker, new status, now, fields json
+# complete/fail a job this worker owns, unless it was deleted or asked to cancel meanwhile (then 0: the
+# worker goes the cancel path). ARGV: id, worker, new status, now, fields json, stages json
 _FINISH = """
-if redis.call('HGET', KEYS[1], 'worker_id') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'processing' then
+local id = ARGV[1]
+local h = job(id)
+if not h or h.worker_id ~= ARGV[2] or h.status ~= 'processing' or h.cancel_requested == '1' or h.deleted == '1' then
   return 0
 end
-local id = redis.call('HGET', KEYS[1], 'id')
-redis.call('SREM', KEYS[2] .. 'processing', id)
-redis.call('SADD', KEYS[2] .. ARGV[2], id)
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'lease_until', '')
-for k, v in pairs(cjson.decode(ARGV[4])) do redis.call('HSET', KEYS[1], k, v) end
-redis.call('ZADD', KEYS[3], ARGV[3], id)
+local fields = {}
+for k, v in pairs(cjson.decode(ARGV[5])) do fields[#fields + 1] = k; fields[#fields + 1] = v end
+finish(id, h, ARGV[3], ARGV[4], fields)
+if ARGV[3] == 'completed' then add_stages(cjson.decode(ARGV[6])) end
 return 1
 """
 
+# ARGV: id, worker, now. Returns the job as it was, or false when it is not this worker's.
+_FINISH_CANCELLED = """
+local id = ARGV[1]
+local h, flat = job(id)
+if not h or h.worker_id ~= ARGV[2] or h.status ~= 'processing' then return false end
+if h.deleted == '1' then remove(id, h) else finish(id, h, 'cancelled', ARGV[3], CANCELLED) end
+return flat
+"""
+
+# ARGV: id, worker_id, lease_until, progress, stage
 _HEARTBEAT = """
-if redis.call('HGET', KEYS[1], 'worker_id') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'processing' then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'lease_until', ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'progress', ARGV[3]) end
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'stage', ARGV[4]) end
-if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 0 end
+local id = ARGV[1]
+local h = job(id)
+if not h or h.worker_id ~= ARGV[2] or h.status ~= 'processing' then return 0 end
+redis.call('HSET', jkey(id), 'lease_until', ARGV[3])
+if ARGV[4] ~= '' then redis.call('HSET', jkey(id), 'progress', ARGV[4]) end
+if ARGV[5] ~= '' then redis.call('HSET', jkey(id), 'stage', ARGV[5]) end
+if ARGV[4] ~= '' or ARGV[5] ~= '' then publish(id, 'progress') end
+if h.cancel_requested == '1' then return 0 end
 return 1
 """
+
+# ARGV: id, now. Returns the job as it was, or false. A running job is hidden (out of every index, its
+# Idempotency-Key freed) and asked to cancel; it also goes into `finished`, so that expire removes it should
+# its worker die before finish_cancelled. Any other job is removed now (a queued job's stream entry is
+# dropped by the worker that reads it).
+_DELETE = """
+local id = ARGV[1]
+local h, flat = job(id)
+if not h or h.deleted == '1' then return false end
+if h.status == 'processing' then
+  redis.call('HSET', jkey(id), 'deleted', '1', 'cancel_requested', '1')
+  unindex(id)
+  drop_idem(id, h)
+  redis.call('ZADD', P .. ':finished', ARGV[2], id)
+  publish(id, 'deleted')
+else
+  remove(id, h)
+end
+return flat
+"""
+
+# ARGV: id, now. Returns the job after, or false.
+_CANCEL = """
+local id = ARGV[1]
+local h = job(id)
+if not h or h.deleted == '1' then return false end
+if h.status == 'queued' then
+  finish(id, h, 'cancelled', ARGV[2], CANCELLED)  -- its stream entry is dropped by the worker that reads it
+elseif h.status == 'processing' and h.cancel_requested ~= '1' then
+  redis.call('HSET', jkey(id), 'cancel_requested', '1')
+  publish(id, 'cancel_requested')
+end
+local _, flat = job(id)
+return flat
+"""
+
+# Back to the queue without counting an attempt, with a new stream entry. ARGV: id, worker
+_RELEASE = """
+local id = ARGV[1]
+local h = job(id)
+if not h or h.worker_id ~= ARGV[2] or h.status ~= 'processing' or h.cancel_requested == '1' or h.deleted == '1' then
+  return 0
+end
+set_status(id, h, 'queued')
+redis.call('HSET', jkey(id), 'worker_id', '', 'lease_until', '', 'progress', '0', 'stage', '',
+           'attempts', math.max(0, (tonumber(h.attempts or '0') or 0) - 1))
+redis.call('XADD', P .. ':queue', '*', 'id', id)
+publish(id, 'queued')
+return 1
+"""
+
+# One batch of expiry. ARGV: cutoff, limit. Returns {entries scanned, removed job, removed job, ...}. Each
+# job's state is checked here, so nothing that changed since the caller decided is removed.
+_EXPIRE = """
+local cutoff = tonumber(ARGV[1])
+local ids = redis.call('ZRANGEBYSCORE', P .. ':finished', '-inf', cutoff, 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {#ids}
+for _, id in ipairs(ids) do
+  local h, flat = job(id)
+  if h and (is_terminal(h.status) or (h.deleted == '1' and (tonumber(h.lease_until or '') or 0) < cutoff)) then
+    remove(id, h)
+    out[#out + 1] = flat
+  elseif h and h.deleted == '1' then  -- hidden, its worker still alive: look again a TTL after its lease
+    redis.call('ZADD', P .. ':finished', h.lease_until, id)
+  else
+    redis.call('ZREM', P .. ':finished', id)
+  end
+end
+return out
+"""
+
+# Once per Redis, from the first layout: per-state SETs (and a separate queued zset) become seq-sorted zsets,
+# deleted jobs leave the indexes, /metrics stage totals are seeded from the completed jobs kept. ARGV: now
+_MIGRATE = """
+if redis.call('GET', P .. ':schema') == '%(version)s' then return 0 end
+for _, s in ipairs(STATES) do
+  local k = skey(s)
+  if redis.call('TYPE', k).ok == 'set' then
+    local ids = redis.call('SMEMBERS', k)
+    redis.call('DEL', k)
+    for _, id in ipairs(ids) do
+      local h = job(id)
+      if h and h.deleted ~= '1' then redis.call('ZADD', k, h.seq, id) end
+    end
+  end
+end
+redis.call('DEL', P .. ':queued')
+for _, id in ipairs(redis.call('ZRANGE', P .. ':jobs', 0, -1)) do
+  local h = job(id)
+  if not h then
+    redis.call('ZREM', P .. ':jobs', id)
+  elseif h.deleted == '1' then
+    unindex(id)
+    redis.call('ZADD', P .. ':finished', ARGV[1], id)
+  elseif h.status == 'completed' and h.timings and h.timings ~= '' then
+    local stages = {}
+    for k, v in pairs(cjson.decode(h.timings)) do
+      if type(v) == 'number' then stages[string.gsub(k, '_s$', '')] = v end
+    end
+    add_stages(stages)
+  end
+end
+redis.call('SET', P .. ':schema', '%(version)s')
+return 1
+""" % {"version": SCHEMA_VERSION}
+
+
+def _pairs(flat) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 class RedisJobStore:
+    """The JobStore protocol (jobs.protocol) on one Redis server."""
+
+    EXPIRE_BATCH = 500  # jobs per expiry script, so Redis is never blocked for long
+    notifies_changes = True  # every job change is published: wait_for_change wakes on it
+
     def __init__(self, url: str):
         import redis
 
@@ -122,12 +324,17 @@ class RedisJobStore:
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
-        self._create = self.r.register_script(_CREATE)
-        self._take = self.r.register_script(_TAKE)
-        self._finish = self.r.register_script(_FINISH)
-        self._heartbeat = self.r.register_script(_HEARTBEAT)
+        self._script = {name: self.r.register_script(_LIB + body) for name, body in (
+            ("create", _CREATE), ("take", _TAKE), ("finish", _FINISH), ("finish_cancelled", _FINISH_CANCELLED),
+            ("heartbeat", _HEARTBEAT), ("delete", _DELETE), ("cancel", _CANCEL), ("release", _RELEASE),
+            ("expire", _EXPIRE), ("migrate", _MIGRATE))}
+        self._run("migrate", time.time())
         self._entry: dict[str, str] = {}  # job id -> stream entry id, for this process's running jobs
         self._orphans: dict[str, list] = {}
+
+    def _run(self, name: str, *args):
+        """One Lua script (EVALSHA, loaded on first use): the whole read-check-write runs atomically."""
+        return self._script[name](keys=[], args=list(args))
 
     # ------------------------------------------------------------------ encoding
     @staticmethod
@@ -175,12 +382,11 @@ class RedisJobStore:
         fields = self._encode({"id": job_id, "status": "queued", "params": params, "progress": 0.0,
                                "input_image": input_image, "created_at": time.time(), "attempts": 0,
                                "idempotency_key": idempotency_key, "cancel_requested": False, "deleted": False})
-        code, found = self._create(
-            keys=[_key(job_id), QUEUED, JOBS, _state_key("queued"), f"{P}:idem:{idempotency_key or ''}", SEQ, STREAM],
-            args=[job_id, json.dumps(fields), -1 if queue_max is None else queue_max, time.time(), idempotency_key or ""])
+        code, flat = self._run("create", job_id, json.dumps(fields), -1 if queue_max is None else queue_max,
+                               idempotency_key or "")
         if int(code) == -1:
             raise QueueFull(self.r.zcard(QUEUED))
-        return self.get(found, include_deleted=True), int(code) == 1
+        return self._decode(_pairs(flat)), int(code) == 1
 
     def get(self, job_id: str, include_deleted: bool = False) -> Job | None:
         job = self._decode(self.r.hgetall(_key(job_id)))
@@ -193,16 +399,20 @@ class RedisJobStore:
         return self.get(job_id) if job_id else None
 
     def list(self, status: str | None = None, limit: int | None = None, offset: int = 0) -> tuple[list[Job], int]:
-        ids = self.r.zrange(JOBS, 0, -1)
-        pipe = self.r.pipeline()
+        """ZRANGE of the page on the state's (or all jobs') index, then the page's hashes; total is ZCARD."""
+        index = _state_key(status) if status else JOBS
+        if limit is not None and limit <= 0:
+            return [], self.r.zcard(index)
+        pipe = self.r.pipeline(transaction=True)  # page and total from one instant
+        pipe.zrange(index, offset, -1 if limit is None else offset + limit - 1)
+        pipe.zcard(index)
+        ids, total = pipe.execute()
+        pipe = self.r.pipeline(transaction=False)
         for i in ids:
             pipe.hgetall(_key(i))
-        jobs = [j for j in (self._decode(h) for h in pipe.execute()) if j is not None and not j.deleted]
-        if status:
-            jobs = [j for j in jobs if j.status == status]
-        total = len(jobs)
-        if limit is not None:
-            jobs = jobs[offset:offset + limit]
+        # a job deleted or moved on between the two round trips is left out of this page
+        jobs = [j for j in map(self._decode, pipe.execute())
+                if j is not None and not j.deleted and (not status or j.status == status)]
         return jobs, total
 
     def queue_position(self, job: Job) -> int:
@@ -210,63 +420,46 @@ class RedisJobStore:
         return 0 if rank is None else rank + 1
 
     def counts(self) -> dict[str, int]:
-        pipe = self.r.pipeline()
+        pipe = self.r.pipeline(transaction=True)
         for s in STATES:
-            pipe.scard(_state_key(s))
-        return dict(zip(STATES, pipe.execute()))
+            pipe.zcard(_state_key(s))
+        return dict(zip(STATES, pipe.execute(), strict=True))
 
-    def _remove(self, job: Job) -> None:
-        pipe = self.r.pipeline()
-        pipe.delete(_key(job.id))
-        pipe.zrem(JOBS, job.id)
-        pipe.zrem(QUEUED, job.id)
-        pipe.zrem(FINISHED, job.id)
-        for s in STATES:
-            pipe.srem(_state_key(s), job.id)
-        if job.idempotency_key:
-            pipe.delete(f"{P}:idem:{job.idempotency_key}")
-        pipe.execute()
+    def stage_totals(self) -> dict[str, tuple[float, int]]:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hgetall(STAGE_SECONDS)
+        pipe.hgetall(STAGE_COUNT)
+        seconds, count = pipe.execute()
+        return {stage: (float(seconds[stage]), int(count.get(stage, 0))) for stage in sorted(seconds)}
+
+    def wait_for_change(self, job_id: str, timeout: float) -> None:
+        """Wake on the job's event channel (every script that changes the job publishes there)."""
+        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(f"{P}:events:{job_id}")
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                if pubsub.get_message(timeout=left) is not None:
+                    return
+        finally:
+            pubsub.close()
 
     def delete(self, job_id: str) -> Job | None:
-        job = self.get(job_id)
-        if job is None:
-            return None
-        if job.status == "processing":
-            self.r.hset(_key(job_id), mapping={"deleted": "1", "cancel_requested": "1"})
-            for s in STATES:
-                self.r.srem(_state_key(s), job_id)  # hidden from counts at once
-        else:
-            self._remove(job)  # a queued entry left in the stream is skipped when a worker reads it
-        return job
+        flat = self._run("delete", job_id, time.time())
+        return self._decode(_pairs(flat)) if flat else None
 
     def cancel(self, job_id: str) -> Job | None:
-        job = self.get(job_id)
-        if job is None:
-            return None
-        if job.status == "queued":
-            now = time.time()
-            pipe = self.r.pipeline()
-            pipe.hset(_key(job_id), mapping={"status": "cancelled", "finished_at": now, "error": "Cancelled by request",
-                                             "error_type": "cancelled", "retryable": "0"})
-            pipe.zrem(QUEUED, job_id)
-            pipe.smove(_state_key("queued"), _state_key("cancelled"), job_id)
-            pipe.zadd(FINISHED, {job_id: now})
-            pipe.execute()
-        elif job.status == "processing":
-            self.r.hset(_key(job_id), "cancel_requested", "1")
-        return self.get(job_id)
+        flat = self._run("cancel", job_id, time.time())
+        return self._decode(_pairs(flat)) if flat else None
 
     def expire(self, older_than_s: float) -> list[Job]:
         cutoff = time.time() - older_than_s
-        out = []
-        for job_id in self.r.zrangebyscore(FINISHED, "-inf", cutoff):
-            job = self.get(job_id, include_deleted=True)
-            if job is not None and job.status in TERMINAL:
-                self._remove(job)
-                out.append(job)
-            else:
-                self.r.zrem(FINISHED, job_id)
-        return out
+        out: list[Job] = []
+        while True:
+            scanned, *removed = self._run("expire", cutoff, self.EXPIRE_BATCH)
+            out += [self._decode(_pairs(flat)) for flat in removed]
+            if int(scanned) < self.EXPIRE_BATCH:
+                return out
 
     # ------------------------------------------------------------------ worker side
     def claim(self, worker_id: str, lease_s: float, device: str | None = None) -> Job | None:
@@ -279,11 +472,10 @@ class RedisJobStore:
         for entry_id, fields in candidates:
             job_id = (fields or {}).get("id")
             now = time.time()
-            result = self._take(keys=[_key(job_id), QUEUED, f"{P}:state:", FINISHED],
-                                args=[worker_id, device or "", now + lease_s, now, MAX_ATTEMPTS]) if job_id else "gone"
+            result = self._run("take", job_id, worker_id, device or "", now + lease_s, now, MAX_ATTEMPTS) if job_id else "gone"
             if result == "busy":  # a live worker took it first: not ours to drop
                 continue
-            if result != "ok":  # deleted, already finished, or failed too often: drop the entry
+            if result != "ok":  # deleted, already finished, cancelled or failed too often: drop the entry
                 self._ack(entry_id)
                 continue
             self._entry[job_id] = entry_id
@@ -322,59 +514,50 @@ class RedisJobStore:
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float, progress: float | None = None,
                   stage: str | None = None) -> bool:
-        ok = int(self._heartbeat(keys=[_key(job_id)], args=[worker_id, time.time() + lease_s,
-                                                             "" if progress is None else progress, stage or ""]))
+        ok = int(self._run("heartbeat", job_id, worker_id, time.time() + lease_s,
+                           "" if progress is None else progress, stage or ""))
         entry = self._entry.get(job_id)
         if ok and entry:  # still ours: reset the entry's idle time too (XPENDING shows live workers)
             self.r.xclaim(STREAM, GROUP, worker_id, 0, [entry], justid=True)
         return bool(ok)
 
-    def _end(self, job_id: str, worker_id: str, status: str, fields: dict) -> bool:
-        ok = int(self._finish(keys=[_key(job_id), f"{P}:state:", FINISHED],
-                              args=[worker_id, status, time.time(), json.dumps(self._encode(fields))]))
+    def _done_with(self, job_id: str) -> None:
+        """Ack this process's stream entry for a job it has finished with (only then: an entry another
+        worker took over must stay pending for it)."""
         entry = self._entry.pop(job_id, None)
-        if ok and entry:
+        if entry:
             self._ack(entry)
+
+    def _end(self, job_id: str, worker_id: str, status: str, fields: dict, stages: dict) -> bool:
+        ok = int(self._run("finish", job_id, worker_id, status, time.time(), json.dumps(self._encode(fields)),
+                           json.dumps(stages)))
+        if ok:
+            self._done_with(job_id)
         return bool(ok)
 
     def complete(self, job_id: str, worker_id: str, video_path: str, timings: dict, params: dict | None = None) -> bool:
         return self._end(job_id, worker_id, "completed", {"progress": 100.0, "stage": "done", "video_path": video_path,
-                                                          "timings": timings, **({"params": params} if params else {})})
+                                                          "timings": timings, **({"params": params} if params else {})},
+                         stage_seconds(timings))
 
     def fail(self, job_id: str, worker_id: str, error: str, error_type: str, retryable: bool, timings: dict | None = None) -> bool:
         return self._end(job_id, worker_id, "error", {"error": error, "error_type": error_type, "retryable": retryable,
-                                                      "timings": timings or {}})
+                                                      "timings": timings or {}}, {})
 
     def finish_cancelled(self, job_id: str, worker_id: str) -> Job | None:
-        job = self.get(job_id, include_deleted=True)
-        if job is None:
+        flat = self._run("finish_cancelled", job_id, worker_id, time.time())
+        if not flat:
+            self._entry.pop(job_id, None)
             return None
-        entry = self._entry.pop(job_id, None)
-        if entry:
-            self._ack(entry)
-        if job.deleted:
-            self._remove(job)
-        else:
-            self._end(job_id, worker_id, "cancelled", {"error": "Cancelled by request", "error_type": "cancelled",
-                                                       "retryable": False})
-        return job
+        self._done_with(job_id)
+        return self._decode(_pairs(flat))
 
     def release(self, job_id: str, worker_id: str) -> bool:
         """Back to the queue now (graceful shutdown), without counting an attempt."""
-        job = self.get(job_id, include_deleted=True)
-        if job is None or job.worker_id != worker_id or job.status != "processing":
-            return False
-        pipe = self.r.pipeline()
-        pipe.hset(_key(job_id), mapping={"status": "queued", "worker_id": "", "lease_until": "", "progress": "0",
-                                         "stage": "", "attempts": max(0, job.attempts - 1)})
-        pipe.smove(_state_key("processing"), _state_key("queued"), job_id)
-        pipe.zadd(QUEUED, {job_id: job.seq})
-        pipe.execute()
-        entry = self._entry.pop(job_id, None)
-        if entry:
-            self._ack(entry)
-        self.r.xadd(STREAM, {"id": job_id})
-        return True
+        ok = int(self._run("release", job_id, worker_id))
+        if ok:
+            self._done_with(job_id)  # the script queued a new entry
+        return bool(ok)
 
     def report_worker(self, worker_id: str, info: dict) -> None:
         self.r.hset(f"{P}:workers", worker_id, json.dumps({**info, "updated_at": time.time()}))

@@ -3,7 +3,9 @@
 A job is written (and fsynced) before /generate answers. Workers claim the oldest queued job with a lease
 that their heartbeat extends; a job whose lease ran out (its worker died) is claimed again, up to
 MAX_ATTEMPTS, so nothing accepted is lost and a job that kills every worker does not loop forever.
-Each thread gets its own connection; every write is one short IMMEDIATE transaction.
+Each thread gets its own connection; every read-then-write is one short IMMEDIATE transaction. Per-state
+counts live in a table that triggers keep in step, so counts() and list()'s total are constant time.
+SqliteJobStore implements jobs.protocol.JobStore.
 """
 
 from __future__ import annotations
@@ -46,9 +48,42 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     deleted INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs(status, seq);
+CREATE INDEX IF NOT EXISTS jobs_status_live_seq ON jobs(status, deleted, seq);
+CREATE INDEX IF NOT EXISTS jobs_live_seq ON jobs(deleted, seq);
+CREATE INDEX IF NOT EXISTS jobs_finished_at ON jobs(finished_at);
 CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, info TEXT NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS job_counts (status TEXT PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS stage_totals (stage TEXT PRIMARY KEY, seconds REAL NOT NULL, count INTEGER NOT NULL);
 """
+
+SCHEMA_VERSION = 2
+# Run once, in one IMMEDIATE transaction, by the first process that opens a version-1 (or new) database.
+# job_counts is kept by triggers in the same transaction as every change, so counts() and list()'s total are
+# constant time instead of a COUNT over every job kept.
+MIGRATE = (
+    "DROP INDEX IF EXISTS jobs_status_seq",  # superseded by jobs_status_live_seq (covers the deleted filter)
+    "UPDATE jobs SET idempotency_key=NULL WHERE deleted=1",  # a hidden job no longer holds its key
+    """CREATE TRIGGER IF NOT EXISTS jobs_count_insert AFTER INSERT ON jobs BEGIN
+         UPDATE job_counts SET n = n + (NEW.deleted = 0) WHERE status = NEW.status; END""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_count_delete AFTER DELETE ON jobs BEGIN
+         UPDATE job_counts SET n = n - (OLD.deleted = 0) WHERE status = OLD.status; END""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_count_update AFTER UPDATE OF status, deleted ON jobs
+         WHEN OLD.status IS NOT NEW.status OR OLD.deleted IS NOT NEW.deleted BEGIN
+         UPDATE job_counts SET n = n - (OLD.deleted = 0) WHERE status = OLD.status;
+         UPDATE job_counts SET n = n + (NEW.deleted = 0) WHERE status = NEW.status; END""",
+    # seed from the jobs already kept, so upgraded databases keep their numbers
+    """INSERT OR REPLACE INTO stage_totals (stage, seconds, count)
+         SELECT CASE WHEN substr(t.key, -2) = '_s' THEN substr(t.key, 1, length(t.key) - 2) ELSE t.key END AS st,
+                SUM(t.value), COUNT(*)
+         FROM jobs, json_each(jobs.timings) AS t
+         WHERE jobs.status = 'completed' AND jobs.deleted = 0 AND t.type IN ('real', 'integer') GROUP BY st""",
+)
+
+
+def stage_seconds(timings: dict) -> dict[str, float]:
+    """Pipeline timings ({"vae_decode_s": 1.2, ...}) as {stage: seconds}, the shape stage_totals() sums."""
+    return {k.removesuffix("_s"): float(v) for k, v in (timings or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 @dataclass
@@ -86,13 +121,29 @@ class Job:
         return cls(**d)
 
 
-class JobStore:
+class SqliteJobStore:
+    """The JobStore protocol (jobs.protocol) on one SQLite file."""
+
+    EXPIRE_BATCH = 500  # jobs removed per write transaction, so the write lock is held briefly
+    notifies_changes = False  # no cross-process notification: wait_for_change only sleeps
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        conn = self._conn()
-        conn.executescript(SCHEMA)
+        self._conn().executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._transaction() as conn:
+            if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+                return
+            for sql in MIGRATE:
+                conn.execute(sql)
+            for status in STATES:
+                conn.execute("INSERT OR REPLACE INTO job_counts (status, n) "
+                             "SELECT ?, COUNT(*) FROM jobs WHERE status=? AND deleted=0", (status, status))
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -139,15 +190,14 @@ class JobStore:
                 if row is not None:
                     return Job.from_row(row), False
             if queue_max is not None:
-                (queued,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE status='queued' AND deleted=0").fetchone()
+                queued = self._count(conn, "queued")
                 if queued >= queue_max:
                     raise QueueFull(queued)
             job_id = job_id or str(uuid.uuid4())
-            conn.execute(
-                "INSERT INTO jobs (id, status, params, input_image, created_at, idempotency_key) VALUES (?,?,?,?,?,?)",
-                (job_id, "queued", json.dumps(params), input_image, time.time(), idempotency_key),
-            )
-            row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            row = conn.execute(
+                "INSERT INTO jobs (id, status, params, input_image, created_at, idempotency_key) VALUES (?,?,?,?,?,?) "
+                "RETURNING *", (job_id, "queued", json.dumps(params), input_image, time.time(), idempotency_key),
+            ).fetchone()
             return Job.from_row(row), True
 
     def get(self, job_id: str, include_deleted: bool = False) -> Job | None:
@@ -161,30 +211,54 @@ class JobStore:
         row = self._conn().execute("SELECT * FROM jobs WHERE idempotency_key=? AND deleted=0", (key,)).fetchone()
         return None if row is None else Job.from_row(row)
 
+    @staticmethod
+    def _count(conn: sqlite3.Connection, status: str | None) -> int:
+        if status is None:
+            (n,) = conn.execute("SELECT COALESCE(SUM(n), 0) FROM job_counts").fetchone()
+        else:
+            row = conn.execute("SELECT n FROM job_counts WHERE status=?", (status,)).fetchone()
+            n = row[0] if row else 0
+        return n
+
     def list(self, status: str | None = None, limit: int | None = None, offset: int = 0) -> tuple[list[Job], int]:
+        """A page walks jobs_status_live_seq (or jobs_live_seq) from offset; the total comes from job_counts.
+        One read transaction, so page and total agree."""
         where, args = "deleted=0", []
         if status:
             where += " AND status=?"
             args.append(status)
-        conn = self._conn()
-        (total,) = conn.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", args).fetchone()
         sql = f"SELECT * FROM jobs WHERE {where} ORDER BY seq"
         if limit is not None:
             sql += " LIMIT ? OFFSET ?"
             args += [limit, offset]
-        return [Job.from_row(r) for r in conn.execute(sql, args).fetchall()], total
+        conn = self._conn()
+        conn.execute("BEGIN")  # deferred: a read snapshot, no write lock
+        try:
+            total = self._count(conn, status or None)
+            rows = conn.execute(sql, args).fetchall()
+        finally:
+            conn.execute("COMMIT")
+        return [Job.from_row(r) for r in rows], total
 
     def queue_position(self, job: Job) -> int:
-        """1 = next to run."""
+        """1 = next to run. A count over the queued part of jobs_status_live_seq, in proportion to the position."""
         (ahead,) = self._conn().execute(
             "SELECT COUNT(*) FROM jobs WHERE status='queued' AND deleted=0 AND seq<?", (job.seq,)).fetchone()
         return ahead + 1
 
     def counts(self) -> dict[str, int]:
         counts = {s: 0 for s in STATES}
-        for status, n in self._conn().execute("SELECT status, COUNT(*) FROM jobs WHERE deleted=0 GROUP BY status"):
+        for status, n in self._conn().execute("SELECT status, n FROM job_counts"):
             counts[status] = n
         return counts
+
+    def stage_totals(self) -> dict[str, tuple[float, int]]:
+        rows = self._conn().execute("SELECT stage, seconds, count FROM stage_totals ORDER BY stage").fetchall()
+        return {r["stage"]: (r["seconds"], r["count"]) for r in rows}
+
+    def wait_for_change(self, job_id: str, timeout: float) -> None:
+        """No notifications across processes in SQLite: sleep; the caller backs off."""
+        time.sleep(max(0.0, timeout))
 
     def delete(self, job_id: str) -> Job | None:
         """Hide the job from the API at once. A running job is asked to cancel (its worker removes the
@@ -195,46 +269,77 @@ class JobStore:
                 return None
             job = Job.from_row(row)
             if job.status == "processing":
-                conn.execute("UPDATE jobs SET deleted=1, cancel_requested=1 WHERE id=?", (job_id,))
+                # the key is free again at once (a hidden job must not answer, nor block, a new request)
+                conn.execute("UPDATE jobs SET deleted=1, cancel_requested=1, idempotency_key=NULL WHERE id=?", (job_id,))
             else:
                 conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
             return job
 
     def cancel(self, job_id: str) -> Job | None:
         """Cancel without deleting: queued -> cancelled now; processing -> the worker stops within a step."""
-        self._write("UPDATE jobs SET status='cancelled', finished_at=?, error='Cancelled by request', "
-                    "error_type='cancelled', retryable=0 WHERE id=? AND status='queued' AND deleted=0",
-                    (time.time(), job_id))
-        self._write("UPDATE jobs SET cancel_requested=1 WHERE id=? AND status='processing'", (job_id,))
-        return self.get(job_id)
+        with self._transaction() as conn:
+            row = conn.execute(
+                "UPDATE jobs SET status='cancelled', finished_at=?, error='Cancelled by request', error_type='cancelled', "
+                "retryable=0 WHERE id=? AND status='queued' AND deleted=0 RETURNING *", (time.time(), job_id)).fetchone()
+            if row is None:
+                row = conn.execute("UPDATE jobs SET cancel_requested=1 WHERE id=? AND status='processing' AND deleted=0 "
+                                   "RETURNING *", (job_id,)).fetchone()
+            if row is None:
+                row = conn.execute("SELECT * FROM jobs WHERE id=? AND deleted=0", (job_id,)).fetchone()
+            return None if row is None else Job.from_row(row)
 
     def expire(self, older_than_s: float) -> list[Job]:
-        """Remove finished jobs whose finished_at is older than the TTL; returns them for file cleanup."""
+        """Remove finished jobs whose finished_at is older than the TTL, and deleted jobs whose worker died
+        (lease over) that long ago; returns them for file cleanup. Batches keep each write lock short; each
+        DELETE re-checks its condition, so a job that changed meanwhile stays."""
         cutoff = time.time() - older_than_s
-        rows = self._write("DELETE FROM jobs WHERE status IN ('completed','error','cancelled') "
-                           "AND finished_at < ? RETURNING *", (cutoff,))
-        return [Job.from_row(r) for r in rows]
+        out: list[Job] = []
+        while True:
+            rows = self._write(
+                "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE finished_at < ? "  # '+': walk jobs_finished_at
+                "AND +status IN ('completed','error','cancelled') LIMIT ?) RETURNING *", (cutoff, self.EXPIRE_BATCH))
+            out += [Job.from_row(r) for r in rows]
+            if len(rows) < self.EXPIRE_BATCH:
+                break
+        rows = self._write("DELETE FROM jobs WHERE status='processing' AND deleted=1 AND lease_until < ? RETURNING *",
+                           (cutoff,))
+        return out + [Job.from_row(r) for r in rows]
 
     # ------------------------------------------------------------------ worker side
     def claim(self, worker_id: str, lease_s: float, device: str | None = None) -> Job | None:
         """Atomically take the oldest queued job, or one whose worker's lease ran out."""
         now = time.time()
         with self._transaction() as conn:
-            # Jobs whose worker vanished too often end as errors instead of being retried forever.
+            # Jobs whose worker died (few: one per dead worker slot): a cancel asked meanwhile ends them as
+            # cancelled; those that lost their worker too often end as errors instead of being retried forever.
             conn.execute(
-                "UPDATE jobs SET status='error', finished_at=?, error=?, error_type='worker_lost', retryable=1, "
-                "lease_until=NULL WHERE ((status='processing' AND lease_until<?) OR status='queued') AND attempts>=? AND deleted=0",
-                (now, f"The worker running this job died {MAX_ATTEMPTS} times", now, MAX_ATTEMPTS))
-            row = conn.execute(
-                "SELECT id FROM jobs WHERE deleted=0 AND (status='queued' OR (status='processing' AND lease_until<?)) "
-                "ORDER BY seq LIMIT 1", (now,)).fetchone()
-            if row is None:
-                return None
+                "UPDATE jobs SET status='cancelled', finished_at=?, error='Cancelled by request', error_type='cancelled', "
+                "retryable=0, lease_until=NULL WHERE status='processing' AND deleted=0 AND lease_until<? AND cancel_requested=1",
+                (now, now))
+            self._poison(conn, "status='processing' AND deleted=0 AND lease_until<? AND attempts>=?", (now, MAX_ATTEMPTS), now)
+            while True:
+                # two index lookups, not one OR (which would walk every finished job older than the queue)
+                rows = [r for r in (
+                    conn.execute("SELECT seq, id, attempts FROM jobs WHERE status='queued' AND deleted=0 "
+                                 "ORDER BY seq LIMIT 1").fetchone(),
+                    conn.execute("SELECT seq, id, attempts FROM jobs WHERE status='processing' AND deleted=0 "
+                                 "AND lease_until<? ORDER BY seq LIMIT 1", (now,)).fetchone()) if r is not None]
+                if not rows:
+                    return None
+                row = min(rows, key=lambda r: r["seq"])
+                if row["attempts"] < MAX_ATTEMPTS:
+                    break
+                self._poison(conn, "id=?", (row["id"],), now)  # re-queued orphan that died too often
             row = conn.execute(
                 "UPDATE jobs SET status='processing', worker_id=?, device=?, lease_until=?, attempts=attempts+1, "
                 "started_at=COALESCE(started_at, ?), progress=0, stage='starting' WHERE id=? RETURNING *",
                 (worker_id, device, now + lease_s, now, row["id"])).fetchone()
             return Job.from_row(row)
+
+    @staticmethod
+    def _poison(conn: sqlite3.Connection, where: str, args: tuple, now: float) -> None:
+        conn.execute(f"UPDATE jobs SET status='error', finished_at=?, error=?, error_type='worker_lost', retryable=1, "
+                     f"lease_until=NULL WHERE {where}", (now, f"The worker running this job died {MAX_ATTEMPTS} times", *args))
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float, progress: float | None = None,
                   stage: str | None = None) -> bool:
@@ -246,39 +351,52 @@ class JobStore:
             (time.time() + lease_s, progress, stage, job_id, worker_id))
         return bool(rows) and not rows[0]["cancel_requested"]
 
+    # complete/fail/release only act on a job this worker owns that nobody asked to cancel (deleted implies
+    # cancel_requested): otherwise they return False and the worker goes the cancel path (finish_cancelled).
+    _OURS = "id=? AND worker_id=? AND status='processing' AND cancel_requested=0"
+
     def complete(self, job_id: str, worker_id: str, video_path: str, timings: dict, params: dict | None = None) -> bool:
-        rows = self._write(
-            "UPDATE jobs SET status='completed', progress=100, stage='done', video_path=?, timings=?, finished_at=?, "
-            "lease_until=NULL, params=COALESCE(?, params) WHERE id=? AND worker_id=? AND status='processing' RETURNING id",
-            (video_path, json.dumps(timings), time.time(), json.dumps(params) if params else None, job_id, worker_id))
-        return bool(rows)
+        with self._transaction() as conn:
+            row = conn.execute(
+                "UPDATE jobs SET status='completed', progress=100, stage='done', video_path=?, timings=?, finished_at=?, "
+                f"lease_until=NULL, params=COALESCE(?, params) WHERE {self._OURS} RETURNING id",
+                (video_path, json.dumps(timings), time.time(), json.dumps(params) if params else None, job_id,
+                 worker_id)).fetchone()
+            if row is None:
+                return False
+            conn.executemany(
+                "INSERT INTO stage_totals (stage, seconds, count) VALUES (?, ?, 1) ON CONFLICT(stage) DO UPDATE SET "
+                "seconds=seconds+excluded.seconds, count=count+1", list(stage_seconds(timings).items()))
+            return True
 
     def fail(self, job_id: str, worker_id: str, error: str, error_type: str, retryable: bool, timings: dict | None = None) -> bool:
         rows = self._write(
             "UPDATE jobs SET status='error', error=?, error_type=?, retryable=?, timings=?, finished_at=?, lease_until=NULL "
-            "WHERE id=? AND worker_id=? AND status='processing' RETURNING id",
+            f"WHERE {self._OURS} RETURNING id",
             (error, error_type, int(retryable), json.dumps(timings or {}), time.time(), job_id, worker_id))
         return bool(rows)
 
     def finish_cancelled(self, job_id: str, worker_id: str) -> Job | None:
-        """The worker stopped a cancelled job: deleted jobs vanish, others end as 'cancelled'."""
-        job = self.get(job_id, include_deleted=True)
-        if job is None:
-            return None
-        if job.deleted:
-            self._write("DELETE FROM jobs WHERE id=?", (job_id,))
-        else:
-            self._write("UPDATE jobs SET status='cancelled', finished_at=?, error='Cancelled by request', "
-                        "error_type='cancelled', retryable=0, lease_until=NULL WHERE id=? AND worker_id=?",
-                        (time.time(), job_id, worker_id))
-        return job
+        """The worker stopped a cancelled job: deleted jobs vanish, others end as 'cancelled'. Returns the job
+        as it was, or None when it is not (or no longer) this worker's."""
+        with self._transaction() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE id=? AND worker_id=? AND status='processing'",
+                               (job_id, worker_id)).fetchone()
+            if row is None:
+                return None
+            job = Job.from_row(row)
+            if job.deleted:
+                conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+            else:
+                conn.execute("UPDATE jobs SET status='cancelled', finished_at=?, error='Cancelled by request', "
+                             "error_type='cancelled', retryable=0, lease_until=NULL WHERE id=?", (time.time(), job_id))
+            return job
 
     def release(self, job_id: str, worker_id: str) -> bool:
         """Give a job back to the queue (graceful shutdown); it does not count as an attempt."""
         rows = self._write(
             "UPDATE jobs SET status='queued', worker_id=NULL, lease_until=NULL, progress=0, stage=NULL, "
-            "attempts=MAX(attempts-1, 0) WHERE id=? AND worker_id=? AND status='processing' RETURNING id",
-            (job_id, worker_id))
+            f"attempts=MAX(attempts-1, 0) WHERE {self._OURS} RETURNING id", (job_id, worker_id))
         return bool(rows)
 
     def report_worker(self, worker_id: str, info: dict) -> None:
@@ -291,11 +409,20 @@ class JobStore:
         return [{"id": r["id"], "updated_at": r["updated_at"], **json.loads(r["info"])} for r in rows]
 
     def release_orphans(self, worker_id: str) -> int:
-        """At worker start: jobs still marked as ours belong to our previous, dead, life."""
-        rows = self._write(
-            "UPDATE jobs SET status='queued', worker_id=NULL, lease_until=NULL, progress=0, stage=NULL "
-            "WHERE worker_id=? AND status='processing' RETURNING id", (worker_id,))
-        return len(rows)
+        """At worker start: jobs still marked as ours belong to our previous, dead, life. Re-queued, unless a
+        cancel was asked: those end as cancelled, and deleted ones get a lapsed lease so expire() removes them
+        with their files."""
+        now = time.time()
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "UPDATE jobs SET status='queued', worker_id=NULL, lease_until=NULL, progress=0, stage=NULL "
+                "WHERE worker_id=? AND status='processing' AND cancel_requested=0 RETURNING id", (worker_id,)).fetchall()
+            conn.execute(
+                "UPDATE jobs SET status='cancelled', finished_at=?, error='Cancelled by request', error_type='cancelled', "
+                "retryable=0, lease_until=NULL WHERE worker_id=? AND status='processing' AND cancel_requested=1 AND deleted=0",
+                (now, worker_id))
+            conn.execute("UPDATE jobs SET lease_until=0 WHERE worker_id=? AND status='processing' AND deleted=1", (worker_id,))
+            return len(rows)
 
 
 class QueueFull(Exception):

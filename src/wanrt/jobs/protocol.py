@@ -1,0 +1,117 @@
+"""The one interface of a job store, implemented by SqliteJobStore (jobs.store) and RedisJobStore (jobs.redis_queue).
+
+Contract shared by both (tests/test_store.py runs one suite on each):
+- Every read-then-write is atomic (one SQLite IMMEDIATE transaction or one Redis Lua script).
+- Deleted jobs are hidden at once: get/list/counts never show them; a running one is only asked to stop.
+- Reads the API serves per request (list, counts, queue_position, stage_totals) cost in proportion to the
+  page asked for, or constant time, never to the number of jobs kept.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from wanrt.jobs.store import Job
+
+
+@runtime_checkable
+class JobStore(Protocol):
+    notifies_changes: bool  # True when wait_for_change wakes on a change (else it only sleeps: poll instead)
+
+    # ------------------------------------------------------------------ API side
+    def create(self, params: dict, input_image: str | None = None, idempotency_key: str | None = None,
+               job_id: str | None = None, queue_max: int | None = None) -> tuple[Job, bool]:
+        """Queue a job: (job, True); an Idempotency-Key already in use gives (its job, False); QueueFull past queue_max."""
+        ...
+
+    def get(self, job_id: str, include_deleted: bool = False) -> Job | None:
+        """The job, or None (deleted jobs too, unless include_deleted)."""
+        ...
+
+    def get_by_idempotency_key(self, key: str) -> Job | None:
+        """The live job created with this Idempotency-Key, or None."""
+        ...
+
+    def list(self, status: str | None = None, limit: int | None = None, offset: int = 0) -> tuple[list[Job], int]:
+        """One page of jobs in creation order (all when limit is None) and the total matching, without deleted ones."""
+        ...
+
+    def queue_position(self, job: Job) -> int:
+        """1 = next to run (meaningful for a queued job)."""
+        ...
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per state (every state in STATES), deleted ones excluded; constant time."""
+        ...
+
+    def stage_totals(self) -> dict[str, tuple[float, int]]:
+        """Per pipeline stage ('_s' stripped from the timing key): (sum of seconds, count) over every job ever
+        completed, expired ones included (a Prometheus summary); kept up to date by complete, constant time."""
+        ...
+
+    def delete(self, job_id: str) -> Job | None:
+        """Hide the job now and return it as it was (None if unknown). A running job is asked to cancel and its
+        worker removes it (finish_cancelled); any other is removed now and the caller deletes its files."""
+        ...
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Queued -> cancelled now; processing -> cancel_requested (its worker stops). Returns the job after."""
+        ...
+
+    def expire(self, older_than_s: float) -> list[Job]:
+        """Remove finished jobs older than the TTL (and deleted jobs whose worker died that long ago); returns
+        them so the caller deletes their files."""
+        ...
+
+    def wait_for_change(self, job_id: str, timeout: float) -> None:
+        """Block (in a worker thread) until the job may have changed or timeout seconds passed. Redis wakes on
+        the job's pub/sub channel (every state change and progress update publishes); SQLite has no cross-process
+        notification and just sleeps for timeout, so the caller backs off (0.25 s to 2 s). A change made just
+        before the call is not seen: callers re-read the job after each wait."""
+        ...
+
+    # ------------------------------------------------------------------ worker side
+    def claim(self, worker_id: str, lease_s: float, device: str | None = None) -> Job | None:
+        """Take the oldest queued job, or one whose worker's lease ran out (up to MAX_ATTEMPTS), or None."""
+        ...
+
+    def heartbeat(self, job_id: str, worker_id: str, lease_s: float, progress: float | None = None,
+                  stage: str | None = None) -> bool:
+        """Extend the lease and record progress; False = stop (cancel asked, deleted, or no longer ours)."""
+        ...
+
+    def complete(self, job_id: str, worker_id: str, video_path: str, timings: dict, params: dict | None = None) -> bool:
+        """processing -> completed. False when the job is no longer ours or was deleted/asked to cancel
+        meanwhile: the worker then takes the cancel path (finish_cancelled), so no hidden job is left."""
+        ...
+
+    def fail(self, job_id: str, worker_id: str, error: str, error_type: str, retryable: bool,
+             timings: dict | None = None) -> bool:
+        """processing -> error. False in the same cases as complete (then finish_cancelled)."""
+        ...
+
+    def finish_cancelled(self, job_id: str, worker_id: str) -> Job | None:
+        """The worker stopped a job it owns: a deleted job is removed, any other ends as 'cancelled'. Returns
+        the job as it was before (job.deleted: remove its input file too), or None when it was not ours."""
+        ...
+
+    def release(self, job_id: str, worker_id: str) -> bool:
+        """Re-queue a job this worker owns (graceful shutdown) without counting an attempt. False when not ours,
+        or deleted/asked to cancel meanwhile (then finish_cancelled instead)."""
+        ...
+
+    def release_orphans(self, worker_id: str) -> int:
+        """At worker start: hand back jobs a previous life of this worker id left; returns how many."""
+        ...
+
+    def report_worker(self, worker_id: str, info: dict) -> None:
+        """Record what a worker runs, for /metrics and /debug/workers."""
+        ...
+
+    def workers(self) -> list[dict]:
+        """Every worker's last report (with id and updated_at), sorted by id."""
+        ...
+
+    def close(self) -> None:
+        """Release this process's connections."""
+        ...
