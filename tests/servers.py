@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import gzip
 import io
 import os
 import signal
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -49,10 +52,75 @@ def bomb_png(side=20000) -> bytes:
     return buf.getvalue()
 
 
-class ImageServer:
-    """Threaded http.server on 127.0.0.1 with well-behaved and hostile routes."""
+def shaped_png(width: int, height: int) -> bytes:
+    """A tiny PNG of any shape (1x100000 is 472 bytes and passes every byte and pixel cap)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 120, 150)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
 
-    def __init__(self):
+
+@functools.lru_cache(maxsize=None)
+def rgba_png(side: int = 6000) -> bytes:
+    """~140 KB that decodes to side x side RGBA (6000: 144 MB of pixels, ~380 MB to decode and convert)."""
+    buf = io.BytesIO()
+    Image.new("RGBA", (side, side), (10, 20, 30, 255)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=None)
+def big_jpeg(width: int = 8000, height: int = 6000) -> bytes:
+    """A large, smooth JPEG (~1 MB): a diagonal gradient, so a wrong crop or rotation would show."""
+    x = np.linspace(0, 255, width // 8, dtype=np.float32)
+    y = np.linspace(0, 255, height // 8, dtype=np.float32)
+    small = np.stack([x[None, :].repeat(len(y), 0), y[:, None].repeat(len(x), 1),
+                      np.full((len(y), len(x)), 128, np.float32)], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def gray16_gradient(width: int = 512, height: int = 64) -> np.ndarray:
+    """A horizontal 16-bit ramp 0..65535."""
+    row = np.linspace(0, 65535, width).round().astype(np.uint16)
+    return np.repeat(row[None, :], height, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def gray16_png(width: int = 512, height: int = 64) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(gray16_gradient(width, height)).save(buf, format="PNG")  # mode I;16
+    return buf.getvalue()
+
+
+def self_signed_cert(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
+    """A self-signed certificate for `name` (and no other name or IP): (cert.pem, key.pem)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = Path(directory) / "cert.pem", Path(directory) / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+class ImageServer:
+    """Threaded http.server on 127.0.0.1 with well-behaved and hostile routes (over TLS with `tls=(cert, key)`)."""
+
+    def __init__(self, tls: tuple[Path, Path] | None = None):
         self.routes: dict[str, tuple] = {
             "/img.jpg": (200, "image/jpeg", image_bytes("JPEG")),
             "/img.png": (200, "image/png", image_bytes("PNG")),
@@ -64,6 +132,20 @@ class ImageServer:
             "/bomb.png": (200, "image/png", bomb_png()),
             "/huge.bin": (200, "image/png", b"\x89PNG\r\n\x1a\n" + b"\0" * (11 * 1024 * 1024)),
         }
+        # Built on first request (some take a second to make); path -> () -> (content type, body, extra headers)
+        self.lazy: dict[str, object] = {
+            "/rgba-6000.png": lambda: ("image/png", rgba_png(6000), {}),
+            "/big.jpg": lambda: ("image/jpeg", big_jpeg(8000, 6000), {}),  # 48 MP
+            "/big-7500.jpg": lambda: ("image/jpeg", big_jpeg(7500, 5000), {}),  # 37.5 MP: under the 40 MP header cap
+            "/gray16.png": lambda: ("image/png", gray16_png(), {}),
+            "/garbage.webp": lambda: ("image/webp", b"RIFF\0\0\0\0WEBPgarbage", {}),  # sniffs as WebP, is not
+            "/gzip.png": lambda: ("image/png", gzip.compress(image_bytes("PNG")), {"Content-Encoding": "gzip"}),
+            # 11 KB on the wire, 11 MB once decoded
+            "/gzip-bomb.png": lambda: ("image/png", gzip.compress(b"\x89PNG\r\n\x1a\n" + b"\0" * (11 * 1024 * 1024)),
+                                       {"Content-Encoding": "gzip"}),
+            "/brotli.png": lambda: ("image/png", b"\x1b\x03\x00\xf8not really brotli", {"Content-Encoding": "br"}),
+        }
+        self.seen: list[tuple[str, dict]] = []  # (path, request headers) of every request, in order
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -73,9 +155,25 @@ class ImageServer:
                 pass
 
             def do_GET(self):
-                import urllib.parse
-
                 path, _, query = self.path.partition("?")
+                server.seen.append((self.path, dict(self.headers)))
+                args = {k: v[0] for k, v in urllib.parse.parse_qs(query).items()}
+                if path == "/shaped.png":  # any shape: /shaped.png?w=1&h=100000
+                    return self._send(200, "image/png", shaped_png(int(args["w"]), int(args["h"])))
+                if path == "/slow-headers":  # the status line, then one header byte a second (n bytes, then an image)
+                    return self._slow_headers(int(args.get("n", 60)))
+                if path == "/slow-redirect":  # each hop waits `delay` s, then redirects; n hops, then an image
+                    n, delay = int(args.get("n", 5)), float(args.get("delay", 0.7))
+                    time.sleep(delay)
+                    if n <= 0:
+                        return self._send(200, "image/png", server.routes["/img.png"][2])
+                    return self._redirect(f"/slow-redirect?n={n - 1}&delay={delay}")
+                if path == "/stall":  # accept, read the request, say nothing for a long time
+                    time.sleep(float(args.get("s", 30)))
+                    return self._send(200, "image/png", server.routes["/img.png"][2])
+                if path in server.lazy:
+                    ctype, body, headers = server.lazy[path]()
+                    return self._send(200, ctype, body, headers)
                 if path == "/missing":
                     return self._send(404, "text/plain", b"nope")
                 if path == "/redirect":
@@ -130,23 +228,48 @@ class ImageServer:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            def _send(self, code, ctype, body):
+            def _send(self, code, ctype, body, headers=None):
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 try:
                     self.wfile.write(body)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
+            def _slow_headers(self, n):
+                body = server.routes["/img.png"][2]
+                try:
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nX-Slow: ")
+                    self.wfile.flush()
+                    for _ in range(n):
+                        time.sleep(1)
+                        self.wfile.write(b"a")
+                        self.wfile.flush()
+                    self.wfile.write(b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                self.close_connection = True
+
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:
+            import ssl
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            # handshake in the request thread (a plain-HTTP client must not stall the accept loop)
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
+            self.scheme = "https"
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
     def __enter__(self):
         self.thread.start()

@@ -8,17 +8,21 @@ from PIL import Image, ImageOps
 
 
 def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale so the image covers width x height, then crop the centre (no stretching, no borders)."""
+    """Cover width x height and crop the centre (no stretching, no borders).
+
+    The crop is taken in source coordinates (the centred region with the output's aspect ratio) and resampled
+    straight to width x height, so memory is bounded by the input plus the output whatever the shape: scaling
+    first and cropping after would make a 1x100000 strip 256x25,600,000 (~20 GB) to cover 256x256."""
     image = ImageOps.exif_transpose(image)
     if image.mode != "RGB":
         image = image.convert("RGB")
     if image.size == (width, height):
         return image
-    scale = max(width / image.width, height / image.height)
-    new_w, new_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
-    left, top = (new_w - width) // 2, (new_h - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    w, h = image.size
+    scale = max(width / w, height / h)
+    crop_w, crop_h = min(w, width / scale), min(h, height / scale)  # one of them is the full side
+    left, top = (w - crop_w) / 2, (h - crop_h) / 2
+    return image.resize((width, height), Image.Resampling.LANCZOS, box=(left, top, left + crop_w, top + crop_h))
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
