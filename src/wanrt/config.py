@@ -1,7 +1,10 @@
-"""Settings: one frozen dataclass, read from WANRT_* environment variables and CLI flags. No globals."""
+"""Settings: one frozen dataclass. Each field is defined once, here: its default, its help, how its WANRT_*
+environment variable is parsed, and which CLI commands offer it as a flag (`add_flags` derives the flags, the
+env names and the help from this table). No globals."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -16,58 +19,84 @@ def _list(v: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in v.split(",") if x.strip())
 
 
+# Which commands offer a setting as a flag.
+RUN = ("serve", "worker", "generate")  # everything that builds a runtime
+SERVE = ("serve",)
+JOBS = ("serve", "worker")
+
+
+def setting(default, help: str, parse=str, cli: tuple[str, ...] = (), choices: tuple[str, ...] | None = None):
+    """A Settings field: `parse` reads WANRT_<NAME>; `cli` lists the commands with a --<name> flag."""
+    return field(default=default, metadata={"help": help, "parse": parse, "cli": cli, "choices": choices})
+
+
 @dataclass(frozen=True)
 class Settings:
     # --- model / runtime ---
-    model: str = "tiny"  # "tiny", "random-full", a diffusers directory, or a directory of single files
-    device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:N"
-    dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16", "fp32"
-    backend: str = "eager"  # "eager" (reference) or "compiled" (the switches below)
-    fp8: bool = True
-    attn: str = "sdpa"
-    compile: bool = True
-    cudagraphs: bool = True
-    memory: str = "auto"  # "auto", "resident" (both experts on the GPU) or "offload" (one at a time)
-    warmup: tuple[str, ...] = ()  # shape buckets compiled before the first job, e.g. "640x640x81"
-    scheduler: str = "unipc"  # "unipc" (upstream default) or "euler"
-    artifacts: str | None = None
+    model: str = setting("tiny", "'tiny', 'random-full', a diffusers dir or a dir of single files", cli=RUN)
+    device: str = setting("auto", "auto (cuda when present) | cpu | cuda | cuda:N", cli=RUN)
+    dtype: str = setting("auto", "auto = bf16 on CUDA, fp32 on CPU", cli=RUN, choices=("auto", "bf16", "fp16", "fp32"))
+    backend: str = setting("eager", "eager (the reference), compiled (the switches below) or tensorrt", cli=RUN,
+                           choices=("eager", "compiled", "tensorrt"))
+    fp8: bool = setting(True, "compiled: FP8 e4m3 linears (scaled_mm on SM >= 8.9, emulated elsewhere)", _bool, RUN)
+    attn: str = setting("sdpa", "compiled: attention kernel", cli=RUN,
+                        choices=("sdpa", "flash", "efficient", "cudnn", "math"))
+    compile: bool = setting(True, "compiled: torch.compile per shape bucket", _bool, RUN)
+    cudagraphs: bool = setting(True, "compiled: CUDA graphs", _bool, RUN)
+    memory: str = setting("auto", "both experts on the GPU (resident) or one at a time (offload)", cli=RUN,
+                          choices=("auto", "resident", "offload"))
+    warmup: tuple[str, ...] = setting((), "shape buckets WxHxF compiled before the first job, comma-separated",
+                                      _list, RUN)
+    scheduler: str = setting("unipc", "sampler (unipc is upstream's)", cli=RUN, choices=("unipc", "euler"))
+    artifacts: str | None = setting(None, "a `wanrt build` output dir: fused (and quantized) experts", cli=RUN)
+    queue: str = setting("sqlite", "'sqlite' (under the data dir) or redis://host:port/db", cli=RUN)
     # --- server ---
-    host: str = "0.0.0.0"
-    port: int = 8189
-    data_dir: Path = Path("data")
-    workers: int = 1  # worker processes (one per GPU); 0 = API only
-    concurrency: int = 1  # jobs per worker at once
-    queue_max: int = 100  # queued jobs before /generate answers 429
-    job_ttl_s: float = 24 * 3600.0  # finished jobs and their files expire after this
-    lease_s: float = 30.0  # a worker that misses heartbeats this long loses its job back to the queue
-    heartbeat_s: float = 2.0
-    allow_hosts: tuple[str, ...] = ()  # hosts/CIDRs the image fetcher may reach despite being private
-    fetch_only_allowed: bool = False  # allow-list mode: refuse every host not in allow_hosts
-    api_keys: tuple[str, ...] = ()  # bearer tokens; empty = no auth (the seed contract)
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    fetch_timeout_s: float = 15.0
-    queue: str = "sqlite"  # "sqlite" or a redis:// URL
-
-    _ENV = {
-        "model": str, "device": str, "dtype": str, "backend": str, "fp8": _bool, "attn": str, "compile": _bool,
-        "cudagraphs": _bool, "warmup": _list, "memory": str, "scheduler": str, "artifacts": str,
-        "host": str, "port": int, "data_dir": Path, "workers": int, "concurrency": int, "queue_max": int,
-        "job_ttl_s": float, "lease_s": float, "heartbeat_s": float, "allow_hosts": _list, "fetch_only_allowed": _bool, "api_keys": _list,
-        "max_image_bytes": int, "max_image_pixels": int, "fetch_timeout_s": float, "queue": str,
-    }
+    host: str = setting("0.0.0.0", "address the API listens on", cli=SERVE)
+    port: int = setting(8189, "port the API listens on", int, SERVE)
+    data_dir: Path = setting(Path("data"), "job database, inputs and outputs", Path, JOBS)
+    workers: int = setting(1, "worker processes to start (one per GPU); 0 = API only", int, SERVE)
+    concurrency: int = setting(1, "jobs per worker at once", int, JOBS)
+    queue_max: int = setting(100, "queued jobs before /generate answers 429", int, SERVE)
+    job_ttl_s: float = setting(24 * 3600.0, "finished jobs and their files expire after this many seconds", float)
+    lease_s: float = setting(30.0, "a worker that misses heartbeats this long loses its job back to the queue", float)
+    heartbeat_s: float = setting(2.0, "seconds between a worker's heartbeats", float)
+    api_keys: tuple[str, ...] = setting((), "bearer tokens, comma-separated; empty = no auth (the seed contract)", _list)
+    debug_endpoints: bool = setting(True, "serve /debug/* (turn off on exposed servers)", _bool, SERVE)
+    # --- image fetch and decode (the API process) ---
+    allow_hosts: tuple[str, ...] = setting((), "hosts/CIDRs the image fetcher may reach despite being private", _list)
+    fetch_only_allowed: bool = setting(False, "allow-list mode: refuse every host not in allow_hosts", _bool)
+    max_image_bytes: int = setting(10 * 1024 * 1024, "largest image file accepted (bytes)", int)
+    max_image_pixels: int = setting(40_000_000, "largest image header accepted (pixels; bombs are refused)", int)
+    max_decode_pixels: int = setting(16_000_000, "largest image decoded after reduced-size decoding (pixels)", int)
+    fetch_timeout_s: float = setting(15.0, "one deadline over a whole image fetch: connect, headers, body, redirects",
+                                     float)
+    fetch_concurrency: int = setting(16, "image fetches and decodes at once; beyond it /generate answers 503", int)
+    decode_concurrency: int = setting(4, "image decodes at once (each can take hundreds of MB)", int)
+    # --- event streams ---
+    sse_per_client: int = setting(8, "open /events streams per client address (429 beyond)", int)
+    sse_total: int = setting(256, "open /events streams in all (429 beyond)", int)
+    sse_max_s: float = setting(3600.0, "longest an /events stream stays open (seconds)", float)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
         """Environment first (WANRT_MODEL, WANRT_PORT, ...), then explicit overrides (CLI flags) win."""
         env = os.environ if env is None else env
         values = {}
-        for name, parse in cls._ENV.items():
-            raw = env.get(f"WANRT_{name.upper()}")
+        for f in dataclasses.fields(cls):
+            raw = env.get(env_name(f.name))
             if raw is not None and raw != "":
-                values[name] = parse(raw)
+                values[f.name] = f.metadata["parse"](raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as WANRT_* variables, so worker processes see exactly what the API was given."""
+        env = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                env[env_name(f.name)] = ",".join(value) if isinstance(value, tuple) else str(value)
+        return env
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -86,3 +115,33 @@ class Settings:
         if name == "auto":
             name = "bf16" if self.resolved_device().startswith("cuda") else "fp32"
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def env_name(name: str) -> str:
+    return f"WANRT_{name.upper()}"
+
+
+def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """--<name> for every setting offered on `command`, help and env name from the field (default None:
+    an absent flag leaves the environment's value)."""
+    for f in dataclasses.fields(Settings):
+        meta = f.metadata
+        if command not in meta["cli"]:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{meta['help']} [{env_name(f.name)}, default {_show(f.default)}]"
+        if meta["parse"] is _bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=meta["parse"], choices=meta["choices"], default=None,
+                                help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace, **extra) -> Settings:
+    """Environment, then every setting flag the command was given, then `extra`."""
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Settings)}
+    return Settings.from_env(**{**flags, **{k: v for k, v in extra.items() if v is not None}})
+
+
+def _show(value) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)

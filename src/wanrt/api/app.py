@@ -1,93 +1,100 @@
-"""The Litestar app: the seed's contract on port 8189, errors always {"detail": ...}, CORS on, OpenAPI at /schema."""
+"""The Litestar app: the seed's contract on port 8189, errors always {"detail": ...}, CORS on, OpenAPI at /schema.
+
+As in litestar-fullstack: the store, settings and data paths are injected with `Provide`; auth is a guard;
+domain errors map to HTTP once (`api/errors.py`); blocking store and file work runs off the event loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
-import re
 import time
 from pathlib import Path
-from typing import Any
 
-from litestar import Litestar, Request, Response
+import anyio
+from litestar import Litestar, Router
 from litestar.config.cors import CORSConfig
+from litestar.connection import ASGIConnection
 from litestar.datastructures import State
-from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.di import Provide
+from litestar.exceptions import NotAuthorizedException, NotFoundException
+from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.static_files import create_static_files_router
-from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from wanrt.api.routes import API_TITLE, ROUTES
-from wanrt.jobs.paths import DataPaths
+from wanrt.api.errors import EXCEPTION_HANDLERS
+from wanrt.api.routes import API_TITLE, DEBUG_ROUTES, ROUTES, Limits
 from wanrt.jobs import open_store
-from wanrt.api.schemas import field_error
+from wanrt.jobs.paths import DataPaths
+from wanrt.jobs.protocol import JobStore
 
 log = logging.getLogger("wanrt.api")
-OPEN_PATHS = ("/", "/schema")
-OPEN_PREFIXES = ("/schema", "/ui")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+OPEN = {"open": True}
+PROVIDED = ("store", "settings", "paths", "limits")  # app state injected into handlers by name  # handler opt: answered without a token
+UI_HEADERS = {  # the playground only talks to this origin; nothing may frame it
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; "
+                               "connect-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+}
 
 
-def _validation_detail(exc: ValidationException) -> tuple[int, str]:
-    """Litestar's body/query validation -> 422 naming the field (and its allowed range), 400 for bad JSON."""
-    extra = exc.extra if isinstance(exc.extra, list) else []
-    parts = []
-    for item in extra:
-        if not isinstance(item, dict):
-            continue
-        key, message = item.get("key"), str(item.get("message", "invalid"))
-        missing = re.search(r"missing required field `([^`]+)`", message)
-        if missing:
-            key, message = missing.group(1), "field required"
-        parts.append(field_error(key, message))
-    if not parts:
-        text = str(exc.detail)
-        if "JSON" in text or "decode" in text.lower() or "malformed" in text.lower():
-            return 400, f"Invalid JSON body: {text}"
-        return 422, text
-    joined = "; ".join(parts)
-    if any("JSON is malformed" in p or "Expected `object`" in p and "$" in p for p in parts):
-        return 400, f"Invalid JSON body: {joined}"
-    return 422, joined
+def bearer_token(header: str | None) -> str:
+    scheme, _, token = (header or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def _error_handler(request: Request, exc: Exception) -> Response:
-    if isinstance(exc, ValidationException):
-        code, detail = _validation_detail(exc)
-        return Response({"detail": detail}, status_code=code)
-    if isinstance(exc, HTTPException):
-        return Response({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers or None)
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return Response({"detail": f"Internal server error: {type(exc).__name__}"}, status_code=HTTP_500_INTERNAL_SERVER_ERROR)
+def token_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    """With api_keys set, every route not marked open needs `Authorization: Bearer <key>`. Guards run before
+    the body is read, so an unauthorised request never parses, fetches or writes anything."""
+    keys = connection.app.state.settings.api_keys
+    if not keys or handler.opt.get("open") or connection.scope["method"] == "OPTIONS":
+        return
+    token = bearer_token(connection.headers.get("authorization")).encode()
+    # compare_digest with every key (no early exit): the time does not tell which key or prefix matched
+    matched = [hmac.compare_digest(token, key.encode()) for key in keys]
+    if not any(matched):
+        raise NotAuthorizedException(detail="Missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
-def create_app(settings) -> Litestar:
+def _ui_headers(response):
+    response.headers.update(UI_HEADERS)
+    return response
+
+
+def _refuse_nul(request) -> None:
+    if "\x00" in request.scope["path"]:  # os.stat raises on NUL: a 404, not a 500
+        raise NotFoundException(detail="Not found")
+
+
+def _from_state(name: str):
+    def provide(state: State):
+        return state[name]
+
+    return provide
+
+
+def create_app(settings, store: JobStore | None = None) -> Litestar:
     paths = DataPaths(settings.data_dir).ensure()
-    store = open_store(settings, paths.db)
-
-    async def auth(request: Request) -> Response | None:
-        path = request.scope["path"]
-        if not settings.api_keys or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
-            return None
-        if request.method == "OPTIONS":
-            return None
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else None
-        if token not in settings.api_keys:
-            return Response({"detail": "Missing or invalid bearer token"}, status_code=401,
-                            headers={"WWW-Authenticate": "Bearer"})
-        return None
+    if store is None:
+        store = open_store(settings, paths.db)
+    limits = Limits.from_settings(settings)
 
     @contextlib.asynccontextmanager
     async def expiry(app: Litestar):
         """Finished jobs and their files expire after the TTL (checked every minute)."""
 
+        def sweep() -> None:
+            for job in store.expire(settings.job_ttl_s):
+                paths.remove_job_files(job.id, job.input_image)
+
         async def loop():
             while True:
                 try:
-                    for job in store.expire(settings.job_ttl_s):
-                        paths.remove_job_files(job.id, job.input_image)
+                    await anyio.to_thread.run_sync(sweep)
                 except Exception:
                     log.exception("expiry sweep failed")
                 await asyncio.sleep(min(60.0, max(1.0, settings.job_ttl_s / 10)))
@@ -98,17 +105,24 @@ def create_app(settings) -> Litestar:
         finally:
             task.cancel()
 
-    state = State({"settings": settings, "store": store, "paths": paths, "started_at": time.time()})
+    state = State({"settings": settings, "store": store, "paths": paths, "limits": limits, "started_at": time.time()})
+    ui = create_static_files_router(path="/ui", directories=[STATIC_DIR], html_mode=True, name="ui", opt=OPEN,
+                                    after_request=_ui_headers, before_request=_refuse_nul)
+    routes = [*ROUTES, *(DEBUG_ROUTES if settings.debug_endpoints else ()), ui]
     return Litestar(
-        route_handlers=[*ROUTES, create_static_files_router(path="/ui", directories=[STATIC_DIR], html_mode=True,
-                                                             name="ui")],
+        route_handlers=routes,
+        dependencies={name: Provide(_from_state(name), sync_to_thread=False) for name in PROVIDED},
+        guards=[token_guard],
         state=state,
-        before_request=auth,
         lifespan=[expiry],
         cors_config=CORSConfig(allow_origins=["*"], allow_methods=["*"], allow_headers=["*"],
                                expose_headers=["Content-Range", "Accept-Ranges", "Retry-After"]),
-        exception_handlers={Exception: _error_handler},
-        openapi_config=OpenAPIConfig(title=API_TITLE, version="0.1.0", path="/schema"),
+        exception_handlers=EXCEPTION_HANDLERS,
+        openapi_config=OpenAPIConfig(title=API_TITLE, version="0.1.0",
+                                     openapi_router=Router(path="/schema", route_handlers=[], opt=OPEN)),
         request_max_body_size=16 * 1024 * 1024,
         debug=False,
     )
+
+
+__all__ = ["create_app", "token_guard", "bearer_token"]

@@ -1,162 +1,321 @@
-"""The seed's endpoints and our extensions. Thin: parse, call the job store, shape the answer."""
+"""The seed's endpoints and our extensions. Thin: parse, call the job store off the event loop, shape the answer.
+
+Dependencies (`store`, `settings`, `paths`, `limits`) are injected by the app; domain errors (ParamError,
+FetchError, QueueFull, JobNotFound, Busy) become HTTP answers in `api/errors.py`.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import os
+import re
+import threading
 import time
 import uuid
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
-from litestar import Request, Response, delete, get, post
-from litestar.datastructures import State
+from litestar import Request, Response, delete, get, post, route
 from litestar.exceptions import HTTPException, NotFoundException
-from litestar.response import Stream
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+from litestar.response import ServerSentEvent, Stream
 
-from wanrt.api.fetch import FetchError, FetchPolicy, decode_image, fetch_image
+from wanrt.api.errors import Busy, ClientGone, JobNotFound
+from wanrt.api.fetch import FetchError, FetchPolicy, decode_image, fetch_bytes
 from wanrt.api.schemas import GenerateRequest, GenerateResponse, MessageResponse, field_error, request_fields
-from wanrt.jobs.store import STATES, Job, QueueFull
-from wanrt.params import GenerateParams, ParamError
+from wanrt.jobs.paths import DataPaths
+from wanrt.jobs.protocol import JobStore
+from wanrt.jobs.store import STATES, TERMINAL, Job, QueueFull
+from wanrt.params import FIELDS_BY_NAME, GenerateParams
 
 API_TITLE = "WAN 2.2-14B LoRAs Image-to-Video API"
-JOB_NOT_FOUND = "Job not found"
-RETRY_AFTER_S = 10  # what a 429 (queue full) tells the client to wait
+OPEN = {"open": True}
+MAX_OFFSET = 2**53  # larger offsets overflow SQLite's integers; no store holds that many jobs
 
 
-class ApiError(HTTPException):
-    """An error with the seed's shape: {"detail": ...} and a status code."""
+def run(fn, *args, **kwargs):
+    """Blocking store or file work in a worker thread, so one slow disk or Redis round-trip stalls nobody."""
+    return anyio.to_thread.run_sync(partial(fn, *args, **kwargs))
+
+
+async def _get_job(store: JobStore, job_id: str) -> Job:
+    job = await run(store.get, job_id)
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
 
 
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _get_job(state: State, job_id: str) -> Job:
-    job = state.store.get(job_id)
-    if job is None:
-        raise NotFoundException(detail=JOB_NOT_FOUND)
-    return job
+# ------------------------------------------------------------------------------------------------ limits
+@dataclass
+class Limits:
+    """Bounded resources of one API process: image fetches and decodes (threads and memory), event streams."""
+
+    fetch_slots: int
+    decode_slots: int
+    sse_per_client: int
+    sse_total: int
+    sse_max_s: float
+    fetches: threading.BoundedSemaphore = field(init=False)
+    decodes: threading.BoundedSemaphore = field(init=False)
+    streams: dict[str, int] = field(default_factory=dict)
+    _waiters: anyio.CapacityLimiter | None = None
+
+    def __post_init__(self):
+        self.fetches = threading.BoundedSemaphore(self.fetch_slots)
+        self.decodes = threading.BoundedSemaphore(self.decode_slots)
+
+    @classmethod
+    def from_settings(cls, s) -> "Limits":
+        return cls(s.fetch_concurrency, s.decode_concurrency, s.sse_per_client, s.sse_total, s.sse_max_s)
+
+    def waiters(self) -> anyio.CapacityLimiter:
+        """Threads for the event streams' waits, apart from the pool that serves requests (made in the loop)."""
+        if self._waiters is None:
+            self._waiters = anyio.CapacityLimiter(self.sse_total)
+        return self._waiters
+
+    def open_stream(self, client: str) -> None:
+        """One more event stream for `client`, or Busy (429). Only the event loop thread calls this."""
+        if sum(self.streams.values()) >= self.sse_total:
+            raise Busy(f"Too many event streams open ({self.sse_total}); poll /status instead", 429)
+        if self.streams.get(client, 0) >= self.sse_per_client:
+            raise Busy(f"Too many event streams from this client ({self.sse_per_client}); poll /status instead", 429)
+        self.streams[client] = self.streams.get(client, 0) + 1
+
+    def close_stream(self, client: str) -> None:
+        left = self.streams.get(client, 1) - 1
+        if left > 0:
+            self.streams[client] = left
+        else:
+            self.streams.pop(client, None)
 
 
+# What handlers are given (app.py provides them): the job store, the data paths, the limits, the settings.
+Store = NamedDependency[JobStore]
+Paths = NamedDependency[DataPaths]
+Limited = NamedDependency[Limits]
+Config = NamedDependency[Any]
+
+
+def get_image(limits: Limits, policy: FetchPolicy, image_url: str | None, upload: bytes | None):
+    """Fetch (or take the upload) and decode, in the calling thread. The caller holds a fetch slot; decodes
+    take one of fewer slots, as each can briefly cost hundreds of MB."""
+    data, source = (upload, "upload") if upload is not None else fetch_bytes(image_url, policy)
+    with limits.decodes:
+        return decode_image(data, policy, source)
+
+
+async def fetch_unless_gone(request: Request, limits: Limits, policy: FetchPolicy, image_url: str | None,
+                            upload: bytes | None):
+    """Run the fetch in a thread while watching the connection: a client that disconnects gets no job (a
+    retrying client would otherwise make duplicates). Beyond `fetch_concurrency` fetches at once: 503."""
+    if not limits.fetches.acquire(blocking=False):
+        raise Busy(f"Too many image fetches in progress ({limits.fetch_slots}); retry later")
+
+    def work():
+        try:
+            return get_image(limits, policy, image_url, upload)
+        finally:  # the slot is held until the thread ends, even when the request gave up on it
+            limits.fetches.release()
+
+    result: dict[str, Any] = {}
+    async with anyio.create_task_group() as tg:
+        async def fetch():
+            try:
+                result["image"] = await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+            except Exception as e:  # re-raised below, outside the task group (no ExceptionGroup)
+                result["error"] = e
+            tg.cancel_scope.cancel()
+
+        async def watch():  # the body is read: the next ASGI message is the disconnect
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            result["gone"] = True
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(fetch)
+        tg.start_soon(watch)
+    if "error" in result:
+        raise result["error"]
+    if "image" not in result:
+        raise ClientGone()
+    return result["image"]
+
+
+# ------------------------------------------------------------------------------------------------ shapes
 def job_summary(job: Job) -> dict[str, Any]:
     """The seed's /jobs entry."""
     return {"status": job.status, "progress": round(job.progress, 1), "input_image": job.input_image}
 
 
-def job_status(state: State, job: Job) -> dict[str, Any]:
+def _relative(paths: DataPaths, path: str | None) -> str | None:
+    """The seed's video_path, relative to the data dir: clients never learn the server's layout."""
+    if not path:
+        return path
+    try:
+        return str(Path(path).resolve().relative_to(paths.root))
+    except ValueError:
+        return Path(path).name
+
+
+def job_status(job: Job, paths: DataPaths, queue_position: int | None = None) -> dict[str, Any]:
     """The seed's /status shapes, plus timestamps, parameters used, error_type/retryable, queue position."""
     body: dict[str, Any] = {"status": job.status}
     if job.status == "queued":
-        body.update(progress=0, queue_position=state.store.queue_position(job), input_image=job.input_image)
+        body.update(progress=0, queue_position=queue_position, input_image=job.input_image)
     elif job.status == "processing":
         body.update(progress=round(job.progress, 1), stage=job.stage, input_image=job.input_image)
     elif job.status == "completed":
-        body.update(progress=100, video_ready=True, download_url=f"/download/{job.id}", video_path=job.video_path,
-                    input_image=job.input_image)
+        body.update(progress=100, video_ready=True, download_url=f"/download/{job.id}",
+                    video_path=_relative(paths, job.video_path), input_image=job.input_image)
     elif job.status in ("error", "cancelled"):
         body.update(error=job.error, error_type=job.error_type, retryable=job.retryable, input_image=job.input_image)
+    params = {k: v for k, v in job.params.items() if k != IDEMPOTENCY_FINGERPRINT}
     body.update(job_id=job.id, created_at=_iso(job.created_at), started_at=_iso(job.started_at),
-                finished_at=_iso(job.finished_at), params=job.params)
+                finished_at=_iso(job.finished_at), params=params)
     return body
 
 
+def read_status(store: JobStore, paths: DataPaths, job_id: str) -> dict[str, Any] | None:
+    """The /status body (None for an unknown job), read in one thread hop: the job and its queue position."""
+    job = store.get(job_id)
+    if job is None:
+        return None
+    return job_status(job, paths, store.queue_position(job) if job.status == "queued" else None)
+
+
 # ------------------------------------------------------------------------------------------------ seed
-@get("/", summary="Health check")
+@route("/", http_method=["GET", "HEAD"], summary="Health check", opt=OPEN)
 async def health() -> dict[str, str]:
     return {"message": API_TITLE, "status": "running"}
 
 
-async def submit_job(state: State, fields: dict, idem: str | None, image_url: str | None = None,
-                     upload: bytes | None = None) -> Response[GenerateResponse]:
+IDEMPOTENCY_FINGERPRINT = "request_fingerprint"  # kept in the job's params, never shown
+
+
+def _idempotency(request: Request, fields: dict, image: str | bytes) -> tuple[str | None, str]:
+    """(the key as stored, scoped per API key when auth is on; a fingerprint of the request)."""
+    key = request.headers.get("idempotency-key")
+    body = json.dumps(fields, sort_keys=True).encode()
+    image_id = hashlib.sha256(image if isinstance(image, bytes) else image.encode()).hexdigest()
+    fingerprint = hashlib.sha256(body + b"\0" + image_id.encode()).hexdigest()
+    if key is None:
+        return None, fingerprint
+    if not 0 < len(key) <= 255:
+        raise HTTPException(status_code=400, detail="Idempotency-Key must be 1-255 characters")
+    from wanrt.api.app import bearer_token  # the app module imports this one
+
+    token = bearer_token(request.headers.get("authorization"))
+    if request.app.state.settings.api_keys and token:
+        key = f"{hashlib.sha256(token.encode()).hexdigest()[:16]}:{key}"
+    return key, fingerprint
+
+
+def _same_request(job: Job, fingerprint: str) -> Response[GenerateResponse]:
+    if job.params.get(IDEMPOTENCY_FINGERPRINT) not in (None, fingerprint):
+        raise HTTPException(status_code=422, detail="Idempotency-Key reused with a different request")
+    return Response(GenerateResponse(job.id, job.status, "Job already exists for this Idempotency-Key"))
+
+
+async def submit_job(request: Request, store: JobStore, settings, paths: DataPaths, limits: Limits, fields: dict,
+                     image_url: str | None = None, upload: bytes | None = None) -> Response[GenerateResponse]:
     """Validate, get the image (URL fetch or upload, same checks), write the input and the job, answer."""
-    settings = state.settings
-    try:
-        params = GenerateParams.from_request(fields)
-    except ParamError as e:
-        raise ApiError(status_code=422, detail=str(e))
-    if idem is not None and not (0 < len(idem) <= 255):
-        raise ApiError(status_code=400, detail="Idempotency-Key must be 1-255 characters")
+    params = GenerateParams.from_request(fields)
+    idem, fingerprint = _idempotency(request, params.to_dict(), upload if upload is not None else image_url)
     if idem:
-        existing = state.store.get_by_idempotency_key(idem)
+        existing = await run(store.get_by_idempotency_key, idem)
         if existing is not None:
-            return Response(GenerateResponse(existing.id, existing.status, "Job already exists for this Idempotency-Key"))
-    queue_full = ApiError(status_code=429, detail=f"Queue is full ({settings.queue_max} jobs waiting); retry later",
-                          headers={"Retry-After": str(RETRY_AFTER_S)})
-    if state.store.counts()["queued"] >= settings.queue_max:
-        raise queue_full
+            return _same_request(existing, fingerprint)
+    queued = (await run(store.counts))["queued"]
+    if queued >= settings.queue_max:
+        raise QueueFull(queued)
 
     # Fetch and check the image before answering, as the seed does: a bad image is a 400 and no job.
     policy = FetchPolicy.from_settings(settings)
-    try:
-        if upload is not None:
-            if len(upload) > policy.max_bytes:
-                raise ApiError(status_code=413, detail=f"Image is larger than {policy.max_bytes} bytes")
-            fetched = await anyio.to_thread.run_sync(decode_image, upload, policy, "upload")
-        else:
-            fetched = await anyio.to_thread.run_sync(fetch_image, image_url, policy)
-    except FetchError as e:
-        raise ApiError(status_code=400, detail=str(e))
+    if upload is not None and len(upload) > policy.max_bytes:
+        raise HTTPException(status_code=413, detail=f"Image is larger than {policy.max_bytes} bytes")
+    fetched = await fetch_unless_gone(request, limits, policy, image_url, upload)
 
     job_id = str(uuid.uuid4())
-    input_path = state.paths.input_path(job_id, fetched.extension)
-    await anyio.to_thread.run_sync(_write_durably, input_path, fetched.data)
-    job_params = params.to_dict() | {"frames_generated": params.frames_generated}
+    input_path = paths.input_path(job_id, fetched.extension)
+    await run(_write_durably, input_path, fetched.data)
+    job_params = params.to_dict() | {"frames_generated": params.frames_generated, IDEMPOTENCY_FINGERPRINT: fingerprint}
     try:
-        job, created = state.store.create(job_params, input_image=input_path.name, idempotency_key=idem or None,
-                                          job_id=job_id, queue_max=settings.queue_max)
-    except QueueFull:
+        job, created = await run(store.create, job_params, input_image=input_path.name, idempotency_key=idem,
+                                 job_id=job_id, queue_max=settings.queue_max)
+    except BaseException:
         input_path.unlink(missing_ok=True)
-        raise queue_full
-    except Exception as e:
-        input_path.unlink(missing_ok=True)
-        raise ApiError(status_code=500, detail=f"Failed to queue workflow: {e}")
+        raise
     if not created:  # a concurrent request with the same Idempotency-Key won
         input_path.unlink(missing_ok=True)
-        return Response(GenerateResponse(job.id, job.status, "Job already exists for this Idempotency-Key"))
+        return _same_request(job, fingerprint)
     return Response(GenerateResponse(job.id, "queued", "Image-to-video generation started"))
 
 
-async def multipart_generate(request: Request) -> Response | None:
-    """Extension: POST /generate as multipart/form-data with an `image` file (or `image_url`) and the same
-    fields as strings. JSON requests pass through to the typed handler unchanged."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        return None
-    import msgspec
+JSON_TYPES = ("application/json",)
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
-    form = await request.form()
+
+def _form_value(name: str, raw: str) -> Any:
+    """A multipart field as the JSON body would carry it: numbers parsed strictly (no '1_0', no ' 5')."""
+    spec = FIELDS_BY_NAME.get(name)
+    if spec is None:
+        return raw
+    if (_INT if spec.kind is int else _FLOAT).fullmatch(raw) is None:
+        raise HTTPException(status_code=422, detail=field_error(name, f"not a{'n integer' if spec.kind is int else ' number'}: {raw[:40]!r}"))
+    return spec.kind(raw)
+
+
+async def generate_body(request: Request) -> Response | None:
+    """A before_request hook (it gets only the request; the dependencies come from the app's state, where
+    app.py keeps what it provides). JSON passes through to the typed handler. Extension: multipart/form-data with an `image` file (or
+    `image_url`) and the same fields as form values. Anything else is a 415: a text/plain or form-encoded
+    POST is what a cross-site page can send without a CORS preflight."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type in JSON_TYPES or content_type.endswith("+json"):
+        return None
+    if content_type != "multipart/form-data":
+        raise HTTPException(status_code=415, detail="Send the request as application/json (or multipart/form-data "
+                                                    f"with an 'image' file), not {content_type or 'no content type'}")
+    try:
+        form = await request.form()
+    except (UnicodeDecodeError, LookupError):  # Litestar decodes every text field with its declared charset
+        raise HTTPException(status_code=422, detail="multipart form fields must be UTF-8 text") from None
     upload, fields = None, {}
     for key, value in form.multi_items():
         if hasattr(value, "read"):
             if key == "image":
                 upload = await value.read()
-        else:
-            fields[key] = value
+        elif key in GenerateRequest.__struct_fields__:
+            fields[key] = _form_value(key, value)
     image_url = fields.pop("image_url", None)
     if upload is None and not image_url:
-        raise ApiError(status_code=422, detail="image: upload a file in the 'image' field or give image_url")
-    try:
-        data = msgspec.convert({"image_url": image_url or "upload", **fields}, GenerateRequest, strict=False)
-    except msgspec.ValidationError as e:
-        raise ApiError(status_code=422, detail=_msgspec_detail(e))
-    return await submit_job(request.app.state, request_fields(data), request.headers.get("idempotency-key"),
+        raise HTTPException(status_code=422, detail="image: upload a file in the 'image' field or give image_url")
+    for required in ("prompt",):
+        if not fields.get(required):
+            raise HTTPException(status_code=422, detail=field_error(required, "field required"))
+    state = request.app.state
+    return await submit_job(request, state.store, state.settings, state.paths, state.limits, fields,
                             image_url=image_url if upload is None else None, upload=upload)
 
 
-def _msgspec_detail(e: Exception) -> str:
-    import re
-
-    text = str(e)
-    m = re.search(r"at `\$\.(\w+)`", text)
-    return field_error(m.group(1), text.split(" - at")[0]) if m else text
-
-
-@post("/generate", status_code=200, summary="Queue an image-to-video job", before_request=multipart_generate,
+@post("/generate", status_code=200, summary="Queue an image-to-video job", before_request=generate_body,
       description="JSON body as in the seed contract. Extension: multipart/form-data with an `image` file upload "
                   "(or `image_url`) and the same fields as form values.")
-async def generate(data: GenerateRequest, request: Request, state: State) -> Response[GenerateResponse]:
-    return await submit_job(state, request_fields(data), request.headers.get("idempotency-key"), image_url=data.image_url)
+async def generate(data: JSONBody[GenerateRequest], request: Request, store: Store, settings: Config, paths: Paths,
+                   limits: Limited) -> Response[GenerateResponse]:
+    return await submit_job(request, store, settings, paths, limits, request_fields(data), image_url=data.image_url)
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -169,34 +328,37 @@ def _write_durably(path: Path, data: bytes) -> None:
 
 
 @get("/status/{job_id:str}", summary="Status of a job")
-async def status(job_id: str, state: State) -> dict[str, Any]:
-    return job_status(state, _get_job(state, job_id))
+async def status(job_id: FromPath[str], store: Store, paths: Paths) -> dict[str, Any]:
+    body = await run(read_status, store, paths, job_id)
+    if body is None:
+        raise JobNotFound(job_id)
+    return body
 
 
-@get("/download/{job_id:str}", summary="The MP4 (Range requests supported)")
-async def download(job_id: str, request: Request, state: State) -> Response:
-    job = _get_job(state, job_id)
+@route("/download/{job_id:str}", http_method=["GET", "HEAD"], summary="The MP4 (Range requests supported)")
+async def download(job_id: FromPath[str], request: Request, store: Store) -> Response:
+    job = await _get_job(store, job_id)
     if job.status != "completed" or not job.video_path:
         raise NotFoundException(detail=f"Video not ready (job status: {job.status})")
     path = Path(job.video_path)
-    if not path.is_file():
-        raise NotFoundException(detail="Video file is gone (expired or deleted)")
-    size = path.stat().st_size
+    try:
+        size = (await anyio.Path(path).stat()).st_size
+    except FileNotFoundError:
+        raise NotFoundException(detail="Video file is gone (expired or deleted)") from None
     headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'attachment; filename="{job.id}.mp4"'}
-    start, end = 0, size - 1
-    status_code = 200
-    range_header = request.headers.get("range")
-    if range_header:
-        parsed = _parse_range(range_header, size)
-        if parsed is None:
-            return Response(content={"detail": f"Range not satisfiable (file has {size} bytes)"}, status_code=416,
-                            headers={"Content-Range": f"bytes */{size}"})
-        start, end = parsed
-        status_code = 206
+    start, end, status_code = 0, size - 1, 200
+    wanted = parse_range(request.headers.get("range"), size)
+    if wanted == UNSATISFIABLE:
+        return Response(content={"detail": f"Range not satisfiable (file has {size} bytes)"}, status_code=416,
+                        headers={"Content-Range": f"bytes */{size}"})
+    if wanted is not None:
+        (start, end), status_code = wanted, 206
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
     headers["Content-Length"] = str(end - start + 1)
 
     async def body():
+        if request.method == "HEAD":  # headers only: do not read the file
+            return
         async with await anyio.open_file(path, "rb") as fh:
             await fh.seek(start)
             left = end - start + 1
@@ -210,35 +372,37 @@ async def download(job_id: str, request: Request, state: State) -> Response:
     return Stream(body(), status_code=status_code, media_type="video/mp4", headers=headers)
 
 
-def _parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """One 'bytes=a-b', 'bytes=a-' or 'bytes=-n' range; None when it cannot be satisfied."""
-    if not header.startswith("bytes=") or "," in header:
+UNSATISFIABLE = (-1, -1)
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """RFC 9110 §14.2: one `bytes=a-b`, `bytes=a-` or `bytes=-n` range with strict decimal numbers. A header
+    with another unit, bad syntax or several ranges is ignored (None: the whole file); a well-formed range
+    that does not overlap the file is UNSATISFIABLE (416)."""
+    m = _RANGE.fullmatch((header or "").strip())
+    if m is None or m.group(1) == m.group(2) == "":
         return None
-    first, _, last = header[6:].strip().partition("-")
-    try:
-        if first == "":
-            n = int(last)
-            if n <= 0:
-                return None
-            return max(0, size - n), size - 1
-        start = int(first)
-        end = int(last) if last else size - 1
-    except ValueError:
-        return None
-    if start >= size or end < start:
-        return None
+    first, last = m.groups()
+    if first == "":  # suffix: the last n bytes
+        n = int(last)
+        return UNSATISFIABLE if n == 0 or size == 0 else (max(0, size - n), size - 1)
+    start, end = int(first), int(last) if last else None
+    if end is not None and end < start:
+        return None  # invalid syntax per the RFC: ignore
+    if start >= size:
+        return UNSATISFIABLE
+    end = size - 1 if end is None else end
     return start, min(end, size - 1)
 
 
 @get("/jobs", summary="List jobs (optional status filter and paging)")
-async def list_jobs(state: State, status: str | None = None, limit: int | None = None, offset: int = 0) -> dict[str, Any]:
+async def list_jobs(store: Store, status: FromQuery[str | None] = None,
+                    limit: Annotated[int | None, QueryParameter(ge=1, le=1000)] = None,
+                    offset: Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET)] = 0) -> dict[str, Any]:
     if status is not None and status not in STATES:
-        raise ApiError(status_code=422, detail=f"status must be one of {', '.join(STATES)}")
-    if limit is not None and not (1 <= limit <= 1000):
-        raise ApiError(status_code=422, detail="limit must be in 1-1000")
-    if offset < 0:
-        raise ApiError(status_code=422, detail="offset must be >= 0")
-    jobs, total = state.store.list(status=status, limit=limit, offset=offset)
+        raise HTTPException(status_code=422, detail=f"status must be one of {', '.join(STATES)}")
+    jobs, total = await run(store.list, status=status, limit=limit, offset=offset)
     body: dict[str, Any] = {"jobs": {j.id: job_summary(j) for j in jobs}}
     if limit is not None or offset or status is not None:
         body.update(total=total, limit=limit, offset=offset)
@@ -246,49 +410,59 @@ async def list_jobs(state: State, status: str | None = None, limit: int | None =
 
 
 @delete("/jobs/{job_id:str}", status_code=200, summary="Delete a job (cancels it if running) and its files")
-async def delete_job(job_id: str, state: State) -> MessageResponse:
-    job = state.store.delete(job_id)
+async def delete_job(job_id: FromPath[str], store: Store, paths: Paths) -> MessageResponse:
+    job = await run(store.delete, job_id)
     if job is None:
-        raise NotFoundException(detail=JOB_NOT_FOUND)
+        raise JobNotFound(job_id)
     if job.status != "processing":  # a running job's worker removes its own files when it stops
-        state.paths.remove_job_files(job.id, job.input_image)
+        await run(paths.remove_job_files, job.id, job.input_image)
     return MessageResponse("Job deleted")
 
 
+POLL_MIN_S, POLL_MAX_S, KEEPALIVE_S = 0.25, 2.0, 15.0
+
+
 @get("/events/{job_id:str}", summary="Server-sent events: the job's /status body each time it changes")
-async def events(job_id: str, state: State) -> Response:
-    import asyncio
-    import json as _json
-
-    from litestar.response import ServerSentEvent
-
-    _get_job(state, job_id)  # 404 before the stream starts
+async def events(job_id: FromPath[str], request: Request, store: Store, paths: Paths, limits: Limited) -> Response:
+    await _get_job(store, job_id)  # 404 before the stream starts
+    client = request.client.host if request.client else "?"
+    limits.open_stream(client)
 
     async def stream():
-        last, idle, deadline = None, 0.0, time.monotonic() + 3600
-        while time.monotonic() < deadline:
-            job = state.store.get(job_id)
-            if job is None:
-                yield {"event": "gone", "data": _json.dumps({"detail": JOB_NOT_FOUND})}
-                return
-            body = _json.dumps(job_status(state, job))
-            if body != last:
-                last, idle = body, 0.0
-                yield {"event": "status", "data": body}
-                if job.status in ("completed", "error", "cancelled"):
+        """Wakes when the store says the job changed (Redis pub/sub) or polls with backoff (SQLite has no
+        cross-process notification): 0.25 s after a change, doubling to 2 s while nothing moves."""
+        last, wait, quiet, deadline = None, POLL_MIN_S, 0.0, time.monotonic() + limits.sse_max_s
+        try:
+            while time.monotonic() < deadline:
+                status = await run(read_status, store, paths, job_id)
+                if status is None:
+                    yield {"event": "gone", "data": json.dumps({"detail": "Job not found"})}
                     return
-            elif idle >= 15:
-                idle = 0.0
-                yield {"comment": "keep-alive", "data": None}
-            await asyncio.sleep(0.25)
-            idle += 0.25
+                body = json.dumps(status)
+                if body != last:
+                    last, wait, quiet = body, POLL_MIN_S, 0.0
+                    yield {"event": "status", "data": body}
+                    if status["status"] in TERMINAL:
+                        return
+                elif quiet >= KEEPALIVE_S:
+                    quiet = 0.0
+                    yield {"comment": "keep-alive", "data": None}
+                started = time.monotonic()
+                if store.notifies_changes:  # Redis: a thread waits on pub/sub, from the streams' own pool
+                    await anyio.to_thread.run_sync(store.wait_for_change, job_id, wait, limiter=limits.waiters())
+                else:
+                    await anyio.sleep(wait)
+                quiet += time.monotonic() - started
+                wait = min(POLL_MAX_S, wait * 2)
+        finally:
+            limits.close_stream(client)
 
     return ServerSentEvent(stream())
 
 
 # ------------------------------------------------------------------------------------------------ debug
 @get("/debug/files", summary="Files in the data directory")
-async def debug_files(state: State) -> dict[str, Any]:
+async def debug_files(paths: Paths) -> dict[str, Any]:
     def listing(folder: Path) -> list[dict[str, Any]]:
         out = []
         for p in sorted(folder.iterdir()) if folder.is_dir() else []:
@@ -297,21 +471,22 @@ async def debug_files(state: State) -> dict[str, Any]:
                 out.append({"name": p.name, "path": str(p), "bytes": st.st_size, "modified": _iso(st.st_mtime)})
         return out
 
-    return {"data_dir": str(state.paths.root), "inputs": listing(state.paths.inputs), "outputs": listing(state.paths.outputs)}
+    return {"data_dir": str(paths.root), "inputs": await run(listing, paths.inputs),
+            "outputs": await run(listing, paths.outputs)}
 
 
 @get("/debug/job/{job_id:str}", summary="The whole job record: timings per stage, worker, device, attempts")
-async def debug_job(job_id: str, state: State) -> dict[str, Any]:
-    job = _get_job(state, job_id)
+async def debug_job(job_id: FromPath[str], store: Store, paths: Paths) -> dict[str, Any]:
+    job = await _get_job(store, job_id)
     record = {k: v for k, v in job.__dict__.items() if k not in ("deleted",)}
     for k in ("created_at", "started_at", "finished_at", "lease_until"):
         record[k] = _iso(record[k])
-    return {"job": record, "status": job_status(state, job)}
+    return {"job": record, "status": await run(read_status, store, paths, job_id) or {}}
 
 
 @get("/debug/workers", summary="Workers: device, backend (FP8, attention, compiled graphs), jobs done, last report")
-async def debug_workers(state: State) -> dict[str, Any]:
-    workers = state.store.workers()
+async def debug_workers(store: Store) -> dict[str, Any]:
+    workers = await run(store.workers)
     for w in workers:
         w["updated_at"] = _iso(w.get("updated_at"))
     return {"workers": workers}
@@ -321,32 +496,33 @@ async def debug_workers(state: State) -> dict[str, Any]:
 async def debug_gpu() -> dict[str, Any]:
     from wanrt.doctor import gpu_report
 
-    return await anyio.to_thread.run_sync(gpu_report)
+    return await run(gpu_report)
 
 
 @get("/metrics", media_type="text/plain; version=0.0.4", summary="Prometheus metrics")
-async def metrics(state: State) -> str:
+async def metrics(request: Request, store: Store) -> str:
+    """Constant work per scrape: counts and per-stage totals are kept by the store, not summed from jobs."""
     from wanrt.doctor import gpu_report
 
+    def read():
+        return store.counts(), store.stage_totals(), store.workers(), gpu_report()
+
+    counts, stages, workers, gpu = await run(read)  # one thread hop for the whole scrape
     lines = ["# HELP wanrt_jobs Jobs by state.", "# TYPE wanrt_jobs gauge"]
-    counts = state.store.counts()
     lines += [f'wanrt_jobs{{state="{s}"}} {n}' for s, n in counts.items()]
     lines += ["# HELP wanrt_queue_depth Jobs waiting to run.", "# TYPE wanrt_queue_depth gauge",
               f"wanrt_queue_depth {counts['queued']}"]
-    sums: dict[str, list[float]] = {}
-    for job in state.store.list(status="completed")[0]:
-        for stage, seconds in job.timings.items():
-            sums.setdefault(stage.removesuffix("_s"), []).append(float(seconds))
-    lines += ["# HELP wanrt_stage_seconds Time per pipeline stage of completed jobs still retained.",
+    lines += ["# HELP wanrt_stage_seconds Time per pipeline stage of completed jobs.",
               "# TYPE wanrt_stage_seconds summary"]
-    for stage, values in sorted(sums.items()):
-        lines += [f'wanrt_stage_seconds_sum{{stage="{stage}"}} {sum(values):.6f}',
-                  f'wanrt_stage_seconds_count{{stage="{stage}"}} {len(values)}']
+    for stage, (total, count) in sorted(stages.items()):
+        stage = stage.removesuffix("_s")
+        lines += [f'wanrt_stage_seconds_sum{{stage="{stage}"}} {total:.6f}',
+                  f'wanrt_stage_seconds_count{{stage="{stage}"}} {count}']
     lines += ["# HELP wanrt_worker_jobs_done Jobs a worker has finished since it started.",
               "# TYPE wanrt_worker_jobs_done counter",
               "# HELP wanrt_worker_compiled_graphs torch.compile graphs a worker holds (a count that grows with"
               " traffic means recompiles).", "# TYPE wanrt_worker_compiled_graphs gauge"]
-    for w in state.store.workers():
+    for w in workers:
         label = f'worker="{w["id"]}",device="{w.get("device", "")}"'
         lines.append(f"wanrt_worker_jobs_done{{{label}}} {w.get('jobs_done', 0)}")
         backend = w.get("backend") or {}
@@ -354,7 +530,6 @@ async def metrics(state: State) -> str:
             lines.append(f"wanrt_worker_compiled_graphs{{{label}}} {backend['dynamo_graphs']}")
         if "shape_buckets" in backend:
             lines.append(f"wanrt_worker_shape_buckets{{{label}}} {backend['shape_buckets']}")
-    gpu = await anyio.to_thread.run_sync(gpu_report)
     lines += ["# HELP wanrt_gpu_available 1 when NVML sees an NVIDIA GPU.", "# TYPE wanrt_gpu_available gauge",
               f"wanrt_gpu_available {1 if gpu.get('available') else 0}"]
     for g in gpu.get("gpus", []):
@@ -362,8 +537,9 @@ async def metrics(state: State) -> str:
         for key in ("memory_used_mb", "memory_total_mb", "utilization_gpu_pct", "temperature_c", "power_w", "clock_sm_mhz"):
             if g.get(key) is not None:
                 lines.append(f"wanrt_gpu_{key}{{{label}}} {g[key]}")
-    lines.append(f"wanrt_uptime_seconds {time.time() - state.started_at:.1f}")
+    lines.append(f"wanrt_uptime_seconds {time.time() - request.app.state.started_at:.1f}")
     return "\n".join(lines) + "\n"
 
 
-ROUTES = [health, generate, status, download, list_jobs, delete_job, events, debug_files, debug_job, debug_workers, debug_gpu, metrics]
+ROUTES = [health, generate, status, download, list_jobs, delete_job, events, metrics]
+DEBUG_ROUTES = [debug_files, debug_job, debug_workers, debug_gpu]

@@ -13,17 +13,6 @@ import time
 log = logging.getLogger("wanrt.server")
 
 
-def settings_env(settings) -> dict[str, str]:
-    """The settings as WANRT_* variables, so worker processes see exactly what the API was given."""
-    env = {}
-    for name in settings._ENV:
-        value = getattr(settings, name)
-        if value is None:
-            continue
-        env[f"WANRT_{name.upper()}"] = ",".join(value) if isinstance(value, tuple) else str(value)
-    return env
-
-
 class WorkerSupervisor:
     """Keeps `count` worker processes alive; a worker that dies (OOM, kill -9) is started again and
     re-queues its orphaned job at start."""
@@ -36,7 +25,7 @@ class WorkerSupervisor:
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def _spawn(self, slot: int) -> subprocess.Popen:
-        env = {**os.environ, **settings_env(self.settings), "WANRT_SUPERVISOR_PID": str(os.getpid())}
+        env = {**os.environ, **self.settings.to_env(), "WANRT_SUPERVISOR_PID": str(os.getpid())}
         cmd = [sys.executable, "-m", "wanrt.cli", "worker", "--worker-id", f"{os.uname().nodename}-w{slot}"]
         if self.count > 1 and self.settings.device in ("auto", "cuda"):  # one worker per GPU
             cmd += ["--gpu", str(slot)]

@@ -1,4 +1,8 @@
-"""VAE encode of the first frame (+ the I2V mask) and a streaming decode, both on diffusers' AutoencoderKLWan."""
+"""VAE encode of the first frame (+ the I2V mask) and a streaming decode, both on diffusers' AutoencoderKLWan.
+
+Both loops mirror AutoencoderKLWan's private `_encode`/`_decode` and use its private cache attributes
+(`_enc_feat_map`, `_enc_conv_idx`, `_feat_map`, `_conv_idx`, `clear_cache`): pyproject pins the diffusers
+range they were checked against (0.42.x), and tests compare both loops with `vae.encode`/`vae.decode`."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ def encode_first_frame_video(vae, image: torch.Tensor, num_frames: int, on_chunk
     first = image.unsqueeze(2).to(device, dtype)
     zeros = torch.zeros(1, 3, 4, height, width, device=device, dtype=dtype)
     n_chunks = 1 + (num_frames - 1) // 4
+    # Copied from diffusers 0.42.1 AutoencoderKLWan._encode, with the zero frames made per chunk
     vae.clear_cache()
     try:
         outs = []
@@ -67,6 +72,7 @@ def decode_stream(vae, latents: torch.Tensor) -> Iterator[torch.Tensor]:
     vae_device = next(vae.parameters()).device
     mean, inv_std = latent_stats(vae, vae_device, vae.dtype)
     z = latents.to(vae_device, vae.dtype) / inv_std + mean
+    # Copied from diffusers 0.42.1 AutoencoderKLWan._decode, yielding each chunk instead of concatenating
     vae.clear_cache()
     try:
         x = vae.post_quant_conv(z)
