@@ -7,70 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from wanrt.config import add_flags, settings_from_args
 from wanrt.params import DEFAULT_NEGATIVE_PROMPT, NUMERIC_FIELDS, GenerateParams, ParamError
-
-
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="'tiny' (default), 'random-full', a diffusers dir or a dir of single files [WANRT_MODEL]")
-    p.add_argument("--device", help="auto|cpu|cuda|cuda:N [WANRT_DEVICE]")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="[WANRT_DTYPE]")
-    p.add_argument("--scheduler", choices=["unipc", "euler"], help="sampler (unipc is upstream's) [WANRT_SCHEDULER]")
-    p.add_argument("--backend", choices=["eager", "compiled", "tensorrt"], help="[WANRT_BACKEND]")
-    p.add_argument("--no-fp8", dest="fp8", action="store_false", default=None, help="compiled: BF16 linears")
-    p.add_argument("--attn", choices=["sdpa", "flash", "efficient", "cudnn", "math"], help="compiled: attention kernel")
-    p.add_argument("--no-compile", dest="compile", action="store_false", default=None, help="compiled: no torch.compile")
-    p.add_argument("--no-cudagraphs", dest="cudagraphs", action="store_false", default=None)
-    p.add_argument("--memory", choices=["auto", "resident", "offload"],
-                   help="both experts on the GPU, or one at a time (24 GB cards) [WANRT_MEMORY]")
-    p.add_argument("--queue", help="'sqlite' (default, under the data dir) or redis://host:port/db [WANRT_QUEUE]")
-    p.add_argument("--artifacts", help="a `wanrt build` output dir: fused (and quantized) experts [WANRT_ARTIFACTS]")
-
-
-MODEL_FLAGS = ("model", "device", "dtype", "scheduler", "backend", "fp8", "attn", "compile", "cudagraphs", "memory",
-               "queue", "artifacts")  # the settings `_add_model_flags` sets
-
-
-def _settings(args, **extra):
-    from wanrt.config import Settings
-
-    return Settings.from_env(**{name: getattr(args, name, None) for name in MODEL_FLAGS}, **extra)
-
-
-def load_runtime(settings):
-    """Model + pipeline for these settings (the worker and `generate` share it)."""
-    from wanrt.model.components import EULER_SCHEDULER_CONFIG
-    from wanrt.model.loading import load_model
-    from wanrt.runtime.backends import make_backend
-    from wanrt.runtime.pipeline import WanI2VPipeline
-
-    from wanrt.runtime.memory import ExpertSwapper, OffloadingBackend, estimate_plan
-
-    device, dtype = settings.resolved_device(), settings.resolved_dtype()
-    plan = estimate_plan(settings.model, device, dtype, settings.memory)
-    # Offload: load on the host, then only the text encoder and VAE go to the GPU; experts take turns there.
-    model = load_model(settings.model, "cpu" if plan.mode == "offload" else device, dtype)
-    if settings.artifacts:
-        from wanrt.engine_build.build import load_artifacts_into
-
-        load_artifacts_into(model, Path(settings.artifacts), settings.model)
-    if settings.scheduler == "euler":
-        model.scheduler_config = dict(EULER_SCHEDULER_CONFIG)
-    swapper = None
-    if plan.mode == "offload":
-        model.text_encoder.to(device)
-        model.vae.to(device)
-        swapper = ExpertSwapper(model.experts, device)
-    options = {}
-    if settings.backend == "compiled":
-        # CUDA graphs capture weight addresses; experts that move between host and GPU cannot use them.
-        options = dict(fp8=settings.fp8, attn=settings.attn, compile=settings.compile,
-                       cudagraphs=settings.cudagraphs and swapper is None)
-    elif settings.backend == "tensorrt":
-        options = dict(artifacts=settings.artifacts, device=device)
-    backend = make_backend(settings.backend, model, **options)
-    if swapper is not None:
-        backend = OffloadingBackend(backend, swapper)
-    return WanI2VPipeline(model, backend, device=device, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -81,7 +19,7 @@ def cmd_generate(args) -> int:
     except ParamError as e:
         print(f"wanrt generate: error: {e}", file=sys.stderr)
         return 2
-    settings = _settings(args)
+    settings = settings_from_args(args)
     from wanrt.api.fetch import FetchError, load_image_source
 
     try:
@@ -92,7 +30,9 @@ def cmd_generate(args) -> int:
 
     from tqdm import tqdm
 
-    pipeline = load_runtime(settings)
+    from wanrt.runtime.factory import build_runtime
+
+    pipeline = build_runtime(settings)
     bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}/100 [{elapsed}<{remaining}] {postfix}")
 
     def progress(value: float, stage: str) -> None:
@@ -129,15 +69,14 @@ def cmd_doctor(args) -> int:
 def cmd_serve(args) -> int:
     from wanrt.api.server import serve
 
-    settings = _settings(args, host=args.host, port=args.port, data_dir=Path(args.data_dir) if args.data_dir else None,
-                         workers=0 if args.no_worker else args.workers)
+    settings = settings_from_args(args, workers=0 if args.no_worker else None)
     return serve(settings)
 
 
 def cmd_worker(args) -> int:
     from wanrt.jobs.worker import run_worker
 
-    settings = _settings(args, data_dir=Path(args.data_dir) if args.data_dir else None)
+    settings = settings_from_args(args)
     if args.gpu is not None:
         settings = settings.replace(device=f"cuda:{args.gpu}")
     return run_worker(settings, worker_id=args.worker_id)
@@ -176,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(*names, dest=spec.name, type=_number(spec), default=spec.default,
                        help=f"{spec.help} ({spec.describe()}, default {spec.default})")
     g.add_argument("--out", default="out.mp4")
-    _add_model_flags(g)
+    add_flags(g, "generate")
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("doctor", help="torch / CUDA / GPU / NVML / TensorRT / PyAV status")
@@ -184,12 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("serve", help="HTTP API (port 8189) + worker processes")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--data-dir")
-    s.add_argument("--workers", type=int, help="worker processes to start (one per GPU) [WANRT_WORKERS]")
     s.add_argument("--no-worker", action="store_true", help="API only; workers run elsewhere (`wanrt worker`)")
-    _add_model_flags(s)
+    add_flags(s, "serve")
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("build", help="fuse LoRAs, quantize, export ONNX and TensorRT engines, write a manifest")
@@ -208,10 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_build)
 
     w = sub.add_parser("worker", help="one GPU worker: claims jobs from the store and runs them")
-    w.add_argument("--data-dir")
     w.add_argument("--gpu", type=int, help="CUDA device index")
     w.add_argument("--worker-id")
-    _add_model_flags(w)
+    add_flags(w, "worker")
     w.set_defaults(func=cmd_worker)
     return parser
 

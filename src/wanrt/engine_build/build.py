@@ -11,8 +11,10 @@ import torch
 
 from wanrt.engine_build import manifest as mf
 from wanrt.engine_build.lora import LoraSpec, file_sha256, fuse_loras
-from wanrt.engine_build.tensorrt_build import (PROFILES, TensorRTUnavailable, build_engine, profiles_as_dict,
-                                               tensorrt_available)
+from wanrt.engine_build.tensorrt_build import PROFILES, build_engine, profiles_as_dict, tensorrt_available
+
+# The loader is the runtime's (it reads what this module writes); importable from here as before.
+from wanrt.runtime.artifacts import load_artifacts_into  # noqa: F401
 
 PRECISIONS = ("bf16", "fp16", "fp32", "fp8")
 
@@ -87,7 +89,7 @@ def build(opts: BuildOptions, log=_log) -> dict:
         experts_info[name] = _build_expert(name, expert, model, opts, out, log)
         experts_info[name]["loras"] = [{"file": str(s.path), "sha256": file_sha256(s.path), "strength": s.strength,
                                         "layers_touched": r.layers_touched, "skipped": r.skipped}
-                                       for s, r in zip([s for s in opts.loras if s.applies_to(name)], reports[name])]
+                                       for s, r in zip([s for s in opts.loras if s.applies_to(name)], reports[name], strict=False)]
 
     trt_ok, trt_why = tensorrt_available()
     if opts.onnx and opts.tensorrt and not trt_ok:
@@ -177,24 +179,3 @@ def _outputs_exist(out: Path, manifest: dict) -> bool:
                 return False
     return True
 
-
-def load_artifacts_into(model, artifacts: Path, model_spec: str, dtype=None) -> dict:
-    """Runtime side: check the manifest against the served model and load the fused (and, for FP8,
-    dequantized) expert weights into it. The compiled and TensorRT backends read their own formats."""
-    from safetensors.torch import load_file
-
-    from wanrt.engine_build.quantize import dequantize_state_dict
-
-    artifacts = Path(artifacts)
-    manifest = mf.read_manifest(artifacts)
-    if manifest is None:
-        raise mf.ArtifactMismatch(f"{artifacts} has no {mf.MANIFEST}; build it with `wanrt build`")
-    mf.check_matches(manifest, mf.base_fingerprint(model_spec))
-    for name, expert in model.experts.items():
-        device = next(expert.parameters()).device
-        sd = load_file(str(artifacts / manifest["experts"][name]["weights"]), device=str(device))
-        if manifest["precision"] == "fp8":
-            sd = dequantize_state_dict(sd, dtype or expert.dtype)
-        current = expert.state_dict()
-        expert.load_state_dict({k: v.to(current[k].dtype) for k, v in sd.items()})
-    return manifest

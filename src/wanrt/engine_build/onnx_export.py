@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-INPUT_NAMES = ["hidden_states", "timestep", "encoder_hidden_states"]
-OUTPUT_NAMES = ["velocity"]
+# The I/O names are the contract with the TensorRT backend, so they live in the runtime.
+from wanrt.runtime.artifacts import INPUT_NAMES, OUTPUT_NAMES
+
 OPSET = 18
 
 
@@ -82,7 +83,7 @@ def onnx_parity(expert, onnx_path: Path, shapes=((1, 3, 6, 10), (2, 2, 8, 8)), t
         inputs = sample_inputs(expert, batch, f, h, w, text_len, seed)
         with torch.no_grad():
             ref = module(*inputs).float().cpu().numpy()
-        feeds = {name: t.float().cpu().numpy() for name, t in zip(INPUT_NAMES, inputs)}
+        feeds = {name: t.float().cpu().numpy() for name, t in zip(INPUT_NAMES, inputs, strict=True)}
         got = session.run(None, feeds)[0]
         err = float(np.abs(ref - got).max())
         rel = float(np.linalg.norm(ref - got) / max(np.linalg.norm(ref), 1e-30))

@@ -14,28 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-DEFAULT_INCLUDE = r"^blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)$|^blocks\.\d+\.ffn\.net\.(0\.proj|2)$"
-SCALE_SUFFIX = "weight_scale"
-
-
-def quantize_weight(w: torch.Tensor, granularity: str = "channel") -> tuple[torch.Tensor, torch.Tensor]:
-    """w (out, in) -> (e4m3 weights, fp32 scale) with w ~= q * scale; scale (out, 1) or a scalar."""
-    w32 = w.detach().float()
-    if granularity == "channel":
-        amax = w32.abs().amax(dim=1, keepdim=True)
-    elif granularity == "tensor":
-        amax = w32.abs().amax().reshape(())
-    else:
-        raise ValueError(f"granularity must be 'channel' or 'tensor', not {granularity!r}")
-    scale = (amax / FP8_MAX).clamp(min=1e-12)
-    q = (w32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q, scale
-
-
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    return (q.float() * scale.float()).to(dtype)
+# The primitives are shared with the compiled backend, so they live in the runtime.
+from wanrt.runtime.fp8 import (  # noqa: F401
+    DEFAULT_INCLUDE,
+    FP8,
+    FP8_MAX,
+    SCALE_SUFFIX,
+    dequantize_state_dict,
+    dequantize_weight,
+    quantize_weight,
+)
 
 
 def quantizable_layers(expert, include: str = DEFAULT_INCLUDE, exclude: tuple[str, ...] = ()) -> list[str]:
@@ -76,17 +64,6 @@ def weight_error(expert, quantized: dict[str, torch.Tensor]) -> dict[str, float]
         d = dequantize_weight(quantized[key].to(w.device), scale.to(w.device))
         errors.append(((w - d).norm() / w.norm().clamp(min=1e-30)).item())
     return {"mean": sum(errors) / max(1, len(errors)), "max": max(errors, default=0.0), "layers": len(errors)}
-
-
-def dequantize_state_dict(sd: dict[str, torch.Tensor], dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """FP8 artifact -> a plain state dict (what the eager backend runs; compiled/TensorRT use the FP8)."""
-    out = {}
-    for key, value in sd.items():
-        if key.endswith(f".{SCALE_SUFFIX}"):
-            continue
-        scale = sd.get(key[: -len("weight")] + SCALE_SUFFIX) if key.endswith(".weight") else None
-        out[key] = dequantize_weight(value, scale, dtype) if scale is not None else value.to(dtype) if value.is_floating_point() else value
-    return out
 
 
 @torch.no_grad()

@@ -11,55 +11,18 @@ stops after the ONNX stage with that message.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-
-class TensorRTUnavailable(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class Profile:
-    """Latent-space shape ranges (latent frames, latent height, latent width) of one engine."""
-
-    name: str
-    min: tuple[int, int, int]
-    opt: tuple[int, int, int]
-    max: tuple[int, int, int]
-
-    def contains(self, frames: int, height: int, width: int) -> bool:
-        return all(lo <= v <= hi for v, lo, hi in zip((frames, height, width), self.min, self.max))
-
-    def input_shapes(self, in_channels: int = 36, text_len: int = 512, text_dim: int = 4096, batch=(1, 2, 2)):
-        def shapes(lat, b):
-            f, h, w = lat
-            return {"hidden_states": (b, in_channels, f, h, w), "timestep": (b,), "encoder_hidden_states": (b, text_len, text_dim)}
-
-        return {k: (shapes(self.min, batch[0])[k], shapes(self.opt, batch[1])[k], shapes(self.max, batch[2])[k])
-                for k in ("hidden_states", "timestep", "encoder_hidden_states")}
-
-
-# The seed's range: 256-1024 px a side (latent 32-128) and 16-121 frames (latent 5-31), in three buckets
-# so each engine's tactics are tuned near the sizes it serves.
-PROFILES = {
-    "small": Profile("small", (5, 32, 32), (21, 64, 64), (31, 64, 64)),  # up to 512x512
-    "default": Profile("default", (5, 32, 32), (21, 80, 80), (31, 96, 96)),  # up to 768x768, opt 640x640x81
-    "large": Profile("large", (5, 32, 32), (21, 128, 128), (31, 128, 128)),  # anything up to 1024x1024
-}
+# Profiles and the availability check are what the runtime reads too, so they live there.
+from wanrt.runtime.artifacts import PROFILES, Profile, TensorRTUnavailable, select_profile  # noqa: F401
+from wanrt.runtime.artifacts import tensorrt_available as _tensorrt_importable
 
 
 def tensorrt_available() -> tuple[bool, str]:
-    try:
-        import tensorrt as trt
-    except Exception as e:
-        return False, (f"TensorRT is not installed ({type(e).__name__}: {e}). Engines need the TensorRT builder "
-                       "(`pip install tensorrt` on a machine that can reach NVIDIA's package host); "
-                       "the build stopped after the ONNX stage.")
-    if not hasattr(trt, "Builder"):
-        return False, (f"tensorrt {getattr(trt, '__version__', '?')} here is the lean/dispatch runtime without a "
-                       "Builder; the build stopped after the ONNX stage.")
-    return True, f"tensorrt {trt.__version__}"
+    """The runtime's check, with what it means for a build."""
+    ok, why = _tensorrt_importable()
+    return ok, why if ok else f"{why}; the build stopped after the ONNX stage."
 
 
 def build_engine(onnx_path: Path, engine_path: Path, profile: Profile, precision: str = "bf16",
@@ -130,13 +93,6 @@ def refit_engine(engine_path: Path, weights: dict[str, "object"]) -> Path:
         raise RuntimeError(f"refit of {engine_path.name} failed")
     engine_path.write_bytes(bytes(engine.serialize()))
     return engine_path
-
-
-def select_profile(frames_latent: int, height_latent: int, width_latent: int, names=None) -> Profile:
-    for name in names or PROFILES:
-        if PROFILES[name].contains(frames_latent, height_latent, width_latent):
-            return PROFILES[name]
-    raise ValueError(f"no engine profile covers latent {frames_latent}x{height_latent}x{width_latent}")
 
 
 def profiles_as_dict(names) -> dict:

@@ -16,8 +16,9 @@ import time
 
 from PIL import Image
 
-from wanrt.jobs.paths import DataPaths
 from wanrt.jobs import open_store
+from wanrt.jobs.paths import DataPaths
+from wanrt.jobs.protocol import JobStore
 from wanrt.jobs.store import Job
 from wanrt.params import GenerateParams, ParamError
 
@@ -41,14 +42,15 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self._pipeline = pipeline
         self.shutdown = threading.Event()
+        self._lock = threading.Lock()  # the slots' threads share the counter
         self.jobs_done = 0
 
     @property
     def pipeline(self):
         if self._pipeline is None:
-            from wanrt.cli import load_runtime
+            from wanrt.runtime.factory import build_runtime
 
-            self._pipeline = load_runtime(self.settings)
+            self._pipeline = build_runtime(self.settings)
         return self._pipeline
 
     # ------------------------------------------------------------------ loop
@@ -83,14 +85,16 @@ class Worker:
             self.store.release_orphans(worker_id)
         self._report(worker_id, pipeline, "idle")
         while not self.shutdown.is_set():
-            if max_jobs is not None and self.jobs_done >= max_jobs:
-                return
+            with self._lock:
+                if max_jobs is not None and self.jobs_done >= max_jobs:
+                    return
             job = self.store.claim(worker_id, self.settings.lease_s, device=str(pipeline.device))
             if job is None:
                 self.shutdown.wait(poll_s)
                 continue
             self.run_job(job, pipeline, worker_id)
-            self.jobs_done += 1
+            with self._lock:
+                self.jobs_done += 1
             self._report(worker_id, pipeline, "idle")
         self._report(worker_id, pipeline, "stopped")
 
@@ -129,29 +133,38 @@ class Worker:
             timings = {k: round(v, 4) for k, v in result.timings.items()}
             if self.store.complete(job.id, worker_id, str(out), timings):
                 outcome = "completed"
-            else:  # lost the job meanwhile (deleted, or re-claimed after a lease lapse): don't leave files
-                self.paths.remove_job_files(job.id, keep_input=True)
-                outcome = "lost"
+            else:  # deleted or cancelled meanwhile (end it as such), or re-claimed after a lease lapse
+                outcome = self._end_cancelled(job, worker_id) or "lost"
+                if outcome == "lost":
+                    self.paths.remove_job_files(job.id, keep_input=True)
         except Cancelled:
             control.done.set()
-            if self.shutdown.is_set() and not control.stop.is_set():
-                self.store.release(job.id, worker_id)
+            if self.shutdown.is_set() and not control.stop.is_set() and self.store.release(job.id, worker_id):
                 outcome = "released"
-            else:
-                gone = self.store.finish_cancelled(job.id, worker_id)
-                self.paths.remove_job_files(job.id, job.input_image, keep_input=not (gone and gone.deleted))
-                outcome = "cancelled"
+            else:  # cancelled or deleted (release refuses those too)
+                outcome = self._end_cancelled(job, worker_id) or "lost"
         except Exception as e:  # the job fails, the worker lives on
             control.done.set()
             error_type, retryable = classify_error(e)
             log.exception("job %s failed", job.id)
-            self.store.fail(job.id, worker_id, f"{type(e).__name__}: {e}"[:2000], error_type, retryable)
-            self.paths.remove_job_files(job.id, keep_input=True)
+            if self.store.fail(job.id, worker_id, f"{type(e).__name__}: {e}"[:2000], error_type, retryable):
+                self.paths.remove_job_files(job.id, keep_input=True)
+            else:  # cancelled or deleted meanwhile
+                self._end_cancelled(job, worker_id)
         finally:
             control.done.set()
             beat.join(timeout=5)
         log.info("job %s: %s", job.id, outcome)
         return outcome
+
+    def _end_cancelled(self, job: Job, worker_id: str) -> str | None:
+        """The job was cancelled or deleted while it ran: end it as such and remove its files (the input too
+        when deleted). None when it is no longer this worker's."""
+        gone = self.store.finish_cancelled(job.id, worker_id)
+        if gone is None:
+            return None
+        self.paths.remove_job_files(job.id, job.input_image, keep_input=not gone.deleted)
+        return "cancelled"
 
     def _heartbeat(self, job: Job, worker_id: str, control: _JobControl) -> None:
         sent = None

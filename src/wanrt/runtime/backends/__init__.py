@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 
-def make_backend(name: str, model, **options):
+def make_backend(name: str, model, device=None, **options):
+    """`device`: where the pipeline runs (the runtime factory always passes it); the compiled backend refuses
+    experts that are elsewhere, TensorRT runs its engines there (default "cuda")."""
     if name == "eager":
         from wanrt.runtime.backends.eager import EagerBackend
 
@@ -11,17 +13,16 @@ def make_backend(name: str, model, **options):
     if name == "compiled":
         from wanrt.runtime.backends.compiled import CompiledBackend
 
-        return CompiledBackend(model, **options)
+        return CompiledBackend(model, device=device, **options)
     if name == "tensorrt":
-        from wanrt.engine_build.manifest import read_manifest
-        from wanrt.engine_build.tensorrt_build import TensorRTUnavailable, tensorrt_available
+        from wanrt.runtime import artifacts as art
         from wanrt.runtime.backends.tensorrt import TensorRTBackend
 
-        ok, why = tensorrt_available()
+        ok, why = art.tensorrt_available()
         if not ok:
-            raise TensorRTUnavailable(why)
+            raise art.TensorRTUnavailable(why)
         artifacts = options.get("artifacts")
         if not artifacts:
             raise ValueError("the tensorrt backend needs --artifacts (a `wanrt build` output with engines)")
-        return TensorRTBackend(artifacts, read_manifest(artifacts), options.get("device", "cuda"))
+        return TensorRTBackend(artifacts, art.read_manifest(artifacts), device or "cuda")
     raise ValueError(f"unknown backend {name!r} (available: eager, compiled, tensorrt)")

@@ -5,21 +5,20 @@ buys: `fp8` (e4m3 weights, per-output-channel scales, per-token dynamic activati
 (SDPA kernel choice), `compile` (torch.compile, one graph per shape bucket, compiled at warm-up and counted),
 `cudagraphs` (compile's reduce-overhead mode).
 
-FP8 on the GPU uses torch._scaled_mm (Hopper/Ada, row-wise scales). Activation scales are per token, so the
-cond and uncond halves of a CFG batch never share (and overwrite) a scale, the trap peers fell into. Where
-FP8 GEMMs are not available (CPU, older GPUs) the same quantisation is emulated in higher precision, so CPU
-tests run the same code path and measure the same rounding.
+FP8 primitives (Fp8Linear, per-token activation scales, emulation where FP8 GEMMs are missing) live in
+wanrt.runtime.fp8. The backend is told its device and refuses experts that are not where the memory plan
+puts them (an expert left on the host would be quantised for emulation and run with host weights against
+device inputs). On the GPU path experts are quantised in place, never copied (a 14B expert is 28.6 GB).
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass, field
 
 import torch
 
-from wanrt.engine_build.quantize import DEFAULT_INCLUDE, FP8, FP8_MAX, quantize_weight
+from wanrt.runtime.fp8 import fp8_gemm_supported, swap_fp8_linears
 
 ATTENTION = {
     "sdpa": None,  # let PyTorch choose
@@ -30,64 +29,30 @@ ATTENTION = {
 }
 
 
-def fp8_gemm_supported(device: torch.device) -> bool:
-    if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False  # decided without touching CUDA
+    if a.type == "cuda" and (a.index is None or b.index is None):
+        current = torch.cuda.current_device()  # "cuda" means the current device
+        return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+    return a.index == b.index
 
 
-class Fp8Linear(torch.nn.Module):
-    """y = x W^T + b with W in e4m3 (per-output-channel scale) and x quantised per token on the fly."""
-
-    def __init__(self, linear: torch.nn.Linear, emulate: bool):
-        super().__init__()
-        q, scale = quantize_weight(linear.weight.data, "channel")
-        self.register_buffer("weight_fp8", q.to(linear.weight.device))
-        self.register_buffer("weight_scale", scale.to(linear.weight.device, torch.float32))  # (out, 1)
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.out_dtype = linear.weight.dtype
-        self.emulate = emulate
-
-    @staticmethod
-    def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x32 = x.float()
-        scale = (x32.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)  # one per token
-        return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        xq, xs = self.quantize_activation(x2)
-        if self.emulate:
-            w = self.weight_fp8.float() * self.weight_scale
-            y = (xq.float() * xs) @ w.t()
-            if self.bias is not None:
-                y = y + self.bias.float()
-            y = y.to(self.out_dtype if x.dtype == torch.float32 else x.dtype)
-        else:
-            y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale.t(),
-                                 out_dtype=torch.bfloat16)
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype)
-            y = y.to(x.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
-
-
-def swap_fp8_linears(expert: torch.nn.Module, emulate: bool, include: str = DEFAULT_INCLUDE) -> int:
-    pattern = re.compile(include)
-    targets = [name for name, m in expert.named_modules() if isinstance(m, torch.nn.Linear) and pattern.search(name)]
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = expert.get_submodule(parent_name) if parent_name else expert
-        setattr(parent, child, Fp8Linear(getattr(parent, child), emulate))
-    return len(targets)
+def check_expert_device(name: str, expert: torch.nn.Module, device: torch.device, expected: str = "") -> None:
+    """ValueError naming the expert and both devices when any of its tensors is not on `device`."""
+    expected = expected or (f"the pipeline runs on {device}: move it there first, or build the backend with "
+                            "offload=True for experts that wait on the host (the runtime factory does so for an "
+                            "offload plan)")
+    for t in list(expert.parameters()) + list(expert.buffers()):
+        if not _same_device(t.device, device):
+            raise ValueError(f"compiled backend: the {name}-noise expert is on {t.device} but {expected}")
 
 
 @dataclass
 class CompiledStats:
     fp8_layers: dict = field(default_factory=dict)
     fp8_mode: str = "off"
+    fast_accum: bool = False
     attention: str = "sdpa"
     compiled: bool = False
     cudagraphs: bool = False
@@ -96,25 +61,46 @@ class CompiledStats:
 
 
 class CompiledBackend:
+    """`device`: where the pipeline runs (the runtime factory passes it; left out, where the high-noise expert
+    is). Without `offload` every expert must be on `device`. With `offload` (the memory plan's one expert at
+    a time) they wait on the host, and an ExpertSwapper built after this backend brings each onto `device`
+    for its steps; FP8 quantisation then runs on `device` one layer at a time and the FP8 weights stay on
+    the host, so the device never holds more than one layer extra, and no CUDA graphs (every swap moves the
+    weights they would capture). `fast_accum`: _scaled_mm's fast FP8 accumulation."""
+
     name = "compiled"
 
-    def __init__(self, model, fp8: bool = True, attn: str = "sdpa", compile: bool = True, cudagraphs: bool = True):
+    def __init__(self, model, device: str | torch.device | None = None, fp8: bool = True, attn: str = "sdpa",
+                 compile: bool = True, cudagraphs: bool = True, fast_accum: bool = True, offload: bool = False):
         import copy
 
         if attn not in ATTENTION:
             raise ValueError(f"attn must be one of {', '.join(ATTENTION)}")
-        device = next(model.transformer_high.parameters()).device
+        device = torch.device(device) if device is not None else next(model.transformer_high.parameters()).device
+        self.device, self.offload = device, offload
         self.stats = CompiledStats(attention=attn)
         self.experts = {}
-        for name, expert in model.experts.items():
-            module = expert
+        for name, module in model.experts.items():
+            # Before any copy, quantisation or CUDA call.
+            if offload:
+                check_expert_device(name, module, torch.device("cpu"),
+                                    f"with offload it must wait on the host (cpu); the swapper brings it to {device}")
+            else:
+                check_expert_device(name, module, device)
             if fp8:
-                module = copy.deepcopy(expert) if device.type == "cpu" else expert  # on GPU: in place, no 2nd copy
                 emulate = not fp8_gemm_supported(device)
-                self.stats.fp8_layers[name] = swap_fp8_linears(module, emulate)
+                # CPU (tests, the tiny model): swap a copy, so the served model keeps its full-precision experts
+                # for the eager reference. Elsewhere in place: a 14B expert is 28.6 GB, a copy would double it.
+                if device.type == "cpu" and not offload:
+                    module = copy.deepcopy(module)
+                self.stats.fp8_layers[name] = swap_fp8_linears(module, emulate, use_fast_accum=fast_accum,
+                                                               quantize_on=device if offload else None)
                 self.stats.fp8_mode = "emulated" if emulate else "scaled_mm"
+                self.stats.fast_accum = fast_accum and not emulate
             if compile:
-                mode = "reduce-overhead" if (cudagraphs and device.type == "cuda") else "max-autotune-no-cudagraphs"
+                # CUDA graphs capture weight addresses; swapped experts change them.
+                graphs = cudagraphs and device.type == "cuda" and not offload
+                mode = "reduce-overhead" if graphs else "max-autotune-no-cudagraphs"
                 module = torch.compile(module, mode=mode, dynamic=False, fullgraph=False)
                 self.stats.compiled, self.stats.cudagraphs = True, mode == "reduce-overhead"
             self.experts[name] = module
@@ -144,7 +130,8 @@ class CompiledBackend:
 
     def describe(self) -> dict:
         s = self.stats
-        out = {"backend": "compiled", "fp8": s.fp8_mode, "fp8_layers": s.fp8_layers, "attention": s.attention,
+        out = {"backend": "compiled", "device": str(self.device), "fp8": s.fp8_mode, "fp8_layers": s.fp8_layers,
+               "fp8_fast_accum": s.fast_accum, "attention": s.attention,
                "compiled": s.compiled, "cudagraphs": s.cudagraphs, "shape_buckets": len(s.shapes_seen)}
         if s.compiled:
             from torch._dynamo.utils import counters

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from wanrt.engine_build.onnx_export import INPUT_NAMES, OUTPUT_NAMES
-from wanrt.engine_build.tensorrt_build import select_profile
+from wanrt.runtime.artifacts import INPUT_NAMES, OUTPUT_NAMES, select_profile
 
 
 def _torch_dtype(trt, dt):
@@ -54,7 +53,7 @@ class TensorRTBackend:
         profile = select_profile(f, h, w, self.profiles).name
         engine, ctx = self._context(expert, profile)
         feeds = {}
-        for name, tensor in zip(INPUT_NAMES, (latent_input, timestep, context)):
+        for name, tensor in zip(INPUT_NAMES, (latent_input, timestep, context), strict=True):
             t = tensor.to(self.device, _torch_dtype(self.trt, engine.get_tensor_dtype(name))).contiguous()
             ctx.set_input_shape(name, tuple(t.shape))
             ctx.set_tensor_address(name, t.data_ptr())

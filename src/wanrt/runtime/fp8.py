@@ -1,0 +1,124 @@
+"""FP8 (e4m3) primitives shared by the compiled backend and `wanrt build` (engine_build imports them from here,
+so the runtime never imports engine_build).
+
+Weights: per-output-channel (or per-tensor) scales. Activations: per-token dynamic scales, so the cond and
+uncond halves of a CFG batch never share (and overwrite) a scale, the trap peers fell into. On the GPU the
+GEMM is torch._scaled_mm (Hopper/Ada, row-wise scales); elsewhere the same quantisation is emulated in higher
+precision, so CPU tests run the same code path and measure the same rounding.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+DEFAULT_INCLUDE = r"^blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)$|^blocks\.\d+\.ffn\.net\.(0\.proj|2)$"
+SCALE_SUFFIX = "weight_scale"
+
+
+def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale rounded to e4m3, written straight into the e4m3 output: on CUDA the kernel computes each
+    element in fp32 and rounds it once, so no full-size fp32 (or bf16) temporary exists (CPU TensorIterator
+    stages through fp32 internally; CPU is the emulation path). Same bits as
+    `(x.float() / scale).clamp(-448, 448).to(FP8)`: |x| / scale <= 448 by construction of the scale."""
+    out = torch.empty(x.shape, dtype=FP8, device=x.device)
+    return torch.div(x, scale, out=out)
+
+
+def quantize_weight(w: torch.Tensor, granularity: str = "channel") -> tuple[torch.Tensor, torch.Tensor]:
+    """w (out, in) -> (e4m3 weights, fp32 scale) with w ~= q * scale; scale (out, 1) or a scalar."""
+    w = w.detach()
+    if granularity == "channel":
+        amax = torch.linalg.vector_norm(w, float("inf"), dim=1, keepdim=True)
+    elif granularity == "tensor":
+        amax = torch.linalg.vector_norm(w, float("inf")).reshape(())
+    else:
+        raise ValueError(f"granularity must be 'channel' or 'tensor', not {granularity!r}")
+    scale = (amax.float() / FP8_MAX).clamp(min=1e-12)
+    return _to_fp8(w, scale), scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return (q.float() * scale.float()).to(dtype)
+
+
+def dequantize_state_dict(sd: dict[str, torch.Tensor], dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """FP8 artifact -> a plain state dict (what the eager backend runs; compiled/TensorRT use the FP8)."""
+    out = {}
+    for key, value in sd.items():
+        if key.endswith(f".{SCALE_SUFFIX}"):
+            continue
+        scale = sd.get(key[: -len("weight")] + SCALE_SUFFIX) if key.endswith(".weight") else None
+        out[key] = dequantize_weight(value, scale, dtype) if scale is not None else value.to(dtype) if value.is_floating_point() else value
+    return out
+
+
+def fp8_gemm_supported(device: torch.device) -> bool:
+    device = torch.device(device)
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class Fp8Linear(torch.nn.Module):
+    """y = x W^T + b with W in e4m3 (per-output-channel scale) and x quantised per token on the fly.
+
+    `use_fast_accum`: _scaled_mm's faster FP8 accumulation (Hopper), on by default; the emulation ignores it.
+    `quantize_on`: where the weight is quantised (default where it is); the result stays where the layer is,
+    so host-side experts are quantised on the GPU one layer at a time.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, emulate: bool, use_fast_accum: bool = True,
+                 quantize_on: torch.device | str | None = None):
+        super().__init__()
+        w = linear.weight.data
+        q, scale = quantize_weight(w if quantize_on is None else w.to(quantize_on), "channel")
+        self.register_buffer("weight_fp8", q.to(linear.weight.device))
+        self.register_buffer("weight_scale", scale.to(linear.weight.device, torch.float32))  # (out, 1)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_dtype = linear.weight.dtype
+        self.emulate = emulate
+        self.use_fast_accum = use_fast_accum
+
+    @staticmethod
+    def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # amax in x's own dtype (a max is exact in any float format, and vector_norm needs no |x| temporary);
+        # only the per-token scale is fp32. A 14B expert's activations are GBs: an fp32 copy would double them.
+        amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True)
+        scale = (amax.float() / FP8_MAX).clamp(min=1e-12)  # one per token
+        return _to_fp8(x, scale), scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xq, xs = self.quantize_activation(x2)
+        if self.emulate:
+            w = self.weight_fp8.float() * self.weight_scale
+            y = (xq.float() * xs) @ w.t()
+            if self.bias is not None:
+                y = y + self.bias.float()
+            y = y.to(self.out_dtype if x.dtype == torch.float32 else x.dtype)
+        else:
+            # The bias goes into the GEMM epilogue (BF16, as _scaled_mm wants for a BF16 output).
+            bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+            y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale.t(), bias=bias,
+                                 out_dtype=torch.bfloat16, use_fast_accum=self.use_fast_accum)
+            y = y.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def swap_fp8_linears(expert: torch.nn.Module, emulate: bool, include: str = DEFAULT_INCLUDE,
+                     use_fast_accum: bool = True, quantize_on: torch.device | str | None = None) -> int:
+    """Replace the matching nn.Linear layers of `expert` by Fp8Linear, in place, where they are (each layer's
+    BF16 weight is freed as soon as its FP8 copy exists; `quantize_on`: see Fp8Linear)."""
+    pattern = re.compile(include)
+    targets = [name for name, m in expert.named_modules() if isinstance(m, torch.nn.Linear) and pattern.search(name)]
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = expert.get_submodule(parent_name) if parent_name else expert
+        setattr(parent, child, Fp8Linear(getattr(parent, child), emulate, use_fast_accum, quantize_on))
+    return len(targets)
