@@ -63,6 +63,15 @@ async function generateVideo(imageUrl, prompt) {
 """
 
 
+def wait_until(page, expression: str, timeout: int) -> None:
+    """Poll a JS expression with page.evaluate (DevTools evaluation, exempt from the page's CSP), where
+    Playwright's wait_for_function compiles it with eval, which /ui's Content-Security-Policy forbids."""
+    deadline = time.time() + timeout / 1000
+    while not page.evaluate(expression):
+        assert time.time() < deadline, f"timed out waiting for {expression}"
+        page.wait_for_timeout(100)
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     with ImageServer() as images, WanrtServer(tmp_path_factory.mktemp("ui")) as server:
@@ -92,14 +101,14 @@ def test_playground_generates_and_plays_a_video(env, browser):
     for name, value in (("width", "256"), ("height", "256"), ("frames", "16"), ("steps", "2")):
         page.fill(f"#{name}", value)
     page.click("#submit")
-    page.wait_for_function("document.getElementById('state').textContent.startsWith('completed')", timeout=180_000)
+    wait_until(page, "document.getElementById('state').textContent.startsWith('completed')", timeout=180_000)
     assert page.text_content("#via") in ("live (SSE)", "polling")
-    page.wait_for_function("(() => { const v = document.getElementById('video');"
+    wait_until(page, "(() => { const v = document.getElementById('video');"
                            " return v.readyState >= 2 && v.duration > 0; })()", timeout=30_000)
     duration = page.evaluate("document.getElementById('video').duration")
     assert abs(duration - 1.0) < 0.15  # 16 frames at 16 fps
     page.evaluate("document.getElementById('video').play()")
-    page.wait_for_function("document.getElementById('video').currentTime > 0.1", timeout=15_000)
+    wait_until(page, "document.getElementById('video').currentTime > 0.1", timeout=15_000)
     assert page.get_attribute("#download", "href").startswith("/download/")
     assert page.locator("#jobs tr").count() >= 1
     ARTIFACTS.mkdir(exist_ok=True)
@@ -107,7 +116,7 @@ def test_playground_generates_and_plays_a_video(env, browser):
     # delete from the list
     job_id = page.text_content("#job_id")
     page.click(f"button[data-delete='{job_id}']")
-    page.wait_for_function(f"!document.querySelector(\"button[data-delete='{job_id}']\")", timeout=10_000)
+    wait_until(page, f"!document.querySelector(\"button[data-delete='{job_id}']\")", timeout=10_000)
     assert errors == []
     page.close()
 
@@ -125,13 +134,13 @@ def test_playground_upload_and_error_display(env, browser, tmp_path):
     for name, value in (("width", "256"), ("height", "256"), ("frames", "16"), ("steps", "1")):
         page.fill(f"#{name}", value)
     page.click("#submit")
-    page.wait_for_function("document.getElementById('job_id').textContent.length > 8", timeout=30_000)
-    page.wait_for_function("document.getElementById('state').textContent.startsWith('completed')", timeout=180_000)
+    wait_until(page, "document.getElementById('job_id').textContent.length > 8", timeout=30_000)
+    wait_until(page, "document.getElementById('state').textContent.startsWith('completed')", timeout=180_000)
     # a bad URL shows the API's detail
     page.set_input_files("#image_file", [])
     page.fill("#image_url", "http://169.254.169.254/latest/meta-data/")
     page.click("#submit")
-    page.wait_for_function("document.getElementById('error').textContent.includes('400')", timeout=30_000)
+    wait_until(page, "document.getElementById('error').textContent.includes('400')", timeout=30_000)
     assert "not allowed" in page.text_content("#error")
     page.close()
 
@@ -145,7 +154,7 @@ def test_seed_javascript_example_from_another_origin(env, browser):
     assert page.evaluate("location.origin") != server.base
     page.add_script_tag(content=SEED_JS.replace("API", server.base))
     page.evaluate(f"generateVideo('{images.url('/img.png')}', 'person smiling and waving')")
-    page.wait_for_function("window.seedResult !== undefined", timeout=180_000)
+    wait_until(page, "window.seedResult !== undefined", timeout=180_000)
     result = page.evaluate("window.seedResult")
     assert result.get("type") == "video/mp4" and result["size"] > 1000, result
     page.close()
