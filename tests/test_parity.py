@@ -1,5 +1,7 @@
 """Our loop vs diffusers' WanImageToVideoPipeline on the tiny model: same latents (fp32, CPU)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -29,14 +31,12 @@ def diffusers_latents(model, image, p: GenerateParams):
 @pytest.mark.parametrize("steps,cfg_high,cfg_low", [(4, 3.5, 3.5), (6, 4.0, 1.0), (5, 2.0, 5.0)])
 def test_latents_match_diffusers(tiny_model, image64, scheduler, steps, cfg_high, cfg_low):
     # diffusers decides "CFG or not" from the high-noise scale alone, so cfg_high is > 1 in every case here.
-    tiny_model.scheduler_config = dict(UNIPC_SCHEDULER_CONFIG if scheduler == "unipc" else EULER_SCHEDULER_CONFIG)
-    try:
-        p = GenerateParams(prompt="a cat smiling and waving", negative_prompt="static, blurry", steps=steps,
-                           cfg_high_noise=cfg_high, cfg_low_noise=cfg_low, width=64, height=48, frames=9, seed=123)
-        ours = WanI2VPipeline(tiny_model).generate(p, image64.resize((64, 48)), None).latents
-        ref = diffusers_latents(tiny_model, image64.resize((64, 48)), p)
-    finally:
-        tiny_model.scheduler_config = dict(UNIPC_SCHEDULER_CONFIG)
+    model = copy.copy(tiny_model)  # the session's model is shared: change the scheduler on a shallow copy
+    model.scheduler_config = dict(UNIPC_SCHEDULER_CONFIG if scheduler == "unipc" else EULER_SCHEDULER_CONFIG)
+    p = GenerateParams(prompt="a cat smiling and waving", negative_prompt="static, blurry", steps=steps,
+                       cfg_high_noise=cfg_high, cfg_low_noise=cfg_low, width=64, height=48, frames=9, seed=123)
+    ours = WanI2VPipeline(model).generate(p, image64.resize((64, 48)), None).latents
+    ref = diffusers_latents(model, image64.resize((64, 48)), p)
     assert ours.shape == ref.shape == (1, 16, 3, 6, 8)
     diff = (ours - ref).abs().max().item()
     assert diff <= 1e-4, diff
