@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 MODEL ?= tiny
 
-.PHONY: install redis chromium serve generate test bench doctor
+.PHONY: install redis chromium wrk lint serve generate test bench doctor
 
 # CPU machines take torch 2.13.0 (a CPU build); a machine that already has torch (GPU images) keeps its own.
 install:
@@ -26,7 +26,14 @@ redis:
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-test: install redis chromium
+# wrk: bench_api's load generator (compiled, so the client does not starve the server on a small machine)
+wrk:
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
+
+lint: install
+	$(PYTHON) -m ruff check .
+
+test: install redis chromium wrk lint
 	$(PYTHON) -m pytest -q tests
 
 bench: install redis
@@ -37,3 +44,23 @@ bench: install redis
 
 doctor: install
 	$(PYTHON) -m wanrt.cli doctor
+
+# GPU proof (benchmarks/gpu_proof.py). `make wheelhouse` runs where pip reaches PyPI: wheels/ gets what a CUDA
+# host with its own torch (transformers, accelerate, peft, safetensors, pillow, numpy, httpx...) lacks, at the
+# versions installed here, plus wanrt itself; the proof installs them offline there. Fails over 64 MiB.
+WHEELHOUSE_PKGS := diffusers av ftfy wcwidth torchao importlib-metadata
+.PHONY: wheelhouse gpu-proof
+wheelhouse:
+	rm -rf wheels && mkdir -p wheels
+	$(PIP) download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+		-d wheels/ --no-deps $$($(PYTHON) -c "import importlib.metadata as m, sys; \
+		i = {d.metadata['Name'].lower().replace('_', '-'): d.version for d in m.distributions()}; \
+		print(' '.join(f'{p}=={i[p]}' if p in i else p for p in sys.argv[1:]))" $(WHEELHOUSE_PKGS))
+	$(PIP) wheel -q --no-deps --no-build-isolation -w wheels/ .
+	@$(PYTHON) -c "import pathlib, sys; w = sorted(pathlib.Path('wheels').glob('*.whl')); n = sum(p.stat().st_size for p in w); \
+		print('\n'.join(f'{p.stat().st_size / 2**20:7.1f} MiB  {p.name}' for p in w)); print(f'wheels/: {n / 2**20:.1f} MiB'); \
+		sys.exit('wheels/ is over 64 MiB' if n > 64 * 2**20 else 0)"
+
+gpu-proof:
+	$(PYTHON) benchmarks/gpu_proof.py
