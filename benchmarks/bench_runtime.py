@@ -23,7 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import flops as flop_model  # noqa: E402
 
-PRESETS = {**flop_model.PRESETS, "tiny": dict(steps=4, frames=17, width=256, height=256, cfg_high_noise=3.5, cfg_low_noise=3.5)}
+PRESETS = {
+    **flop_model.PRESETS,
+    "tiny": dict(steps=4, frames=17, width=256, height=256, cfg_high_noise=3.5, cfg_low_noise=3.5),
+    # smallest runs (dry runs of gpu_proof on the tiny model): the default and fast presets' shapes of guidance
+    "smoke": dict(steps=4, frames=9, width=64, height=64, cfg_high_noise=3.5, cfg_low_noise=3.5),
+    "smoke_fast": dict(steps=4, frames=9, width=64, height=64, cfg_high_noise=1.0, cfg_low_noise=1.0),
+    # the smallest request the CLI and the API accept (cold-start smoke runs through `wanrt generate`)
+    "cli_min": dict(steps=2, frames=16, width=256, height=256, cfg_high_noise=1.0, cfg_low_noise=1.0),
+}
 STAGES = ["text_encode_s", "vae_encode_s", "denoise_high_s", "denoise_low_s", "vae_decode_s", "mp4_encode_s", "total_s"]
 
 

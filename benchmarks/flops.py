@@ -58,8 +58,9 @@ class ForwardFlops:
 
 
 def latent_tokens(frames: int, height: int, width: int, patch=(1, 2, 2)) -> int:
-    f_lat = (frames - 1) // 4 + 1
-    return (f_lat // patch[0]) * (height // 8 // patch[1]) * (width // 8 // patch[2])
+    from wanrt.model.sizes import latent_tokens as tokens  # one definition, shared with the memory planner
+
+    return tokens(frames, height, width, patch)
 
 
 def forward_flops(frames: int, height: int, width: int, arch: dict = A14B) -> ForwardFlops:

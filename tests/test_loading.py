@@ -5,10 +5,15 @@ import json
 import pytest
 import torch
 
-from wanrt.model import keymaps
+from wanrt.model import keymaps, sizes
 from wanrt.model.loading import (
-    ModelLoadError, WAN22_I2V_A14B_TRANSFORMER_CONFIG, build_random_full, load_expert, load_model,
-    save_diffusers_dir, save_single_files,
+    WAN22_I2V_A14B_TRANSFORMER_CONFIG,
+    ModelLoadError,
+    build_random_full,
+    load_expert,
+    load_model,
+    save_diffusers_dir,
+    save_single_files,
 )
 from wanrt.params import GenerateParams
 from wanrt.runtime.pipeline import WanI2VPipeline
@@ -122,3 +127,51 @@ def test_random_full_has_the_a14b_shape_on_meta():
     assert keymaps.infer_transformer_config(sd)["num_attention_heads"] == 40
     assert {k: v for k, v in keymaps.infer_transformer_config(sd).items()} == {
         k: v for k, v in WAN22_I2V_A14B_TRANSFORMER_CONFIG.items() if k != "rope_max_seq_len"}
+    assert n == sizes.expert_params().total  # the size model the memory planner uses
+    full = build_random_full("meta", torch.bfloat16)
+    te = full.text_encoder
+    assert te.shared.weight is te.encoder.embed_tokens.weight  # tied: 5.68 B, not 6.73 B
+    assert sum(p.numel() for p in te.parameters()) == sizes.umt5_params(tied=True) == 5_680_910_336
+
+
+def test_random_full_materialises_each_parameter_in_its_final_dtype(monkeypatch):
+    """One block at the real widths (5120 / 13824): every parameter is made in bf16 (fp32 only where diffusers
+    keeps it), never in fp32 first, and the bytes are what the size model says."""
+    import wanrt.model.loading as loading
+    from wanrt.runtime.memory import module_bytes
+
+    seen = []  # dtypes as _materialise_random leaves them, before the final cast_module
+    real_cast = loading.cast_module
+
+    def spy(module, device=None, dtype=None):
+        seen.append({p.dtype for p in module.parameters()})
+        return real_cast(module, device, dtype)
+
+    monkeypatch.setattr(loading, "cast_module", spy)
+    m = build_random_full("cpu", torch.bfloat16, with_text_encoder=False, num_layers=1)
+    assert seen[0] == seen[1] == seen[2] == {torch.bfloat16, torch.float32}  # experts, text encoder (its `wo`)
+    assert seen[3] == {torch.float32}  # the VAE
+    config = {**WAN22_I2V_A14B_TRANSFORMER_CONFIG, "num_layers": 1}
+    keep = set(m.transformer_high._keep_in_fp32_modules)
+    for expert in m.experts.values():
+        for name, p in expert.named_parameters():
+            wanted = torch.float32 if keep & set(name.split(".")) else torch.bfloat16
+            assert p.dtype == wanted, name
+        assert module_bytes(expert) == sizes.expert_params(config).bytes(2) == 1_225_268_352
+    assert m.transformer_high.blocks[0].ffn.net[0].proj.weight.shape == (13824, 5120)
+    te = m.text_encoder
+    assert te.shared.weight is te.encoder.embed_tokens.weight
+    assert module_bytes(te) == sizes.umt5_bytes(dict(num_layers=1, vocab_size=te.config.vocab_size), 2)
+    w = m.transformer_high.blocks[0].attn1.to_q.weight.float()
+    assert torch.isfinite(w).all() and 0.3 < w.std().item() * 5120**0.5 / 0.5 < 3  # 0.5/sqrt(fan_in)
+
+
+@pytest.mark.gpu
+def test_random_full_on_cuda_never_holds_an_fp32_copy():
+    from wanrt.runtime.memory import module_bytes
+
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    m = build_random_full("cuda", torch.bfloat16, with_text_encoder=False, num_layers=2)
+    total = sum(module_bytes(part) for part in (m.transformer_high, m.transformer_low, m.text_encoder, m.vae))
+    assert torch.cuda.max_memory_allocated() - base < 1.1 * total  # fp32 first would be ~2x

@@ -268,13 +268,17 @@ def save_single_files(model: WanI2VModel, root: Path, layout: str = "comfyui") -
 
 
 # --------------------------------------------------------------------------------------------- random full size
-def build_random_full(device="cuda", dtype=torch.bfloat16, with_text_encoder: bool = True) -> WanI2VModel:
+def build_random_full(device="cuda", dtype=torch.bfloat16, with_text_encoder: bool = True,
+                      num_layers: int | None = None) -> WanI2VModel:
     """Full-size A14B with random weights, allocated directly on `device` ("meta" to inspect shapes only).
 
     Speed does not depend on weight values, so GPU benchmarks use this when no weights can be downloaded.
-    Parameters are created on meta and materialised one by one on the device (no 2 x 57 GB of fp32 on the
-    host); buffers (RoPE tables) are computed for real; weights get 0.5/sqrt(fan_in) so 40 random residual
-    layers stay finite in bf16."""
+    Parameters are created on meta and materialised one by one on the device, each straight in the dtype it
+    keeps (`dtype`, fp32 for diffusers' `_keep_in_fp32_modules`; never an fp32 copy of a 14B expert);
+    buffers (RoPE tables) are computed for real; weights get 0.5/sqrt(fan_in) so 40 random residual layers
+    stay finite in bf16. The text encoder's two embedding tables are tied (one 1 B tensor, not two).
+    num_layers: fewer transformer blocks at the real widths (tests). with_text_encoder=False: a 1-layer
+    UMT5 at the real width over the tiny tokenizer's vocabulary (the random prompts use it anyway)."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -282,37 +286,50 @@ def build_random_full(device="cuda", dtype=torch.bfloat16, with_text_encoder: bo
     from wanrt.model.tiny import build_tiny_tokenizer
 
     gen = torch.Generator(device="cpu").manual_seed(0)
-    t5_config = UMT5Config(**(UMT5_XXL_CONFIG if with_text_encoder else {**UMT5_XXL_CONFIG, "num_layers": 1}))
+    tokenizer = build_tiny_tokenizer()
+    t5 = UMT5_XXL_CONFIG if with_text_encoder else {**UMT5_XXL_CONFIG, "num_layers": 1, "vocab_size": len(tokenizer)}
+    expert_config = {**WAN22_I2V_A14B_TRANSFORMER_CONFIG, **({"num_layers": num_layers} if num_layers else {})}
     with init_empty_weights(include_buffers=False):
-        experts = [WanTransformer3DModel(**WAN22_I2V_A14B_TRANSFORMER_CONFIG) for _ in range(2)]
-        text_encoder = UMT5EncoderModel(t5_config)
+        experts = [WanTransformer3DModel(**expert_config) for _ in range(2)]
+        text_encoder = UMT5EncoderModel(UMT5Config(**t5))
         vae = AutoencoderKLWan()
+    # Built on meta, the embedding and `shared` are two parameters (6.7 B, not 5.7 B): tie them first so the
+    # 1 B table is materialised once.
+    text_encoder.encoder.embed_tokens.weight = text_encoder.shared.weight
     for module, module_dtype in ((experts[0], dtype), (experts[1], dtype), (text_encoder, dtype), (vae, torch.float32)):
         if str(device) != "meta":
             _materialise_random(module, device, module_dtype, seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
-            cast_module(module, device, module_dtype)
+            if module is text_encoder:  # set_module_tensor_to_device replaced `shared`: tie again
+                text_encoder.encoder.embed_tokens.weight = text_encoder.shared.weight
+            cast_module(module, device, module_dtype)  # buffers; parameters are already where they belong
     model = WanI2VModel(
         transformer_high=experts[0], transformer_low=experts[1], vae=vae, text_encoder=text_encoder,
-        tokenizer=build_tiny_tokenizer(), scheduler_config=dict(UNIPC_SCHEDULER_CONFIG), name="random-full",
+        tokenizer=tokenizer, scheduler_config=dict(UNIPC_SCHEDULER_CONFIG), name="random-full",
     )
     return model.eval()
 
 
 def _materialise_random(module: torch.nn.Module, device, dtype, seed: int) -> None:
+    """Random values for a meta-built module's parameters, each made on `device` in its final dtype.
+
+    accelerate's set_module_tensor_to_device casts `value` to the placeholder's dtype (fp32 on meta) unless
+    `dtype` is passed: without it every parameter lands in fp32 (57 GB per expert) until a later cast."""
     from accelerate.utils import set_module_tensor_to_device
 
+    keep_fp32 = set(getattr(module, "_keep_in_fp32_modules", None) or [])
     g = torch.Generator(device=device).manual_seed(seed)
     for name, p in list(module.named_parameters()):
+        target = torch.float32 if any(part in keep_fp32 for part in name.split(".")) else dtype
         if p.ndim >= 2 and not name.endswith("scale_shift_table"):
             fan_in = p[0].numel() if p.ndim > 1 else p.shape[0]
-            value = torch.randn(p.shape, generator=g, device=device, dtype=dtype) * (0.5 / fan_in ** 0.5)
+            value = torch.randn(p.shape, generator=g, device=device, dtype=target).mul_(0.5 / fan_in ** 0.5)
         elif name.endswith("scale_shift_table"):
-            value = torch.randn(p.shape, generator=g, device=device, dtype=dtype) * p.shape[-1] ** -0.5
+            value = torch.randn(p.shape, generator=g, device=device, dtype=target).mul_(p.shape[-1] ** -0.5)
         elif "norm" in name or name.endswith("gamma"):
-            value = torch.ones(p.shape, device=device, dtype=dtype)
+            value = torch.ones(p.shape, device=device, dtype=target)
         else:
-            value = torch.zeros(p.shape, device=device, dtype=dtype)
-        set_module_tensor_to_device(module, name, device, value=value)
+            value = torch.zeros(p.shape, device=device, dtype=target)
+        set_module_tensor_to_device(module, name, device, value=value, dtype=target, clear_cache=False)
 
 
 # --------------------------------------------------------------------------------------------- helpers
