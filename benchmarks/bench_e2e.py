@@ -67,10 +67,7 @@ def decode_frames(model, latents):
 
 def fp8_layer_count(*modules) -> int:
     """Fp8Linear modules in these modules (each counted once)."""
-    try:
-        from wanrt.runtime.fp8 import Fp8Linear
-    except ImportError:
-        from wanrt.runtime.backends.compiled import Fp8Linear
+    from wanrt.runtime.fp8 import Fp8Linear
     seen = set()
     for module in modules:
         for m in module.modules():

@@ -211,10 +211,7 @@ def _probe_fp8_linear(dev) -> dict:
 
     from wanrt.engine_build.quantize import quantize_weight
 
-    try:
-        from wanrt.runtime.fp8 import Fp8Linear
-    except ImportError:
-        from wanrt.runtime.backends.compiled import Fp8Linear
+    from wanrt.runtime.fp8 import Fp8Linear
     M, K, N = 33_600, 5120, 13_824
     flop = 2 * M * K * N
     x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
