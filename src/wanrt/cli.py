@@ -77,6 +77,10 @@ def cmd_worker(args) -> int:
     from wanrt.jobs.worker import run_worker
 
     settings = settings_from_args(args)
+    if settings.gpus:  # --gpus: one GPU runs a plain worker on it, several a worker group
+        from wanrt.jobs.group import run_group_worker
+
+        return run_group_worker(settings, worker_id=args.worker_id)
     if args.gpu is not None:
         settings = settings.replace(device=f"cuda:{args.gpu}")
     return run_worker(settings, worker_id=args.worker_id)

@@ -50,11 +50,15 @@ class Settings:
     scheduler: str = setting("unipc", "sampler (unipc is upstream's)", cli=RUN, choices=("unipc", "euler"))
     artifacts: str | None = setting(None, "a `wanrt build` output dir: fused (and quantized) experts", cli=RUN)
     queue: str = setting("sqlite", "'sqlite' (under the data dir) or redis://host:port/db", cli=RUN)
+    gpus: tuple[str, ...] = setting((), "GPU indices of one worker group, comma-separated (e.g. 0,1,2,3): one video "
+                                    "over several GPUs (Ulysses/CFG parallel); empty = one GPU", _list, ("worker",))
     # --- server ---
     host: str = setting("0.0.0.0", "address the API listens on", cli=SERVE)
     port: int = setting(8189, "port the API listens on", int, SERVE)
     data_dir: Path = setting(Path("data"), "job database, inputs and outputs", Path, JOBS)
     workers: int = setting(1, "worker processes to start (one per GPU); 0 = API only", int, SERVE)
+    gpus_per_worker: int = setting(1, "GPUs per worker: N > 1 runs each worker as a group over N GPUs, one video at a "
+                                   "time (Ulysses/CFG parallel; 2, 4, 5 or 8 for WAN's 40 heads)", int, SERVE)
     concurrency: int = setting(1, "jobs per worker at once", int, JOBS)
     queue_max: int = setting(100, "queued jobs before /generate answers 429", int, SERVE)
     job_ttl_s: float = setting(24 * 3600.0, "finished jobs and their files expire after this many seconds", float)
@@ -76,6 +80,15 @@ class Settings:
     sse_per_client: int = setting(8, "open /events streams per client address (429 beyond)", int)
     sse_total: int = setting(256, "open /events streams in all (429 beyond)", int)
     sse_max_s: float = setting(3600.0, "longest an /events stream stays open (seconds)", float)
+    # --- previews, webhooks, cost ---
+    preview: bool = setting(True, "write a live preview (animated WebP of x0) after each denoising step", _bool, JOBS)
+    webhook_secret: str = setting("", "HMAC-SHA256 key signing webhooks (Standard Webhooks; 'whsec_<base64>' or any "
+                                      "text); empty = requests with a webhook are refused (422)")
+    webhook_retry_s: tuple[str, ...] = setting(("15", "45", "135", "405"), "seconds before each webhook retry, "
+                                               "comma-separated (attempts = 1 + their count)", _list)
+    webhook_timeout_s: float = setting(10.0, "one webhook attempt's deadline: resolve, connect, send, answer", float)
+    webhook_concurrency: int = setting(8, "webhook deliveries at once per API process", int)
+    gpu_hourly_usd: float | None = setting(None, "price of one GPU-hour: jobs then report cost_usd", float)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":

@@ -27,7 +27,10 @@ class WorkerSupervisor:
     def _spawn(self, slot: int) -> subprocess.Popen:
         env = {**os.environ, **self.settings.to_env(), "WANRT_SUPERVISOR_PID": str(os.getpid())}
         cmd = [sys.executable, "-m", "wanrt.cli", "worker", "--worker-id", f"{os.uname().nodename}-w{slot}"]
-        if self.count > 1 and self.settings.device in ("auto", "cuda"):  # one worker per GPU
+        n = self.settings.gpus_per_worker
+        if n > 1:  # a worker group over GPUs slot*n .. slot*n+n-1
+            cmd += ["--gpus", ",".join(str(slot * n + i) for i in range(n))]
+        elif self.count > 1 and self.settings.device in ("auto", "cuda"):  # one worker per GPU
             cmd += ["--gpu", str(slot)]
         return subprocess.Popen(cmd, env=env)
 
@@ -41,6 +44,10 @@ class WorkerSupervisor:
         while not self.stopping.wait(1.0):
             for i, p in enumerate(self.procs):
                 if p is not None and p.poll() is not None and not self.stopping.is_set():
+                    if p.returncode == 2:  # a usage error (bad settings): starting it again cannot help
+                        log.error("worker %d refused its settings (exit 2); not restarting it", i)
+                        self.procs[i] = None
+                        continue
                     log.warning("worker %d exited with %s; starting it again", i, p.returncode)
                     self.restarts += 1
                     self.procs[i] = self._spawn(i)
