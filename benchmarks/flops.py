@@ -14,47 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
 
-A14B = dict(dim=5120, layers=40, ffn=13824, heads=40, in_channels=36, out_channels=16, text_dim=4096,
-            text_len=512, patch=(1, 2, 2), freq_dim=256)
+# The model itself lives in the package (the memory planner projects times from it): one definition.
+from wanrt.model.sizes import FLOP_ARCH as A14B
+from wanrt.model.sizes import PRESETS, SEED_TARGETS_S, ForwardFlops  # noqa: F401 (re-exported)
+from wanrt.model.sizes import forward_flops as _forward_flops
+from wanrt.model.sizes import request_flops as _request_flops
+from wanrt.runtime.gpus import peaks_by_name
 
-# Published dense tensor-core peaks in TFLOP/s (no sparsity). RTX cards: FP32 accumulate, as used for bf16.
-PEAKS_TFLOPS = {
-    "H100 SXM": {"bf16": 989.4, "fp8": 1978.9},
-    "H200": {"bf16": 989.4, "fp8": 1978.9},
-    "RTX 4090": {"bf16": 165.2, "fp8": 330.3},
-    "RTX 3080": {"bf16": 59.5, "fp8": None},  # Ampere has no FP8 tensor cores
-}
-
-# The seed's presets ("Performance Tips") at the default 640x640; "fast" with cfg 1 as our fast path.
-PRESETS = {
-    "fast": dict(steps=4, frames=49, width=640, height=640, cfg_high_noise=1.0, cfg_low_noise=1.0),
-    "default": dict(steps=6, frames=81, width=640, height=640, cfg_high_noise=3.5, cfg_low_noise=3.5),
-    "high_quality": dict(steps=8, frames=121, width=640, height=640, cfg_high_noise=3.5, cfg_low_noise=3.5),
-}
-# Seed's published times (api_contract.md, "Expected Processing Times"), seconds.
-SEED_TARGETS_S = {
-    "fast": {"RTX 4090": 30, "RTX 3080": 60},
-    "default": {"RTX 4090": 60, "RTX 3080": 120},
-    "high_quality": {"RTX 4090": 120, "RTX 3080": 240},
-}
-
-
-@dataclass
-class ForwardFlops:
-    tokens: int
-    linear: float
-    attention_self: float
-    attention_cross: float
-
-    @property
-    def attention(self) -> float:
-        return self.attention_self + self.attention_cross
-
-    @property
-    def total(self) -> float:
-        return self.linear + self.attention
+# Published dense tensor-core peaks in TFLOP/s (no sparsity), by card: src/wanrt/runtime/gpus.py.
+PEAKS_TFLOPS = peaks_by_name()
 
 
 def latent_tokens(frames: int, height: int, width: int, patch=(1, 2, 2)) -> int:
@@ -65,40 +34,15 @@ def latent_tokens(frames: int, height: int, width: int, patch=(1, 2, 2)) -> int:
 
 def forward_flops(frames: int, height: int, width: int, arch: dict = A14B) -> ForwardFlops:
     """One expert forward for one sample (batch 1)."""
-    from wanrt.params import frames_to_generate
-
-    frames = frames_to_generate(frames)
-    L, Lt = latent_tokens(frames, height, width, arch["patch"]), arch["text_len"]
-    d, f, n = arch["dim"], arch["ffn"], arch["layers"]
-    p = arch["patch"][0] * arch["patch"][1] * arch["patch"][2]
-    per_layer_linear = (
-        2 * L * d * d * 4  # self-attention q, k, v, o
-        + 2 * L * d * d * 2  # cross-attention q, o
-        + 2 * Lt * d * d * 2  # cross-attention k, v on the text
-        + 2 * L * d * f * 2  # FFN up + down
-    )
-    linear = n * per_layer_linear
-    linear += 2 * L * arch["in_channels"] * p * d  # patch embedding
-    linear += 2 * L * d * arch["out_channels"] * p  # head
-    linear += 2 * Lt * (arch["text_dim"] * d + d * d)  # text embedding MLP
-    attn_self = n * 4 * L * L * d  # QK^T and PV
-    attn_cross = n * 4 * L * Lt * d
-    return ForwardFlops(L, float(linear), float(attn_self), float(attn_cross))
+    return _forward_flops(frames, height, width, arch)
 
 
 def request_flops(steps: int, frames: int, width: int, height: int, cfg_high_noise: float, cfg_low_noise: float,
                   steps_high: int | None = None, arch: dict = A14B) -> dict:
-    """FLOPs of the denoising loop. steps_high: steps on the high-noise expert (from the schedule)."""
+    """FLOPs of the denoising loop. steps_high: steps on the high-noise expert (default: from the schedule)."""
     if steps_high is None:
         steps_high = split_steps(steps)[0]
-    fwd = forward_flops(frames, height, width, arch)
-    per_expert = {}
-    for expert, n_steps, cfg in (("high", steps_high, cfg_high_noise), ("low", steps - steps_high, cfg_low_noise)):
-        batch = 2 if cfg > 1 else 1
-        per_expert[expert] = {"steps": n_steps, "batch": batch, "flops": fwd.total * batch * n_steps,
-                              "linear": fwd.linear * batch * n_steps, "attention": fwd.attention * batch * n_steps}
-    total = sum(e["flops"] for e in per_expert.values())
-    return {"tokens": fwd.tokens, "forward": asdict(fwd) | {"total": fwd.total}, "per_expert": per_expert, "total": total}
+    return _request_flops(steps, frames, width, height, cfg_high_noise, cfg_low_noise, steps_high, arch)
 
 
 def split_steps(steps: int, boundary_ratio: float = 0.9) -> tuple[int, int]:

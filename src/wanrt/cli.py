@@ -86,6 +86,27 @@ def cmd_worker(args) -> int:
     return run_worker(settings, worker_id=args.worker_id)
 
 
+# ------------------------------------------------------------------------------------------------ plan
+def cmd_plan(args) -> int:
+    """The memory tier, bytes by part, peak and projected time for a card, host RAM and preset (nothing loaded)."""
+    from wanrt.runtime import gpus
+    from wanrt.runtime.memory import format_card_plan, plan_for_card
+
+    try:
+        gpu = gpus.get(args.gpu)
+    except KeyError as e:
+        print(f"wanrt plan: error: {e.args[0]}", file=sys.stderr)
+        return 2
+    presets = ["fast", "default", "high_quality"] if args.preset == "all" else [args.preset]
+    results = [plan_for_card(gpu, args.gpu_memory, args.host_memory, preset, args.weights, args.memory)
+               for preset in presets]
+    if args.json:
+        print(json.dumps([{k: v for k, v in r.items() if k != "plan_obj"} for r in results], indent=2))
+    else:
+        print("\n\n".join(format_card_plan(r) for r in results))
+    return 0
+
+
 def cmd_build(args) -> int:
     from wanrt.engine_build.build import BuildOptions, build
     from wanrt.engine_build.lora import LoraError, LoraSpec
@@ -145,6 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--allow-unmatched", action="store_true", help="ignore LoRA keys that match no layer")
     b.add_argument("--force", action="store_true", help="rebuild even on a cache hit")
     b.set_defaults(func=cmd_build)
+
+    pl = sub.add_parser("plan", help="memory tier, bytes by part, peak and projected time for a GPU (no weights loaded)")
+    pl.add_argument("--gpu", default="rtx4090", help="h100, h200, a100, l40s, rtx4090, rtx3090 or rtx3080")
+    pl.add_argument("--gpu-memory", type=float, help="GPU memory in GiB (default: the card's)")
+    pl.add_argument("--host-memory", type=float, help="host RAM in GiB (default: not checked)")
+    pl.add_argument("--preset", default="default", choices=["fast", "default", "high_quality", "all"])
+    pl.add_argument("--weights", default="fp8", choices=["fp8", "bf16"],
+                    help="how the experts are stored: an FP8 checkpoint or the compiled backend's FP8, or BF16")
+    pl.add_argument("--memory", default="auto", choices=["auto", "resident", "swap", "offload", "stream", "mmap"],
+                    help="price this tier instead of choosing one")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
 
     w = sub.add_parser("worker", help="one GPU worker: claims jobs from the store and runs them")
     w.add_argument("--gpu", type=int, help="CUDA device index")

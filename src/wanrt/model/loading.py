@@ -10,11 +10,20 @@
   models_t5_umt5-xxl-enc-bf16.pth), plus a tokenizer/ (or google/umt5-xxl/) directory.
 
 Each expert is read straight onto its device and built on the meta device, so host RAM never holds both.
+
+Two options serve the small-card memory tiers (runtime/memory.py):
+- `keep_fp8`: FP8 checkpoints (ComfyUI's fp8_scaled) stay FP8: each linear keeps its e4m3 weight and gets a
+  `weight_scale` buffer (the runtime turns them into Fp8Linear layers), so an expert is 14 GB in RAM, not 28.6.
+- `mmap`: the experts' safetensors files are memory-mapped and their tensors are views of the mapping (file pages
+  the OS reads on first touch and may drop again), not copies in RAM. Tensors the loader must convert (another
+  dtype, the fp32 modules) are copied; an FP8 or BF16 file in its own precision is not.
 """
 
 from __future__ import annotations
 
 import json
+import mmap as _mmap
+import struct
 from pathlib import Path
 
 import torch
@@ -53,7 +62,10 @@ class ModelLoadError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------- entry point
-def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> WanI2VModel:
+def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
+               keep_fp8: bool = False, mmap: bool = False) -> WanI2VModel:
+    """keep_fp8, mmap: see the module docstring (single files and diffusers directories; ignored for tiny and
+    random-full, which have no files)."""
     if spec == "tiny":
         from wanrt.model.tiny import build_tiny_model
 
@@ -64,14 +76,43 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist (use 'tiny', 'random-full' or a directory)")
     if (path / "transformer").is_dir() and (path / "transformer_2").is_dir():
-        return load_diffusers_dir(path, device, dtype)
+        return load_diffusers_dir(path, device, dtype, mmap=mmap)
     if path.is_dir():
-        return load_single_files(path, device, dtype)
+        return load_single_files(path, device, dtype, keep_fp8=keep_fp8, mmap=mmap)
     raise ModelLoadError(f"{path} is neither a diffusers directory nor a directory of single files")
 
 
+def expert_files(spec: str) -> list[Path]:
+    """The experts' safetensors files of a model spec ([] for tiny, random-full or .pth checkpoints)."""
+    path = Path(spec).expanduser()
+    if spec in ("tiny", "random-full") or not path.is_dir():
+        return []
+    if (path / "transformer").is_dir() and (path / "transformer_2").is_dir():
+        return sorted((path / "transformer").glob("*.safetensors")) + sorted((path / "transformer_2").glob("*.safetensors"))
+    try:
+        files = find_single_files(path)
+    except ModelLoadError:
+        return []
+    out = []
+    for name in ("high", "low"):
+        f = files[name]
+        out += sorted(f.glob("*.safetensors")) if f.is_dir() else ([f] if f.suffix == ".safetensors" else [])
+    return out
+
+
+def checkpoint_info(spec: str) -> dict:
+    """What the memory planner needs to know about a checkpoint before loading it (headers only): whether both
+    experts are safetensors files (they can be memory-mapped) and whether their linears are stored in FP8."""
+    files = expert_files(spec)
+    fp8 = False
+    for f in files:
+        header = safetensors_header(f)
+        fp8 = fp8 or any(isinstance(v, dict) and v.get("dtype") == "F8_E4M3" for v in header.values())
+    return {"mmap": bool(files), "fp8": fp8, "files": [str(f) for f in files]}
+
+
 # --------------------------------------------------------------------------------------------- diffusers
-def load_diffusers_dir(path: Path, device="cpu", dtype=torch.float32) -> WanI2VModel:
+def load_diffusers_dir(path: Path, device="cpu", dtype=torch.float32, mmap: bool = False) -> WanI2VModel:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -88,8 +129,25 @@ def load_diffusers_dir(path: Path, device="cpu", dtype=torch.float32) -> WanI2VM
         scheduler_config=sched,
         boundary_ratio=float(index.get("boundary_ratio") or I2V_BOUNDARY_RATIO),
         name=path.name,
-    )
+    ) if not mmap else None
+    if mmap:  # experts as views of their mapped shards (diffusers keys already), the rest as usual
+        from wanrt.model.components import WanI2VModel as Model
+
+        def expert(sub):
+            return _assign(WanTransformer3DModel, _diffusers_config(path / sub), read_state_dict(path / sub, mmap=True),
+                           "cpu", dtype, f"expert {path / sub}")
+
+        model = Model(
+            transformer_high=expert("transformer"), transformer_low=expert("transformer_2"),
+            vae=AutoencoderKLWan.from_pretrained(path / "vae", torch_dtype=torch.float32),
+            text_encoder=UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype),
+            tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"), scheduler_config=sched,
+            boundary_ratio=float(index.get("boundary_ratio") or I2V_BOUNDARY_RATIO), name=path.name)
     return model.to(device, dtype).eval()
+
+
+def _diffusers_config(path: Path) -> dict:
+    return {k: v for k, v in _read_json(path / "config.json").items() if not k.startswith("_")}
 
 
 def save_diffusers_dir(model: WanI2VModel, path: Path) -> Path:
@@ -119,21 +177,82 @@ def save_diffusers_dir(model: WanI2VModel, path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- single files
-def read_state_dict(path: Path, device="cpu") -> dict[str, torch.Tensor]:
-    """A .safetensors file, a directory of .safetensors shards, or a .pth/.pt file, read onto `device`."""
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file (name -> dtype, shape, data_offsets; "__metadata__")."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        return json.loads(fh.read(n))
+
+
+_MAPPED: list[tuple[int, int]] = []  # address ranges of the maps made here (is_mapped)
+
+
+def is_mapped(t: torch.Tensor) -> bool:
+    """Whether a tensor's data lies in a file mapping made by mmap_safetensors (not a copy in RAM)."""
+    p = t.data_ptr()
+    return any(start <= p < end for start, end in _MAPPED)
+
+
+def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file as views of a private (copy-on-write) memory map of it: nothing is read
+    until a tensor is touched, and the pages stay the OS's to drop. Each tensor keeps the mapping alive."""
+    path = Path(path)
+    header = safetensors_header(path)
+    with open(path, "rb") as fh:
+        mapping = _mmap.mmap(fh.fileno(), 0, access=_mmap.ACCESS_COPY)  # writable (torch wants that), never written
+    base = 8 + struct.unpack("<Q", mapping[:8])[0]
+    whole = torch.frombuffer(mapping, dtype=torch.uint8)
+    _MAPPED.append((whole.data_ptr(), whole.data_ptr() + len(mapping)))
+    del whole
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        count = (end - start) // torch.tensor([], dtype=dtype).element_size()
+        if count == 0:
+            out[name] = torch.empty(info["shape"], dtype=dtype)
+            continue
+        out[name] = torch.frombuffer(mapping, dtype=dtype, count=count, offset=base + start).view(info["shape"])
+    return out
+
+
+def meta_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file on the meta device (shapes and dtypes from the header; nothing read)."""
+    return {name: torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]], device="meta")
+            for name, info in safetensors_header(path).items() if name != "__metadata__"}
+
+
+def read_state_dict(path: Path, device="cpu", mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A .safetensors file, a directory of .safetensors shards, or a .pth/.pt file, read onto `device`
+    (mmap: safetensors as views of their memory-mapped files, on the host; device "meta": shapes and dtypes
+    only, from the headers, which is how the memory planner measures a checkpoint before loading it)."""
     from safetensors.torch import load_file
 
     path = Path(path)
+    if str(device) == "meta":
+        if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+            return {k: v.to("meta") for k, v in sd.items()}
+        shards = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        return {k: v for shard in shards for k, v in meta_safetensors(shard).items()}
     if path.is_dir():
         shards = sorted(path.glob("*.safetensors"))
         if not shards:
             raise ModelLoadError(f"no .safetensors shards in {path}")
         sd = {}
         for shard in shards:
-            sd.update(load_file(str(shard), device=str(device)))
+            sd.update(mmap_safetensors(shard) if mmap else load_file(str(shard), device=str(device)))
         return sd
     if path.suffix == ".safetensors":
-        return load_file(str(path), device=str(device))
+        return mmap_safetensors(path) if mmap else load_file(str(path), device=str(device))
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
         sd = torch.load(str(path), map_location=device, weights_only=True, mmap=True)
         return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
@@ -159,18 +278,43 @@ def find_single_files(root: Path) -> dict[str, Path]:
     }
 
 
-def load_expert(path: Path, device="cpu", dtype=torch.float32, config: dict | None = None):
-    """One expert from an original-Wan / ComfyUI checkpoint (fp16, bf16 or fp8_scaled)."""
+def split_fp8_scales(sd: dict[str, torch.Tensor], dtype) -> tuple[dict, dict]:
+    """ComfyUI fp8_scaled keys -> (state dict with the 2-D e4m3 weights kept, {weight key: scale}); other FP8
+    tensors (none in Wan files) are dequantized, the markers dropped."""
+    out, scales = {}, {}
+    for key, value in sd.items():
+        if key.endswith(".scale_weight") or key.endswith(".scale_input") or key == "scaled_fp8":
+            continue
+        scale = sd.get(key[: -len("weight")] + "scale_weight") if key.endswith(".weight") else None
+        if value.dtype == torch.float8_e4m3fn and value.ndim == 2:
+            scales[key] = scale if scale is not None else torch.ones((), dtype=torch.float32)
+        elif value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            value = (value.to(torch.float32) * (scale.float() if scale is not None else 1.0)).to(dtype)
+        out[key] = value
+    return out, scales
+
+
+def load_expert(path: Path, device="cpu", dtype=torch.float32, config: dict | None = None, keep_fp8: bool = False,
+                mmap: bool = False):
+    """One expert from an original-Wan / ComfyUI checkpoint (fp16, bf16 or fp8_scaled). keep_fp8: FP8 linears
+    stay e4m3 with a `weight_scale` buffer; mmap: tensors are views of the mapped file (module docstring)."""
     from diffusers import WanTransformer3DModel
 
-    sd = keymaps.transformer_to_diffusers(keymaps.dequantize_comfy_fp8(read_state_dict(path, device), dtype))
+    raw = read_state_dict(path, "cpu" if mmap else device, mmap=mmap)
+    if keep_fp8:
+        raw, scales = split_fp8_scales(raw, dtype)
+        # the converter only renames keys: a dict of scales under their weights' names comes out renamed alike
+        scales = {k + "_scale": v for k, v in keymaps.transformer_to_diffusers(scales).items()} if scales else {}
+    else:
+        raw, scales = keymaps.dequantize_comfy_fp8(raw, dtype), {}
+    sd = keymaps.transformer_to_diffusers(raw)
     if config is None:
         head_dim = 128
         orig_cfg = _read_json(Path(path) / "config.json") if Path(path).is_dir() else {}
         if orig_cfg.get("dim") and orig_cfg.get("num_heads"):
             head_dim = orig_cfg["dim"] // orig_cfg["num_heads"]
         config = keymaps.infer_transformer_config(sd, head_dim=head_dim)
-    return _assign(WanTransformer3DModel, config, sd, device, dtype, f"expert {path}")
+    return _assign(WanTransformer3DModel, config, sd, device, dtype, f"expert {path}", scales)
 
 
 def load_vae(path: Path, device="cpu", config: dict | None = None):
@@ -188,17 +332,21 @@ def load_umt5(path: Path, device="cpu", dtype=torch.float32):
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
     _load_strict(model, sd, f"text encoder {path}")
-    return cast_module(model, device, dtype)
+    # Both keys hold the one table (umt5_to_hf): make them one parameter, or a dtype cast copies it twice (2 GB).
+    model.encoder.embed_tokens.weight = model.shared.weight
+    return cast_module(model, None if str(device) == "meta" else device, dtype)
 
 
-def load_single_files(root: Path, device="cpu", dtype=torch.float32) -> WanI2VModel:
+def load_single_files(root: Path, device="cpu", dtype=torch.float32, keep_fp8: bool = False,
+                      mmap: bool = False) -> WanI2VModel:
     from transformers import AutoTokenizer
 
     files = find_single_files(root)
     arch = _read_json(Path(root) / ARCH_FILE)
+    expert_device = "cpu" if mmap else device
     model = WanI2VModel(
-        transformer_high=load_expert(files["high"], device, dtype, arch.get("transformer")),
-        transformer_low=load_expert(files["low"], device, dtype, arch.get("transformer")),
+        transformer_high=load_expert(files["high"], expert_device, dtype, arch.get("transformer"), keep_fp8, mmap),
+        transformer_low=load_expert(files["low"], expert_device, dtype, arch.get("transformer"), keep_fp8, mmap),
         vae=load_vae(files["vae"], device, arch.get("vae")),
         text_encoder=load_umt5(files["text_encoder"], device, dtype),
         tokenizer=AutoTokenizer.from_pretrained(files["tokenizer"]),
@@ -352,12 +500,31 @@ def _load_strict(model: torch.nn.Module, sd: dict, what: str) -> None:
     model.load_state_dict(sd, strict=True, assign=True)
 
 
-def _assign(cls, config: dict, sd: dict, device, dtype, what: str):
-    """Build on meta (parameters only; buffers such as RoPE tables are real), then adopt the tensors."""
+def _assign(cls, config: dict, sd: dict, device, dtype, what: str, fp8_scales: dict | None = None):
+    """Build on meta (parameters only; buffers such as RoPE tables are real), then adopt the tensors.
+    fp8_scales: {"<linear>.weight_scale": scale}: those linears keep their e4m3 weights (and the scale as a
+    buffer); everything else takes `dtype` as cast_module gives it."""
     from accelerate import init_empty_weights
 
     config = {k: (tuple(v) if k == "patch_size" and v is not None else v) for k, v in config.items()}
     with init_empty_weights(include_buffers=False):
         model = cls(**config)
-    _load_strict(model, sd, what)
-    return cast_module(model, device, dtype)
+    for key, scale in (fp8_scales or {}).items():
+        model.get_submodule(key.rsplit(".", 1)[0]).register_buffer("weight_scale", torch.empty(scale.shape, device="meta"))
+    _load_strict(model, {**sd, **(fp8_scales or {})}, what)
+    if str(device) == "meta":  # measuring: parameters stay meta, real buffers (RoPE) stay where they are
+        device = None
+    if not fp8_scales:
+        return cast_module(model, device, dtype)
+    keep = {id(t) for k in fp8_scales for t in (model.get_submodule(k.rsplit(".", 1)[0]).weight,
+                                                 model.get_submodule(k.rsplit(".", 1)[0]).weight_scale)}
+    held = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in keep:
+            held[id(t)] = t.data
+            t.data = torch.empty(0, device=t.device)  # out of cast_module's way
+    cast_module(model, device, dtype)
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in held:
+            t.data = held[id(t)].to(device)
+    return model

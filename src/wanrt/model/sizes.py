@@ -13,6 +13,7 @@ live-tensor measurements on CPU in tests/test_memory.py.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 GiB = 2**30
@@ -72,6 +73,34 @@ def expert_params(config: dict | None = None) -> ExpertParams:
     )
 
 
+def expert_block_bytes(config: dict | None = None, dtype_bytes: int = 2, fp8: bool = False) -> int:
+    """Device bytes of one transformer block (what block streaming moves per block): its modulation table and
+    cross-attention norm in fp32, the eight attention projections and the FFN's two linears at 1 byte + a row
+    scale (fp8) or at `dtype_bytes`, biases and q/k norm weights at `dtype_bytes`."""
+    c = {**A14B_EXPERT, **(config or {})}
+    d, f = c["num_attention_heads"] * c["attention_head_dim"], c["ffn_dim"]
+    norm2 = 2 * d if c.get("cross_attn_norm", True) else 0
+    fp32 = 6 * d + norm2
+    weights = 8 * d * d + 2 * d * f
+    small = 2 * (4 * d + 2 * d) + f + d  # biases and the q/k RMSNorm weights
+    if fp8:
+        return fp32 * 4 + weights + (8 * d + f + d) * 4 + small * dtype_bytes
+    return fp32 * 4 + (weights + small) * dtype_bytes
+
+
+def expert_stem_bytes(config: dict | None = None, dtype_bytes: int = 2, fp8: bool = False) -> int:
+    """Everything of an expert but its blocks (patch and condition embedders, head, RoPE tables): what block
+    streaming keeps on the device for the running expert (0.5 GB for the A14B)."""
+    c = {**A14B_EXPERT, **(config or {})}
+    return expert_params(config).bytes(dtype_bytes, fp8) - c["num_layers"] * expert_block_bytes(config, dtype_bytes, fp8)
+
+
+def largest_linear_params(config: dict | None = None) -> int:
+    """The largest block linear (the FFN's): a weight-only FP8 layer upcasts one such weight at a time."""
+    c = {**A14B_EXPERT, **(config or {})}
+    return c["num_attention_heads"] * c["attention_head_dim"] * c["ffn_dim"]
+
+
 def umt5_params(config: dict | None = None, tied: bool = False) -> int:
     """UMT5 encoder. transformers 5 builds `shared` and `encoder.embed_tokens` as two tensors (untied:
     6.73 B for XXL); a loader that ties them carries 5.68 B."""
@@ -88,6 +117,17 @@ def umt5_bytes(config: dict | None = None, dtype_bytes: int = 2, tied: bool = Tr
     c = {**UMT5_XXL, **(config or {})}
     wo = c["num_layers"] * c["d_ff"] * c["d_model"]
     return (umt5_params(config, tied) - wo) * dtype_bytes + wo * max(4, dtype_bytes)
+
+
+def umt5_block_bytes(config: dict | None = None, dtype_bytes: int = 2) -> int:
+    """One UMT5 encoder layer (self-attention with its own relative bias, gated FFN, two norms; `wo` in fp32):
+    what streaming the text encoder moves per layer (0.47 GB for XXL)."""
+    c = {**UMT5_XXL, **(config or {})}
+    d, inner, ff = c["d_model"], c["num_heads"] * c["d_kv"], c["d_ff"]
+    gated = str(c.get("feed_forward_proj", "")).startswith("gated")
+    wo = ff * d
+    other = 4 * d * inner + c["relative_attention_num_buckets"] * c["num_heads"] + 2 * d + (2 if gated else 1) * d * ff
+    return other * dtype_bytes + wo * max(4, dtype_bytes)
 
 
 def latent_tokens(frames: int, height: int, width: int, patch=(1, 2, 2)) -> int:
@@ -155,3 +195,94 @@ def vae_decode_workspace_bytes(width: int, height: int) -> int:
 
 def vae_encode_workspace_bytes(width: int, height: int) -> int:
     return VAE_ENCODE_BYTES_PER_PIXEL * width * height
+
+
+# ------------------------------------------------------------------------------------------- FLOPs
+# The FLOP model of a request (benchmarks/flops.py prints it; the memory planner projects times from it).
+# Multiply-adds count 2 FLOPs; the transformer only (patch embed, blocks, head). Text encoder and VAE have
+# their own constants below.
+FLOP_ARCH = dict(dim=5120, layers=40, ffn=13824, heads=40, in_channels=36, out_channels=16, text_dim=4096,
+                 text_len=512, patch=(1, 2, 2), freq_dim=256)
+
+# The seed's presets ("Performance Tips") at the default 640x640; "fast" with cfg 1 as our fast path.
+PRESETS = {
+    "fast": dict(steps=4, frames=49, width=640, height=640, cfg_high_noise=1.0, cfg_low_noise=1.0),
+    "default": dict(steps=6, frames=81, width=640, height=640, cfg_high_noise=3.5, cfg_low_noise=3.5),
+    "high_quality": dict(steps=8, frames=121, width=640, height=640, cfg_high_noise=3.5, cfg_low_noise=3.5),
+}
+# The seed's published times (api_contract.md, "Expected Processing Times"), seconds.
+SEED_TARGETS_S = {
+    "fast": {"RTX 4090": 30, "RTX 3080": 60},
+    "default": {"RTX 4090": 60, "RTX 3080": 120},
+    "high_quality": {"RTX 4090": 120, "RTX 3080": 240},
+}
+
+
+@dataclass
+class ForwardFlops:
+    tokens: int
+    linear: float
+    attention_self: float
+    attention_cross: float
+
+    @property
+    def attention(self) -> float:
+        return self.attention_self + self.attention_cross
+
+    @property
+    def total(self) -> float:
+        return self.linear + self.attention
+
+
+def forward_flops(frames: int, height: int, width: int, arch: dict = FLOP_ARCH) -> ForwardFlops:
+    """One expert forward for one sample (batch 1); frames are rounded up to 4k+1 as the runtime does."""
+    L, Lt = latent_tokens(frames, height, width, arch["patch"]), arch["text_len"]
+    d, f, n = arch["dim"], arch["ffn"], arch["layers"]
+    p = arch["patch"][0] * arch["patch"][1] * arch["patch"][2]
+    per_layer_linear = (
+        2 * L * d * d * 4  # self-attention q, k, v, o
+        + 2 * L * d * d * 2  # cross-attention q, o
+        + 2 * Lt * d * d * 2  # cross-attention k, v on the text
+        + 2 * L * d * f * 2  # FFN up + down
+    )
+    linear = n * per_layer_linear
+    linear += 2 * L * arch["in_channels"] * p * d  # patch embedding
+    linear += 2 * L * d * arch["out_channels"] * p  # head
+    linear += 2 * Lt * (arch["text_dim"] * d + d * d)  # text embedding MLP
+    attn_self = n * 4 * L * L * d  # QK^T and PV
+    attn_cross = n * 4 * L * Lt * d
+    return ForwardFlops(L, float(linear), float(attn_self), float(attn_cross))
+
+
+def request_flops(steps: int, frames: int, width: int, height: int, cfg_high_noise: float, cfg_low_noise: float,
+                  steps_high: int, arch: dict = FLOP_ARCH) -> dict:
+    """FLOPs of the denoising loop; steps_high: steps on the high-noise expert (from the schedule)."""
+    fwd = forward_flops(frames, height, width, arch)
+    per_expert = {}
+    for expert, n_steps, cfg in (("high", steps_high, cfg_high_noise), ("low", steps - steps_high, cfg_low_noise)):
+        batch = 2 if cfg > 1 else 1
+        per_expert[expert] = {"steps": n_steps, "batch": batch, "flops": fwd.total * batch * n_steps,
+                              "linear": fwd.linear * batch * n_steps, "attention": fwd.attention * batch * n_steps}
+    total = sum(e["flops"] for e in per_expert.values())
+    return {"tokens": fwd.tokens, "forward": {**dataclasses.asdict(fwd), "total": fwd.total},
+            "per_expert": per_expert, "total": total}
+
+
+def text_encoder_flops(batch: int = 2, config: dict | None = None, text_len: int = TEXT_LEN) -> float:
+    """UMT5 encoder over `batch` prompts padded to text_len: 2 FLOPs per weight per token + attention."""
+    c = {**UMT5_XXL, **(config or {})}
+    weights = umt5_params(config, tied=True) - c["vocab_size"] * c["d_model"]  # the embedding is a lookup
+    attention = c["num_layers"] * 4 * text_len * text_len * c["num_heads"] * c["d_kv"]
+    return float(batch * (2 * text_len * weights + attention))
+
+
+# Wan 2.1 VAE (base dim 96), counted with torch's FlopCounterMode on CPU through our streaming loops: per
+# output pixel of each video frame (flat in size and frame count, within 3%). Encode counts the zero frames too.
+VAE_DECODE_FLOPS_PER_PIXEL_FRAME = 8.7e6
+VAE_ENCODE_FLOPS_PER_PIXEL_FRAME = 5.2e6
+
+
+def vae_flops(width: int, height: int, frames: int) -> dict[str, float]:
+    n = -(-(frames - 1) // 4) * 4 + 1  # generated frames (4k+1)
+    px = width * height * n
+    return {"encode": VAE_ENCODE_FLOPS_PER_PIXEL_FRAME * px, "decode": VAE_DECODE_FLOPS_PER_PIXEL_FRAME * px}

@@ -1,57 +1,157 @@
 """Settings -> model, memory plan, backend, pipeline: the one place a runtime is assembled (the worker and
 `wanrt generate` call `build_runtime`).
 
-The memory plan decides where the experts live and the backend follows it. The plan is estimated for the
-experts as the backend will store them (FP8 with the compiled backend's fp8 on) and for the warm-up buckets.
+The memory plan (runtime/memory.py) picks the tier from free GPU memory and host RAM before anything is loaded
+(loading both experts onto a 24 GB card would fail first), for the experts as the backend will store them (FP8
+with the compiled backend's fp8 on, or an FP8 checkpoint) and for the largest warm-up bucket. The tiny model is
+planned from its built modules instead (tests pass a budget). The plan is logged.
 
-- resident: the model loads on the device; every backend runs the experts there (the compiled backend
-  swaps its FP8 linears in place, on the device).
-- offload: the model loads on the host; the text encoder and VAE go to the device, and an ExpertSwapper
-  keeps one expert there at a time (OffloadingBackend swaps at the high->low boundary and prefetches
-  during the decode).
+- resident: the model loads on the device; every backend runs the experts there (the compiled backend swaps
+  its FP8 linears in place, on the device).
+- swap (offload), stream, mmap: the model loads on the host (mmap: the experts as views of their mapped
+  files; FP8 checkpoints stay FP8), and a TieredBackend places it: one expert at a time (swap), or the stems
+  resident and the blocks streamed (stream, mmap); the text encoder and the VAE on the device or visiting.
 
-Offload with the compiled backend: the experts are quantised on the GPU before they are offloaded, one layer
-at a time. The backend gets the device explicitly and offload=True: each targeted linear's weight goes to
-the GPU, is quantised there, and its FP8 weight and scales come back to the host expert. The swapper is built
-after that (it keeps host copies of the tensors as they are then, so it moves the FP8 weights: half the bytes
-per swap). So the device never holds more than the plan's one expert plus one layer, no expert is copied
-whole, the GPU runs scaled_mm (not the emulation a host-side expert would pick), and CUDA graphs are off
-(they capture weight addresses, which every swap changes).
+Swap or stream with the compiled backend: the experts are quantised on the GPU before the tier takes its host
+copies, one layer at a time. The backend gets the device explicitly and offload=True: each targeted linear's
+weight goes to the GPU, is quantised there, and its FP8 weight and scales come back to the host expert. So the
+device never holds more than the plan's share plus one layer, no expert is copied whole, the GPU runs
+scaled_mm (or weight-only FP8 on Ampere), and CUDA graphs are off (they capture weight addresses, which every
+swap changes); under streaming nothing is compiled. Under mmap the experts run in their files' precision (an
+FP8 swap would copy mapped BF16 weights into RAM, which is what mmap avoids).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from pathlib import Path
+
 from wanrt.model.components import EULER_SCHEDULER_CONFIG
-from wanrt.model.loading import load_model
+from wanrt.model.loading import checkpoint_info, load_model
+from wanrt.runtime import gpus
 from wanrt.runtime.artifacts import load_artifacts_into
 from wanrt.runtime.backends import make_backend
-from wanrt.runtime.memory import ExpertSwapper, OffloadingBackend, estimate_plan
+from wanrt.runtime.fp8 import adopt_fp8_linears, fp8_mode
+from wanrt.runtime.memory import (
+    HOST_RESERVE_BYTES,
+    OVERHEAD_BYTES,
+    ModelBytes,
+    TieredBackend,
+    choose_plan,
+    decide,
+    estimate_plan,
+    log_plan,
+    normalize_tier,
+    streams_blocks,
+)
 from wanrt.runtime.pipeline import WanI2VPipeline
 
+log = logging.getLogger("wanrt.memory")
 
-def build_runtime(settings) -> WanI2VPipeline:
-    """Model + memory plan + backend + pipeline for these settings."""
+
+def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | None = None,
+                  ledger=None) -> WanI2VPipeline:
+    """Model + memory plan + backend + pipeline for these settings. free_bytes / host_bytes: the budgets to plan
+    for (default: asked from CUDA and the OS; on CPU unbounded). ledger: a DeviceLedger to count into."""
+    import torch
+
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
-    compiled = settings.backend == "compiled"
-    plan = estimate_plan(settings.model, device, dtype, settings.memory, fp8=compiled and settings.fp8,
-                         warmup=settings.warmup)
-    offload = plan.mode == "offload"
-    # Offload: load on the host (loading both experts onto a small GPU would fail first).
-    model = load_model(settings.model, "cpu" if offload else device, dtype)
+    requested = normalize_tier(settings.memory)
+    compiled, tensorrt = settings.backend == "compiled", settings.backend == "tensorrt"
+    on_cuda = torch.device(device).type == "cuda"
+    allowances = dict(overhead=OVERHEAD_BYTES if on_cuda else 0, host_reserve=HOST_RESERVE_BYTES if on_cuda else 0,
+                      act_bytes=torch.tensor([], dtype=dtype).element_size())
+    bucket = max(settings.warmup or ("640x640x81",), key=_tokens)
+    info = checkpoint_info(settings.model)
+    if settings.model == "tiny":
+        # Built in a second: planned from its measured modules.
+        model = load_model("tiny", "cpu", dtype)
+        mb = ModelBytes.measure(model, **allowances)
+        plan = decide(mb, _free(device, free_bytes), host_bytes, requested, bucket, mmap_ok=False) \
+            if (free_bytes is not None or on_cuda or requested != "auto") else choose_plan(model, device, bucket=bucket)
+        if plan.tier == "resident":
+            model.to(device, dtype)
+    else:
+        mb = mb_mapped = None
+        if info["mmap"] and not (Path(settings.model) / "transformer").is_dir():
+            # Single files: every part measured from the headers (shapes and dtypes; nothing is read).
+            try:
+                meta = load_model(settings.model, "meta", dtype, keep_fp8=info["fp8"])
+            except Exception as e:  # the A14B's sizes from its config then; loading reports what is wrong
+                log.warning("could not measure %s from its headers (%s): planning for the A14B", settings.model, e)
+            else:
+                for expert in meta.experts.values():
+                    adopt_fp8_linears(expert, "weight_only")  # as the loaded model will be (below)
+                mb_mapped = ModelBytes.measure(meta, **allowances)
+                mb = _with_expert_storage(mb_mapped, settings, on_cuda, info["fp8"])
+        fp8 = (compiled and settings.fp8) or info["fp8"]
+        plan = estimate_plan(settings.model, device, dtype, requested, fp8=fp8, warmup=settings.warmup,
+                             free_bytes=free_bytes, fp8_at_load=info["fp8"], host_bytes=host_bytes,
+                             mmap_ok=info["mmap"], checkpoint_fp8=info["fp8"], mb=mb, mb_mapped=mb_mapped)
+        mapped = plan.tier == "mmap" and info["mmap"]
+        if mb is None:
+            mb = ModelBytes.from_config(allowances["act_bytes"], fp8, overhead=allowances["overhead"],
+                                        upcast=fp8 and on_cuda and fp8_mode(device) == "weight_only",
+                                        load_fp8=info["fp8"])
+            mb = dataclasses.replace(mb, host_reserve=allowances["host_reserve"])
+        elif mapped:
+            mb = mb_mapped  # the mapped files run in their own precision
+        # Non-resident tiers load on the host (loading both experts onto a small GPU would fail first).
+        model = load_model(settings.model, device if plan.tier == "resident" else "cpu", dtype,
+                           keep_fp8=info["fp8"], mmap=mapped)
+        if info["fp8"]:  # FP8 checkpoint: its linears run as stored (the compiled backend re-modes them per device)
+            for expert in model.experts.values():
+                adopt_fp8_linears(expert, "weight_only")
+    gpu = gpus.detect(device) if on_cuda else None
+    log_plan(plan, mb, gpu)
     if settings.artifacts:
         load_artifacts_into(model, settings.artifacts, settings.model)
     if settings.scheduler == "euler":
         model.scheduler_config = dict(EULER_SCHEDULER_CONFIG)
-    if offload:
-        model.text_encoder.to(device)
-        model.vae.to(device)
-    options = {}
-    if compiled:
-        options = dict(fp8=settings.fp8, attn=settings.attn, compile=settings.compile, cudagraphs=settings.cudagraphs,
-                       offload=offload)
-    elif settings.backend == "tensorrt":
-        options = dict(artifacts=settings.artifacts)
-    backend = make_backend(settings.backend, model, device=device, **options)
-    if offload:  # after the backend's FP8 swap: the swapper holds the experts' tensors as they are now
-        backend = OffloadingBackend(backend, ExpertSwapper(model.experts, device))
+
+    def make_inner(tier: str):
+        options = {}
+        if compiled:
+            options = dict(fp8=settings.fp8 and tier != "mmap", attn=settings.attn, compile=settings.compile,
+                           cudagraphs=settings.cudagraphs, offload=tier != "resident", streamed=streams_blocks(tier))
+        elif tensorrt:
+            options = dict(artifacts=settings.artifacts)
+        return make_backend(settings.backend, model, device=device, **options)
+
+    backend = TieredBackend(model, device, plan, mb, make_inner, ledger=ledger, can_demote=not tensorrt, gpu=gpu)
     return WanI2VPipeline(model, backend, device=device, dtype=dtype)
+
+
+def _tokens(bucket: str) -> int:
+    from wanrt.model.sizes import bucket_tokens
+
+    return bucket_tokens(bucket)
+
+
+def _free(device, free_bytes):
+    import torch
+
+    if free_bytes is None and torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return free_bytes
+
+
+def _with_expert_storage(mb: ModelBytes, settings, on_cuda: bool, checkpoint_fp8: bool) -> ModelBytes:
+    """The experts priced as the backend will store them: an FP8 checkpoint as measured; the compiled backend's
+    FP8 swap of a BF16 checkpoint at FP8 sizes for the model's config; weight-only upcast where the GPU has no
+    FP8 GEMMs."""
+    fp8 = checkpoint_fp8 or (settings.backend == "compiled" and settings.fp8)
+    if not fp8:
+        return mb
+    upcast_on = on_cuda and fp8_mode(settings.resolved_device()) == "weight_only"
+    q = ModelBytes.from_config(mb.act_bytes, True, expert_config=_config_of(mb), upcast=upcast_on)
+    if checkpoint_fp8:
+        return dataclasses.replace(mb, upcast=q.upcast, fp8=True)
+    return dataclasses.replace(mb, expert_high=q.expert_high, expert_low=q.expert_low, stem=q.stem, block=q.block,
+                               upcast=q.upcast, fp8=True)
+
+
+def _config_of(mb: ModelBytes) -> dict:
+    return dict(num_attention_heads=mb.dim // mb.head_dim, attention_head_dim=mb.head_dim, ffn_dim=mb.ffn,
+                num_layers=mb.n_blocks)

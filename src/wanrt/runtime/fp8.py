@@ -5,6 +5,11 @@ Weights: per-output-channel (or per-tensor) scales. Activations: per-token dynam
 uncond halves of a CFG batch never share (and overwrite) a scale, the trap peers fell into. On the GPU the
 GEMM is torch._scaled_mm (Hopper/Ada, row-wise scales); elsewhere the same quantisation is emulated in higher
 precision, so CPU tests run the same code path and measure the same rounding.
+
+GPUs without FP8 tensor cores (Ampere: the RTX 3080/3090, A100) run FP8 weights weight-only: the e4m3 weight
+is upcast to the activation dtype one layer at a time at compute time (one BF16 copy of the largest layer
+alive, never the expert), and the GEMM runs in BF16. Storage, host memory and PCIe bytes stay FP8's, which is
+what lets the 14 GB FP8 files users have fit a 32 GB host and a block stream. `fp8_mode(device)` picks.
 """
 
 from __future__ import annotations
@@ -63,17 +68,38 @@ def fp8_gemm_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-class Fp8Linear(torch.nn.Module):
-    """y = x W^T + b with W in e4m3 (per-output-channel scale) and x quantised per token on the fly.
+MODES = ("scaled_mm", "emulate", "weight_only")
 
+
+def fp8_mode(device) -> str:
+    """scaled_mm where FP8 GEMMs exist (SM >= 8.9); weight_only on other GPUs (upcast per layer, BF16 GEMM);
+    emulate on the CPU (the tests measure the FP8 GEMM's rounding there)."""
+    device = torch.device(device)
+    if fp8_gemm_supported(device):
+        return "scaled_mm"
+    return "weight_only" if device.type == "cuda" else "emulate"
+
+
+class Fp8Linear(torch.nn.Module):
+    """y = x W^T + b with W in e4m3 (per-output-channel scale).
+
+    Modes: `scaled_mm` (x quantised per token on the fly, torch._scaled_mm), `emulate` (the same rounding in
+    fp32: CPU), `weight_only` (W upcast to x's dtype for this call, x untouched: GPUs without FP8 GEMMs).
+    `emulate` picks between the first two (the original switch); `mode` overrides it.
     `use_fast_accum`: _scaled_mm's faster FP8 accumulation (Hopper), on by default; the emulation ignores it.
     `quantize_on`: where the weight is quantised (default where it is); the result stays where the layer is,
     so host-side experts are quantised on the GPU one layer at a time.
     """
 
-    def __init__(self, linear: torch.nn.Linear, emulate: bool, use_fast_accum: bool = True,
-                 quantize_on: torch.device | str | None = None):
+    def __init__(self, linear: torch.nn.Linear | None, emulate: bool = False, use_fast_accum: bool = True,
+                 quantize_on: torch.device | str | None = None, mode: str | None = None):
         super().__init__()
+        self.mode = mode or ("emulate" if emulate else "scaled_mm")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        self.use_fast_accum = use_fast_accum
+        if linear is None:  # from_quantized fills the rest
+            return
         w = linear.weight.data
         q, scale = quantize_weight(w if quantize_on is None else w.to(quantize_on), "channel")
         self.register_buffer("weight_fp8", q.to(linear.weight.device))
@@ -81,8 +107,26 @@ class Fp8Linear(torch.nn.Module):
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.out_dtype = linear.weight.dtype
-        self.emulate = emulate
-        self.use_fast_accum = use_fast_accum
+
+    @classmethod
+    def from_quantized(cls, weight_fp8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                       out_dtype: torch.dtype, mode: str = "weight_only", use_fast_accum: bool = True) -> "Fp8Linear":
+        """A layer around e4m3 weights that are already quantised (an FP8 checkpoint): the tensors are adopted,
+        not copied. `scale`: a scalar (ComfyUI's per-tensor scale_weight) or one per output row."""
+        self = cls(None, mode=mode, use_fast_accum=use_fast_accum)
+        out_features, in_features = weight_fp8.shape
+        scale = scale.to(torch.float32)
+        scale = scale.reshape(1, 1).expand(out_features, 1) if scale.numel() == 1 else scale.reshape(out_features, 1)
+        self.register_buffer("weight_fp8", weight_fp8)
+        self.register_buffer("weight_scale", scale.contiguous())
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.in_features, self.out_features = in_features, out_features
+        self.out_dtype = out_dtype
+        return self
+
+    @property
+    def emulate(self) -> bool:
+        return self.mode == "emulate"
 
     @staticmethod
     def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +137,12 @@ class Fp8Linear(torch.nn.Module):
         return _to_fp8(x, scale), scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "weight_only":
+            # e4m3 -> x.dtype is exact; the in-place multiply computes in fp32 and rounds once (the same bits as
+            # dequantize_weight), so only this one layer's weight exists at x's precision, and only now.
+            w = self.weight_fp8.to(x.dtype)
+            w.mul_(self.weight_scale)
+            return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xq, xs = self.quantize_activation(x2)
@@ -112,13 +162,41 @@ class Fp8Linear(torch.nn.Module):
 
 
 def swap_fp8_linears(expert: torch.nn.Module, emulate: bool, include: str = DEFAULT_INCLUDE,
-                     use_fast_accum: bool = True, quantize_on: torch.device | str | None = None) -> int:
+                     use_fast_accum: bool = True, quantize_on: torch.device | str | None = None,
+                     mode: str | None = None) -> int:
     """Replace the matching nn.Linear layers of `expert` by Fp8Linear, in place, where they are (each layer's
-    BF16 weight is freed as soon as its FP8 copy exists; `quantize_on`: see Fp8Linear)."""
+    BF16 weight is freed as soon as its FP8 copy exists; `quantize_on`, `mode`: see Fp8Linear). Layers that
+    are FP8 already (an FP8 checkpoint, `adopt_fp8_linears`) are left as they are."""
     pattern = re.compile(include)
-    targets = [name for name, m in expert.named_modules() if isinstance(m, torch.nn.Linear) and pattern.search(name)]
+    targets = [name for name, m in expert.named_modules() if isinstance(m, torch.nn.Linear) and pattern.search(name)
+               and m.weight.dtype not in (FP8, torch.float8_e5m2)]
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = expert.get_submodule(parent_name) if parent_name else expert
-        setattr(parent, child, Fp8Linear(getattr(parent, child), emulate, use_fast_accum, quantize_on))
+        setattr(parent, child, Fp8Linear(getattr(parent, child), emulate, use_fast_accum, quantize_on, mode))
     return len(targets)
+
+
+def adopt_fp8_linears(module: torch.nn.Module, mode: str = "weight_only", use_fast_accum: bool = True,
+                      out_dtype: torch.dtype | None = None) -> int:
+    """nn.Linear layers whose weight a loader left in e4m3 (with its scale in a `weight_scale` buffer, see
+    model/loading.py keep_fp8) become Fp8Linear around the same tensors: no copy, no requantisation."""
+    targets = [name for name, m in module.named_modules()
+               if isinstance(m, torch.nn.Linear) and m.weight.dtype == FP8 and hasattr(m, "weight_scale")]
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        lin = getattr(parent, child)
+        bias = None if lin.bias is None else lin.bias.data
+        dtype = out_dtype or (bias.dtype if bias is not None else torch.bfloat16)
+        setattr(parent, child, Fp8Linear.from_quantized(lin.weight.data, lin.weight_scale, bias, dtype, mode,
+                                                        use_fast_accum))
+    return len(targets)
+
+
+def set_fp8_mode(module: torch.nn.Module, mode: str) -> int:
+    """Every Fp8Linear of `module` runs in `mode` from now on (the weights stay as they are)."""
+    layers = [m for m in module.modules() if isinstance(m, Fp8Linear)]
+    for m in layers:
+        m.mode = mode
+    return len(layers)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from wanrt.runtime.fp8 import fp8_gemm_supported, swap_fp8_linears
+from wanrt.runtime.fp8 import adopt_fp8_linears, fp8_mode, set_fp8_mode, swap_fp8_linears
 
 ATTENTION = {
     "sdpa": None,  # let PyTorch choose
@@ -55,6 +55,7 @@ class CompiledStats:
     fast_accum: bool = False
     attention: str = "sdpa"
     compiled: bool = False
+    compile_off: str = ""  # why compile was asked for and not done
     cudagraphs: bool = False
     shapes_seen: set = field(default_factory=set)
     compiles: int = 0
@@ -66,19 +67,25 @@ class CompiledBackend:
     a time) they wait on the host, and an ExpertSwapper built after this backend brings each onto `device`
     for its steps; FP8 quantisation then runs on `device` one layer at a time and the FP8 weights stay on
     the host, so the device never holds more than one layer extra, and no CUDA graphs (every swap moves the
-    weights they would capture). `fast_accum`: _scaled_mm's fast FP8 accumulation."""
+    weights they would capture). `streamed`: block streaming runs the experts (implies offload; no compile).
+    `fast_accum`: _scaled_mm's fast FP8 accumulation."""
 
     name = "compiled"
 
     def __init__(self, model, device: str | torch.device | None = None, fp8: bool = True, attn: str = "sdpa",
-                 compile: bool = True, cudagraphs: bool = True, fast_accum: bool = True, offload: bool = False):
+                 compile: bool = True, cudagraphs: bool = True, fast_accum: bool = True, offload: bool = False,
+                 streamed: bool = False):
         import copy
 
         if attn not in ATTENTION:
             raise ValueError(f"attn must be one of {', '.join(ATTENTION)}")
         device = torch.device(device) if device is not None else next(model.transformer_high.parameters()).device
+        offload = offload or streamed
         self.device, self.offload = device, offload
         self.stats = CompiledStats(attention=attn)
+        if compile and streamed:
+            compile, self.stats.compile_off = False, "block streaming moves each block's weights around its forward"
+        mode_fp8 = fp8_mode(device)
         self.experts = {}
         for name, module in model.experts.items():
             # Before any copy, quantisation or CUDA call.
@@ -87,16 +94,18 @@ class CompiledBackend:
                                     f"with offload it must wait on the host (cpu); the swapper brings it to {device}")
             else:
                 check_expert_device(name, module, device)
+            # An FP8 checkpoint's linears are FP8 whatever `fp8` says: run them the way this device can.
+            adopted = adopt_fp8_linears(module, mode_fp8, fast_accum) + set_fp8_mode(module, mode_fp8)
             if fp8:
-                emulate = not fp8_gemm_supported(device)
                 # CPU (tests, the tiny model): swap a copy, so the served model keeps its full-precision experts
                 # for the eager reference. Elsewhere in place: a 14B expert is 28.6 GB, a copy would double it.
                 if device.type == "cpu" and not offload:
                     module = copy.deepcopy(module)
-                self.stats.fp8_layers[name] = swap_fp8_linears(module, emulate, use_fast_accum=fast_accum,
-                                                               quantize_on=device if offload else None)
-                self.stats.fp8_mode = "emulated" if emulate else "scaled_mm"
-                self.stats.fast_accum = fast_accum and not emulate
+                self.stats.fp8_layers[name] = swap_fp8_linears(module, mode_fp8 == "emulate", use_fast_accum=fast_accum,
+                                                               quantize_on=device if offload else None, mode=mode_fp8)
+            if fp8 or adopted:
+                self.stats.fp8_mode = {"emulate": "emulated"}.get(mode_fp8, mode_fp8)
+                self.stats.fast_accum = fast_accum and mode_fp8 == "scaled_mm"
             if compile:
                 # CUDA graphs capture weight addresses; swapped experts change them.
                 graphs = cudagraphs and device.type == "cuda" and not offload
@@ -133,6 +142,8 @@ class CompiledBackend:
         out = {"backend": "compiled", "device": str(self.device), "fp8": s.fp8_mode, "fp8_layers": s.fp8_layers,
                "fp8_fast_accum": s.fast_accum, "attention": s.attention,
                "compiled": s.compiled, "cudagraphs": s.cudagraphs, "shape_buckets": len(s.shapes_seen)}
+        if s.compile_off:
+            out["compile_off"] = s.compile_off
         if s.compiled:
             from torch._dynamo.utils import counters
 
