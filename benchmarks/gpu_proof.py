@@ -210,7 +210,6 @@ def _probe_fp8_linear(dev) -> dict:
     import torch
 
     from wanrt.engine_build.quantize import quantize_weight
-
     from wanrt.runtime.fp8 import Fp8Linear
     M, K, N = 33_600, 5120, 13_824
     flop = 2 * M * K * N

@@ -8,8 +8,9 @@ import time
 import httpx
 import pytest
 
-from servers import ImageServer, WanrtServer, image_bytes
 from wanrt.runtime.video import probe_mp4
+
+from servers import ImageServer, WanrtServer, image_bytes
 
 SMALL = {"width": 256, "height": 256, "frames": 16, "steps": 2}
 

@@ -7,9 +7,10 @@ store write; open routes (health, schema, playground) answer 200 without one.
 import httpx
 import pytest
 
-from servers import ImageServer, WanrtServer
 from wanrt.api.app import create_app
 from wanrt.config import Settings
+
+from servers import ImageServer, WanrtServer
 
 KEYS = "k1,second-key"
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")

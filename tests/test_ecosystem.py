@@ -11,9 +11,10 @@ import httpx
 import pytest
 import yaml
 
-from servers import ImageServer, WanrtServer, image_bytes
 from wanrt.client import WanrtClient, WanrtError
 from wanrt.runtime.video import probe_mp4
+
+from servers import ImageServer, WanrtServer, image_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"width": 256, "height": 256, "frames": 16, "steps": 1}

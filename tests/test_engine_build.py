@@ -8,12 +8,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_fixtures import as_format, random_lora
 from wanrt.engine_build import quantize
 from wanrt.engine_build.build import BuildOptions, build, load_artifacts_into
 from wanrt.engine_build.lora import LoraSpec
 from wanrt.engine_build.manifest import ArtifactMismatch
-from wanrt.engine_build.tensorrt_build import PROFILES, TensorRTUnavailable, build_engine, select_profile, tensorrt_available
+from wanrt.engine_build.tensorrt_build import (
+    PROFILES,
+    TensorRTUnavailable,
+    build_engine,
+    select_profile,
+    tensorrt_available,
+)
+
+from lora_fixtures import as_format, random_lora
 
 
 @pytest.mark.parametrize("granularity,bound", [("channel", 0.035), ("tensor", 0.06)])

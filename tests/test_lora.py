@@ -5,9 +5,10 @@ import copy
 import pytest
 import torch
 
-from lora_fixtures import TARGETS, as_format, random_lora, to_original
 from wanrt.engine_build.lora import LoraError, LoraSpec, fuse_lora, fuse_loras
 from wanrt.runtime.sampler import make_scheduler
+
+from lora_fixtures import TARGETS, as_format, random_lora, to_original
 
 
 def diffusers_fused(model, sd, strength, expert="high"):

@@ -7,8 +7,9 @@ import time
 import httpx
 import pytest
 
-from servers import ImageServer, WanrtServer
 from wanrt.runtime.video import probe_mp4
+
+from servers import ImageServer, WanrtServer
 
 SMALL = {"width": 256, "height": 256, "frames": 16, "steps": 2}
 

@@ -2,13 +2,14 @@
 
 import threading
 
-from conftest import make_image
 from wanrt.config import Settings
 from wanrt.jobs.paths import DataPaths
 from wanrt.jobs.store import SqliteJobStore
 from wanrt.jobs.worker import Worker
 from wanrt.params import GenerateParams
 from wanrt.runtime.video import probe_mp4
+
+from conftest import make_image
 
 TINY = dict(prompt="x", width=64, height=64, frames=9, steps=2)
 

@@ -192,7 +192,7 @@ def _number(spec):
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r} (allowed: {spec.describe()})")
+            raise argparse.ArgumentTypeError(f"not a number: {text!r} (allowed: {spec.describe()})") from None
         if spec.kind is int:
             if not value.is_integer():
                 raise argparse.ArgumentTypeError(f"not an integer: {text!r} (allowed: {spec.describe()})")

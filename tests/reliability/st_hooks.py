@@ -9,6 +9,6 @@ def error_has_detail(ctx, response, case):
         try:
             body = response.json()
         except Exception:
-            raise AssertionError(f"{response.status_code} body is not JSON: {response.text[:200]!r}")
+            raise AssertionError(f"{response.status_code} body is not JSON: {response.text[:200]!r}") from None
         if not (isinstance(body, dict) and isinstance(body.get("detail"), str) and body["detail"]):
             raise AssertionError(f"{response.status_code} body lacks a 'detail' message: {body!r}")

@@ -18,8 +18,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from servers import ImageServer, WanrtServer, free_port  # noqa: E402
 from wanrt.runtime.video import probe_mp4  # noqa: E402
+
+from servers import ImageServer, WanrtServer  # noqa: E402
 
 SMALL = {"width": 256, "height": 256, "frames": 16, "steps": 2}
 HERE = Path(__file__).resolve().parent
