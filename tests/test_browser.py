@@ -158,3 +158,31 @@ def test_seed_javascript_example_from_another_origin(env, browser):
     result = page.evaluate("window.seedResult")
     assert result.get("type") == "video/mp4" and result["size"] > 1000, result
     page.close()
+
+
+def test_playground_shows_the_live_preview(env, browser):
+    """While the job runs the playground shows the latest preview (an animated WebP fetched from /preview)."""
+    images, server = env
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.base + "/ui/")
+    page.wait_for_selector("#steps")
+    page.fill("#image_url", images.url("/img.jpg"))
+    for name, value in (("width", "256"), ("height", "256"), ("frames", "16"), ("steps", "2")):
+        page.fill(f"#{name}", value)
+    assert page.is_hidden("#preview_box")
+    page.click("#submit")
+    # the preview arrives while the job is still processing (the VAE decode follows the last step)
+    wait_until(page, "(() => { const p = document.getElementById('preview');"
+                     " return p.complete && p.naturalWidth > 0 && p.dataset.step !== ''; })()", timeout=180_000)
+    assert page.evaluate("document.getElementById('preview').src").startswith("blob:")
+    assert page.evaluate("[document.getElementById('preview').naturalWidth,"
+                         " document.getElementById('preview').naturalHeight]") == [256, 256]
+    assert "step" in page.text_content("#preview_caption") and page.is_visible("#preview_box")
+    wait_until(page, "document.getElementById('state').textContent.startsWith('completed')", timeout=180_000)
+    assert page.evaluate("document.getElementById('preview').dataset.step") == "2"  # the last step's preview
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "playground-preview.png"), full_page=True)
+    assert errors == []
+    page.close()

@@ -52,3 +52,22 @@ def test_doctor_reports_each_component():
     for key in ("torch", "cuda_available", "nvml", "tensorrt", "pyav", "h264_encoder"):
         assert key in info
     assert info["h264_encoder"] == "libx264"
+
+
+def test_each_setting_has_one_definition_env_flag_and_readme_entry():
+    """Env name, flag and help come from the Settings field; README lists every variable."""
+    import dataclasses
+    from pathlib import Path
+
+    from wanrt.cli import build_parser
+    from wanrt.config import Settings, env_name
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [env_name(f.name) for f in dataclasses.fields(Settings) if env_name(f.name) not in readme]
+    assert not missing, f"README does not list {missing}"
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    flags = {opt for action in serve._actions for opt in action.option_strings}
+    assert {"--warmup", "--memory", "--queue-max", "--no-fp8", "--debug-endpoints"} <= flags
+    settings = Settings.from_env({"WANRT_WARMUP": "640x640x81,256x256x16", "WANRT_FP8": "0"}, memory="offload")
+    assert settings.warmup == ("640x640x81", "256x256x16") and settings.fp8 is False and settings.memory == "offload"
+    assert Settings.from_env(settings.to_env()) == settings  # what workers receive is what the API was given

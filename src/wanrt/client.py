@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Sequence
 
 import httpx
 
 TERMINAL = ("completed", "error", "cancelled")
+WebhookEvent = Literal["completed", "error", "cancelled", "progress"]
 
 
 class WanrtError(RuntimeError):
@@ -52,16 +53,22 @@ class WanrtClient:
 
     def generate(self, prompt: str, image_url: str | None = None, image_path: str | Path | None = None, *,
                  wait: bool = False, progress: bool = True, poll_s: float = 1.0, timeout_s: float | None = None,
-                 idempotency_key: str | None = None, **params: Any) -> dict:
+                 idempotency_key: str | None = None, webhook: str | None = None,
+                 webhook_events: Sequence[WebhookEvent] | None = None, **params: Any) -> dict:
         """Queue a job (by URL or by uploading a file); with wait=True, block until it ends and return its
-        final status (raises WanrtError when it ends in error)."""
+        final status (raises WanrtError when it ends in error). `webhook`: an https URL that gets the job's
+        status JSON, signed, on `webhook_events` (default completed, error, cancelled; docs/watching.md)."""
         if (image_url is None) == (image_path is None):
             raise ValueError("give exactly one of image_url or image_path")
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        if webhook is not None:
+            params["webhook"] = webhook
+        if webhook_events is not None:
+            params["webhook_events"] = list(webhook_events)
         if image_path is not None:
             path = Path(image_path)
             files = {"image": (path.name, path.read_bytes())}
-            data = {"prompt": prompt, **{k: str(v) for k, v in params.items()}}
+            data = {"prompt": prompt, **{k: ",".join(v) if isinstance(v, list) else str(v) for k, v in params.items()}}
             job = self._check(self.http.post("/generate", files=files, data=data, headers=headers))
         else:
             job = self._check(self.http.post("/generate", json={"image_url": image_url, "prompt": prompt, **params},
@@ -95,6 +102,15 @@ class WanrtClient:
         finally:
             if bar is not None:
                 bar.close()
+
+    def preview(self, job_id: str) -> bytes | None:
+        """The job's latest live preview (animated WebP), or None before the first denoising step."""
+        r = self.http.get(f"/preview/{job_id}")
+        if r.status_code == 404 and "preview" in r.text.lower():
+            return None
+        if r.status_code >= 400:
+            self._check(r)
+        return r.content
 
     def download(self, job_id: str, path: str | Path) -> Path:
         path = Path(path)

@@ -43,8 +43,12 @@ class Settings:
                         choices=("sdpa", "flash", "efficient", "cudnn", "math"))
     compile: bool = setting(True, "compiled: torch.compile per shape bucket", _bool, RUN)
     cudagraphs: bool = setting(True, "compiled: CUDA graphs", _bool, RUN)
-    memory: str = setting("auto", "both experts on the GPU (resident) or one at a time (offload)", cli=RUN,
-                          choices=("auto", "resident", "offload"))
+    memory: str = setting("auto", "memory tier: auto (chosen from free GPU memory and host RAM at start-up), "
+                          "resident (everything on the GPU: 80 GB), swap (one expert on the GPU, the other pinned on "
+                          "the host; alias offload: 40-48 GB), stream (blocks streamed from pinned host memory: 24 GB "
+                          "and below), mmap (stream from the memory-mapped checkpoint files: short host RAM); "
+                          "`wanrt plan` shows what a card gets", cli=RUN,
+                          choices=("auto", "resident", "swap", "offload", "stream", "mmap"))
     warmup: tuple[str, ...] = setting((), "shape buckets WxHxF compiled before the first job, comma-separated",
                                       _list, RUN)
     scheduler: str = setting("unipc", "sampler (unipc is upstream's)", cli=RUN, choices=("unipc", "euler"))

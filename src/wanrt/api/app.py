@@ -11,6 +11,7 @@ import contextlib
 import hmac
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -25,10 +26,11 @@ from litestar.openapi import OpenAPIConfig
 from litestar.static_files import create_static_files_router
 
 from wanrt.api.errors import EXCEPTION_HANDLERS
-from wanrt.api.routes import API_TITLE, DEBUG_ROUTES, ROUTES, Limits
+from wanrt.api.routes import API_TITLE, DEBUG_ROUTES, ROUTES, Limits, webhook_body, webhook_check
 from wanrt.jobs import open_store
 from wanrt.jobs.paths import DataPaths
 from wanrt.jobs.protocol import JobStore
+from wanrt.jobs.webhooks import POLL_S, WebhookDispatcher
 
 log = logging.getLogger("wanrt.api")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -105,7 +107,33 @@ def create_app(settings, store: JobStore | None = None) -> Litestar:
         finally:
             task.cancel()
 
-    state = State({"settings": settings, "store": store, "paths": paths, "limits": limits, "started_at": time.time()})
+    # Webhooks are sent from the API process, never the worker: due deliveries are claimed from the store
+    # every POLL_S and each is sent on a thread of its own (jobs/webhooks.py).
+    dispatcher = (WebhookDispatcher(store, settings, partial(webhook_body, store, paths), webhook_check(settings))
+                  if settings.webhook_secret else None)
+
+    @contextlib.asynccontextmanager
+    async def webhooks(app: Litestar):
+        if dispatcher is None:
+            yield
+            return
+
+        async def loop():
+            while True:
+                try:
+                    await anyio.to_thread.run_sync(dispatcher.poll_once)
+                except Exception:
+                    log.exception("webhook dispatch failed")
+                await asyncio.sleep(POLL_S)
+
+        task = asyncio.create_task(loop())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    state = State({"settings": settings, "store": store, "paths": paths, "limits": limits, "started_at": time.time(),
+                   "webhooks": dispatcher})
     ui = create_static_files_router(path="/ui", directories=[STATIC_DIR], html_mode=True, name="ui", opt=OPEN,
                                     after_request=_ui_headers, before_request=_refuse_nul)
     routes = [*ROUTES, *(DEBUG_ROUTES if settings.debug_endpoints else ()), ui]
@@ -114,7 +142,7 @@ def create_app(settings, store: JobStore | None = None) -> Litestar:
         dependencies={name: Provide(_from_state(name), sync_to_thread=False) for name in PROVIDED},
         guards=[token_guard],
         state=state,
-        lifespan=[expiry],
+        lifespan=[expiry, webhooks],
         cors_config=CORSConfig(allow_origins=["*"], allow_methods=["*"], allow_headers=["*"],
                                expose_headers=["Content-Range", "Accept-Ranges", "Retry-After"]),
         exception_handlers=EXCEPTION_HANDLERS,

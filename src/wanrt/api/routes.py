@@ -6,6 +6,7 @@ FetchError, QueueFull, JobNotFound, Busy) become HTTP answers in `api/errors.py`
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import json
@@ -14,6 +15,7 @@ import re
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -21,27 +23,49 @@ from typing import Annotated, Any
 
 import anyio
 from litestar import Request, Response, delete, get, post, route
-from litestar.exceptions import HTTPException, NotFoundException
 from litestar.di import NamedDependency
+from litestar.exceptions import HTTPException, NotFoundException
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, Stream
 
 from wanrt.api.errors import Busy, ClientGone, JobNotFound
-from wanrt.api.fetch import FetchError, FetchPolicy, decode_image, fetch_bytes
-from wanrt.api.schemas import GenerateRequest, GenerateResponse, MessageResponse, field_error, request_fields
+from wanrt.api.fetch import (
+    FetchError,
+    FetchPolicy,
+    _allowed_by_config,
+    _literal_ip,
+    decode_image,
+    fetch_bytes,
+    resolve_all,
+)
+from wanrt.api.schemas import (
+    WEBHOOK_FIELDS,
+    GenerateRequest,
+    GenerateResponse,
+    MessageResponse,
+    field_error,
+    request_fields,
+)
 from wanrt.jobs.paths import DataPaths
 from wanrt.jobs.protocol import JobStore
-from wanrt.jobs.store import STATES, TERMINAL, Job, QueueFull
-from wanrt.params import FIELDS_BY_NAME, GenerateParams
+from wanrt.jobs.store import STATES, TERMINAL, Job, QueueFull, WebhookDelivery
+from wanrt.jobs.webhooks import Target, WebhookRefused, parse_events, split_url
+from wanrt.params import FIELDS_BY_NAME, GenerateParams, ParamError
 
 API_TITLE = "WAN 2.2-14B LoRAs Image-to-Video API"
 OPEN = {"open": True}
 MAX_OFFSET = 2**53  # larger offsets overflow SQLite's integers; no store holds that many jobs
 
 
+# Store reads and small file calls run in a few threads of their own: off the event loop, so one slow disk or
+# Redis round-trip stalls nobody, and cheaper per call than anyio's 40-thread pool (fewer threads contend for
+# the GIL: about 1.3x the requests/s on /status with 64 clients on 2 cores).
+_STORE_THREADS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="wanrt-store")
+
+
 def run(fn, *args, **kwargs):
-    """Blocking store or file work in a worker thread, so one slow disk or Redis round-trip stalls nobody."""
-    return anyio.to_thread.run_sync(partial(fn, *args, **kwargs))
+    """Blocking store or file work in a store thread; awaitable."""
+    return asyncio.get_running_loop().run_in_executor(_STORE_THREADS, partial(fn, *args, **kwargs))
 
 
 async def _get_job(store: JobStore, job_id: str) -> Job:
@@ -169,12 +193,17 @@ def _relative(paths: DataPaths, path: str | None) -> str | None:
 
 
 def job_status(job: Job, paths: DataPaths, queue_position: int | None = None) -> dict[str, Any]:
-    """The seed's /status shapes, plus timestamps, parameters used, error_type/retryable, queue position."""
+    """The seed's /status shapes, plus timestamps, parameters used, error_type/retryable, queue position, the
+    live preview while processing and the GPU-seconds (and cost) used so far."""
     body: dict[str, Any] = {"status": job.status}
     if job.status == "queued":
         body.update(progress=0, queue_position=queue_position, input_image=job.input_image)
     elif job.status == "processing":
         body.update(progress=round(job.progress, 1), stage=job.stage, input_image=job.input_image)
+        preview = paths.preview_info(job.id)
+        if preview is not None:  # ?step= changes with each step: a new URL for caches, a new body for /events
+            body.update(preview_url=f"/preview/{job.id}?step={preview.get('step', 0)}",
+                        preview_step=preview.get("step"), preview_steps=preview.get("steps"))
     elif job.status == "completed":
         body.update(progress=100, video_ready=True, download_url=f"/download/{job.id}",
                     video_path=_relative(paths, job.video_path), input_image=job.input_image)
@@ -183,6 +212,11 @@ def job_status(job: Job, paths: DataPaths, queue_position: int | None = None) ->
     params = {k: v for k, v in job.params.items() if k != IDEMPOTENCY_FINGERPRINT}
     body.update(job_id=job.id, created_at=_iso(job.created_at), started_at=_iso(job.started_at),
                 finished_at=_iso(job.finished_at), params=params)
+    if job.gpu_seconds:
+        body.update(gpu_seconds=job.gpu_seconds_total,
+                    gpu_seconds_by_stage={k: round(v, 6) for k, v in job.gpu_seconds.items()})
+    if job.cost_usd is not None:
+        body["cost_usd"] = round(job.cost_usd, 6)
     return body
 
 
@@ -221,6 +255,55 @@ def _idempotency(request: Request, fields: dict, image: str | bytes) -> tuple[st
     return key, fingerprint
 
 
+def webhook_check(settings):
+    """The address rules of the image fetcher for a webhook target: every address the host resolves to must
+    be public (or allowed by WANRT_ALLOW_HOSTS); plain http only when the host, or each of its addresses, is
+    in the allow list. Returns the checked addresses (to connect to: no DNS rebinding); WebhookRefused else.
+    Used at submit (422) and by the dispatcher before every attempt."""
+    policy = FetchPolicy.from_settings(settings)
+
+    def check(target: Target, deadline: float) -> list[str]:
+        try:
+            addresses = resolve_all(target.host, target.port, policy, deadline)
+        except FetchError as e:
+            raise WebhookRefused("webhook: " + str(e).removeprefix("Failed to download image: ")) from None
+        if target.scheme == "http" and not (
+                _allowed_by_config(target.host, _literal_ip(target.host), policy)
+                or all(_allowed_by_config(target.host, _literal_ip(a.split("%")[0]), policy) for a in addresses)):
+            raise WebhookRefused("webhook: plain http is only allowed for hosts in WANRT_ALLOW_HOSTS; use https")
+        return addresses
+
+    return check
+
+
+def check_webhook(settings, url: str | None, events) -> tuple[str | None, tuple[str, ...]]:
+    """(URL, events) of a request, checked (DNS included: call it in a thread); ParamError (422) when refused."""
+    if url is None:
+        if events is not None:
+            raise ParamError("webhook_events", "webhook_events: needs a webhook URL")
+        return None, ()
+    if not settings.webhook_secret:
+        raise ParamError("webhook", "webhook: webhooks are off on this server (it has no WANRT_WEBHOOK_SECRET to "
+                                    "sign them with)")
+    try:
+        events = parse_events(events)
+        target = split_url(url)
+        webhook_check(settings)(target, time.monotonic() + min(10.0, settings.fetch_timeout_s))
+    except WebhookRefused as e:
+        raise ParamError("webhook", str(e)) from None
+    return url.strip(), events
+
+
+def webhook_body(store: JobStore, paths: DataPaths, delivery: WebhookDelivery) -> bytes | None:
+    """What a delivery sends: the job's /status body (as at its first attempt) and the event; None when the
+    job is gone."""
+    job = store.get(delivery.job_id)
+    if job is None:
+        return None
+    body = job_status(job, paths, store.queue_position(job) if job.status == "queued" else None)
+    return json.dumps({**body, "event": delivery.event}, separators=(",", ":")).encode()
+
+
 def _same_request(job: Job, fingerprint: str) -> Response[GenerateResponse]:
     if job.params.get(IDEMPOTENCY_FINGERPRINT) not in (None, fingerprint):
         raise HTTPException(status_code=422, detail="Idempotency-Key reused with a different request")
@@ -230,8 +313,14 @@ def _same_request(job: Job, fingerprint: str) -> Response[GenerateResponse]:
 async def submit_job(request: Request, store: JobStore, settings, paths: DataPaths, limits: Limits, fields: dict,
                      image_url: str | None = None, upload: bytes | None = None) -> Response[GenerateResponse]:
     """Validate, get the image (URL fetch or upload, same checks), write the input and the job, answer."""
+    hook = {k: fields.pop(k) for k in WEBHOOK_FIELDS if k in fields}
     params = GenerateParams.from_request(fields)
-    idem, fingerprint = _idempotency(request, params.to_dict(), upload if upload is not None else image_url)
+    webhook, events = None, ()
+    if hook:  # resolves the host (up to 10 s): anyio's threads, like the image fetch, not the store's few
+        webhook, events = await anyio.to_thread.run_sync(
+            partial(check_webhook, settings, hook.get("webhook"), hook.get("webhook_events")))
+    signed = params.to_dict() | ({"webhook": webhook, "webhook_events": list(events)} if webhook else {})
+    idem, fingerprint = _idempotency(request, signed, upload if upload is not None else image_url)
     if idem:
         existing = await run(store.get_by_idempotency_key, idem)
         if existing is not None:
@@ -248,11 +337,11 @@ async def submit_job(request: Request, store: JobStore, settings, paths: DataPat
 
     job_id = str(uuid.uuid4())
     input_path = paths.input_path(job_id, fetched.extension)
-    await run(_write_durably, input_path, fetched.data)
+    await anyio.to_thread.run_sync(_write_durably, input_path, fetched.data)  # fsync: not in the store threads
     job_params = params.to_dict() | {"frames_generated": params.frames_generated, IDEMPOTENCY_FINGERPRINT: fingerprint}
     try:
         job, created = await run(store.create, job_params, input_image=input_path.name, idempotency_key=idem,
-                                 job_id=job_id, queue_max=settings.queue_max)
+                                 job_id=job_id, queue_max=settings.queue_max, webhook=webhook, webhook_events=events)
     except BaseException:
         input_path.unlink(missing_ok=True)
         raise
@@ -297,6 +386,8 @@ async def generate_body(request: Request) -> Response | None:
         if hasattr(value, "read"):
             if key == "image":
                 upload = await value.read()
+        elif key == "webhook_events":  # repeated fields or one comma-separated value
+            fields[key] = f"{fields[key]},{value}" if key in fields else value
         elif key in GenerateRequest.__struct_fields__:
             fields[key] = _form_value(key, value)
     image_url = fields.pop("image_url", None)
@@ -396,6 +487,20 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, min(end, size - 1)
 
 
+@get("/preview/{job_id:str}", summary="The job's latest live preview: an animated WebP of the predicted video",
+     description="Replaced after each denoising step (the step is in /status as preview_step); 404 before the "
+                 "first step or with previews off. Not cached (Cache-Control: no-store).")
+async def preview(job_id: FromPath[str], store: Store, paths: Paths) -> Response:
+    await _get_job(store, job_id)
+    no_store = {"Cache-Control": "no-store"}
+    try:
+        data = await anyio.Path(paths.preview_path(job_id)).read_bytes()  # replaced atomically: never half a file
+    except FileNotFoundError:
+        raise NotFoundException(detail="No preview yet (one appears after the first denoising step)",
+                                headers=no_store) from None
+    return Response(data, media_type="image/webp", headers=no_store)
+
+
 @get("/jobs", summary="List jobs (optional status filter and paging)")
 async def list_jobs(store: Store, status: FromQuery[str | None] = None,
                     limit: Annotated[int | None, QueryParameter(ge=1, le=1000)] = None,
@@ -422,7 +527,10 @@ async def delete_job(job_id: FromPath[str], store: Store, paths: Paths) -> Messa
 POLL_MIN_S, POLL_MAX_S, KEEPALIVE_S = 0.25, 2.0, 15.0
 
 
-@get("/events/{job_id:str}", summary="Server-sent events: the job's /status body each time it changes")
+@get("/events/{job_id:str}", summary="Server-sent events: the job's /status body each time it changes",
+     description="Event `status`: the /status body whenever it changes; event `preview`: {job_id, status, "
+                 "progress, preview_url, step, steps} when a new live preview is written (once per denoising "
+                 "step, as the poll sees them); event `gone`: the job was deleted.")
 async def events(job_id: FromPath[str], request: Request, store: Store, paths: Paths, limits: Limited) -> Response:
     await _get_job(store, job_id)  # 404 before the stream starts
     client = request.client.host if request.client else "?"
@@ -432,6 +540,7 @@ async def events(job_id: FromPath[str], request: Request, store: Store, paths: P
         """Wakes when the store says the job changed (Redis pub/sub) or polls with backoff (SQLite has no
         cross-process notification): 0.25 s after a change, doubling to 2 s while nothing moves."""
         last, wait, quiet, deadline = None, POLL_MIN_S, 0.0, time.monotonic() + limits.sse_max_s
+        last_preview = None
         try:
             while time.monotonic() < deadline:
                 status = await run(read_status, store, paths, job_id)
@@ -442,6 +551,12 @@ async def events(job_id: FromPath[str], request: Request, store: Store, paths: P
                 if body != last:
                     last, wait, quiet = body, POLL_MIN_S, 0.0
                     yield {"event": "status", "data": body}
+                    if status.get("preview_url") and status["preview_url"] != last_preview:
+                        last_preview = status["preview_url"]
+                        yield {"event": "preview", "data": json.dumps({  # with status and progress, as every event
+                            "job_id": job_id, "status": status["status"], "progress": status.get("progress"),
+                            "preview_url": last_preview, "step": status.get("preview_step"),
+                            "steps": status.get("preview_steps")})}
                     if status["status"] in TERMINAL:
                         return
                 elif quiet >= KEEPALIVE_S:
@@ -481,7 +596,15 @@ async def debug_job(job_id: FromPath[str], store: Store, paths: Paths) -> dict[s
     record = {k: v for k, v in job.__dict__.items() if k not in ("deleted",)}
     for k in ("created_at", "started_at", "finished_at", "lease_until"):
         record[k] = _iso(record[k])
-    return {"job": record, "status": await run(read_status, store, paths, job_id) or {}}
+    record["gpu_seconds_total"] = job.gpu_seconds_total
+    deliveries = []
+    for d in await run(store.webhook_deliveries, job_id):
+        shown = {k: v for k, v in d.__dict__.items() if k not in ("body", "owner")}
+        shown.update(body_bytes=len(d.body.encode()) if d.body else 0,
+                     **{k: _iso(getattr(d, k)) for k in ("next_at", "created_at", "updated_at")})
+        deliveries.append(shown)
+    return {"job": record, "webhook_deliveries": deliveries,
+            "status": await run(read_status, store, paths, job_id) or {}}
 
 
 @get("/debug/workers", summary="Workers: device, backend (FP8, attention, compiled graphs), jobs done, last report")
@@ -505,9 +628,9 @@ async def metrics(request: Request, store: Store) -> str:
     from wanrt.doctor import gpu_report
 
     def read():
-        return store.counts(), store.stage_totals(), store.workers(), gpu_report()
+        return store.counts(), store.stage_totals(), store.workers(), gpu_report(), store.usage_totals()
 
-    counts, stages, workers, gpu = await run(read)  # one thread hop for the whole scrape
+    counts, stages, workers, gpu, usage = await run(read)  # one thread hop for the whole scrape
     lines = ["# HELP wanrt_jobs Jobs by state.", "# TYPE wanrt_jobs gauge"]
     lines += [f'wanrt_jobs{{state="{s}"}} {n}' for s, n in counts.items()]
     lines += ["# HELP wanrt_queue_depth Jobs waiting to run.", "# TYPE wanrt_queue_depth gauge",
@@ -518,6 +641,20 @@ async def metrics(request: Request, store: Store) -> str:
         stage = stage.removesuffix("_s")
         lines += [f'wanrt_stage_seconds_sum{{stage="{stage}"}} {total:.6f}',
                   f'wanrt_stage_seconds_count{{stage="{stage}"}} {count}']
+    lines += ["# HELP wanrt_job_gpu_seconds Device seconds one run of a job held its GPU (the CPU on CPU runs), "
+              "summed over its device stages.", "# TYPE wanrt_job_gpu_seconds histogram"]
+    lines += [f'wanrt_job_gpu_seconds_bucket{{le="{le}"}} {n}' for le, n in usage["buckets"].items()]
+    lines += [f"wanrt_job_gpu_seconds_sum {usage['gpu_seconds']:.6f}", f"wanrt_job_gpu_seconds_count {usage['runs']}",
+              "# HELP wanrt_gpu_seconds_total GPU-seconds used by jobs (device seconds on CPU runs).",
+              "# TYPE wanrt_gpu_seconds_total counter", f"wanrt_gpu_seconds_total {usage['gpu_seconds']:.6f}",
+              "# HELP wanrt_job_cost_usd_total Cost of those GPU-seconds at WANRT_GPU_HOURLY_USD.",
+              "# TYPE wanrt_job_cost_usd_total counter", f"wanrt_job_cost_usd_total {usage['cost_usd']:.6f}"]
+    dispatcher = getattr(request.app.state, "webhooks", None)
+    if dispatcher is not None:
+        lines += ["# HELP wanrt_webhook_attempts_total Webhook attempts made by this API process, by outcome.",
+                  "# TYPE wanrt_webhook_attempts_total counter",
+                  f'wanrt_webhook_attempts_total{{outcome="delivered"}} {dispatcher.sent}',
+                  f'wanrt_webhook_attempts_total{{outcome="failed"}} {dispatcher.failed}']
     lines += ["# HELP wanrt_worker_jobs_done Jobs a worker has finished since it started.",
               "# TYPE wanrt_worker_jobs_done counter",
               "# HELP wanrt_worker_compiled_graphs torch.compile graphs a worker holds (a count that grows with"
@@ -541,5 +678,5 @@ async def metrics(request: Request, store: Store) -> str:
     return "\n".join(lines) + "\n"
 
 
-ROUTES = [health, generate, status, download, list_jobs, delete_job, events, metrics]
+ROUTES = [health, generate, status, download, preview, list_jobs, delete_job, events, metrics]
 DEBUG_ROUTES = [debug_files, debug_job, debug_workers, debug_gpu]

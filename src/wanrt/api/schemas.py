@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -30,11 +30,22 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     frames: Annotated[int, _meta("frames")] = 81
     fps: Annotated[int, _meta("fps")] = 16
     seed: Annotated[int, _meta("seed")] = 1
+    # extensions: a signed POST of the job's status JSON to this URL on these events (docs/watching.md)
+    webhook: Annotated[str, msgspec.Meta(min_length=1, max_length=2048, description=(
+        "https URL (http only for hosts in WANRT_ALLOW_HOSTS) that gets the job's status JSON, signed as "
+        "Standard Webhooks, when an event in webhook_events happens"))] | None = None
+    webhook_events: Annotated[list[Literal["completed", "error", "cancelled", "progress"]], msgspec.Meta(
+        min_length=1, max_length=4, description="events sent to the webhook (default: completed, error, cancelled)"
+    )] | None = None
+
+
+WEBHOOK_FIELDS = ("webhook", "webhook_events")
 
 
 def request_fields(data: GenerateRequest) -> dict:
-    """The generation parameters of a request (everything but the image source)."""
-    return {f: getattr(data, f) for f in GenerateRequest.__struct_fields__ if f != "image_url"}
+    """The fields of a request but the image source (generation parameters, and the webhook ones when given)."""
+    return {f: getattr(data, f) for f in GenerateRequest.__struct_fields__
+            if f != "image_url" and not (f in WEBHOOK_FIELDS and getattr(data, f) is None)}
 
 
 def field_error(field: str | None, message: str) -> str:

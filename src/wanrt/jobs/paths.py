@@ -1,7 +1,9 @@
-"""Where a data dir keeps things: the SQLite file, input images, output videos."""
+"""Where a data dir keeps things: the SQLite file, input images, output videos and live previews (a folder of
+their own, so outputs/ only ever holds videos)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -11,9 +13,10 @@ class DataPaths:
         self.db = self.root / "jobs.sqlite3"
         self.inputs = self.root / "inputs"
         self.outputs = self.root / "outputs"
+        self.previews = self.root / "previews"
 
     def ensure(self) -> "DataPaths":
-        for d in (self.root, self.inputs, self.outputs):
+        for d in (self.root, self.inputs, self.outputs, self.previews):
             d.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -23,9 +26,27 @@ class DataPaths:
     def output_path(self, job_id: str) -> Path:
         return self.outputs / f"wanrt_{job_id}.mp4"
 
+    def preview_path(self, job_id: str) -> Path:
+        """The latest live preview (animated WebP), replaced after each denoising step."""
+        return self.previews / f"{job_id}.webp"
+
+    def preview_info_path(self, job_id: str) -> Path:
+        """What the preview shows (step, steps, frames, size), written after the WebP."""
+        return self.previews / f"{job_id}.json"
+
+    def preview_info(self, job_id: str) -> dict | None:
+        """The preview's info, or None before the first step (or with previews off)."""
+        try:
+            info = json.loads(self.preview_info_path(job_id).read_text())
+        except (OSError, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
+
     def remove_job_files(self, job_id: str, input_image: str | None = None, keep_input: bool = False) -> list[str]:
         removed = []
         candidates = [self.output_path(job_id), self.outputs / f".{self.output_path(job_id).name}.part"]
+        for preview in (self.preview_path(job_id), self.preview_info_path(job_id)):
+            candidates += [preview, preview.with_name(f".{preview.name}.part")]
         if input_image and not keep_input:
             candidates.append(self.inputs / Path(input_image).name)
         for path in candidates:

@@ -3,15 +3,19 @@
 Contract shared by both (tests/test_store.py runs one suite on each):
 - Every read-then-write is atomic (one SQLite IMMEDIATE transaction or one Redis Lua script).
 - Deleted jobs are hidden at once: get/list/counts never show them; a running one is only asked to stop.
-- Reads the API serves per request (list, counts, queue_position, stage_totals) cost in proportion to the
-  page asked for, or constant time, never to the number of jobs kept.
+- Reads the API serves per request (list, counts, queue_position, stage_totals, usage_totals) cost in
+  proportion to the page asked for, or constant time, never to the number of jobs kept.
+- A job created with a webhook gets a delivery queued, in the same atomic step, for each of its events:
+  'progress' when it starts and each time a heartbeat's progress passes another 10 %, and 'completed',
+  'error' or 'cancelled' when it ends (a deleted job sends nothing). API processes claim due deliveries
+  (claim_webhooks: one attempt each, under a lease) and report each attempt (finish_webhook).
 """
 
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from wanrt.jobs.store import Job
+from wanrt.jobs.store import Job, WebhookDelivery
 
 
 @runtime_checkable
@@ -20,8 +24,10 @@ class JobStore(Protocol):
 
     # ------------------------------------------------------------------ API side
     def create(self, params: dict, input_image: str | None = None, idempotency_key: str | None = None,
-               job_id: str | None = None, queue_max: int | None = None) -> tuple[Job, bool]:
-        """Queue a job: (job, True); an Idempotency-Key already in use gives (its job, False); QueueFull past queue_max."""
+               job_id: str | None = None, queue_max: int | None = None, webhook: str | None = None,
+               webhook_events: tuple[str, ...] = ()) -> tuple[Job, bool]:
+        """Queue a job: (job, True); an Idempotency-Key already in use gives (its job, False); QueueFull past
+        queue_max. With `webhook` (a URL the API has checked), `webhook_events` are the events sent to it."""
         ...
 
     def get(self, job_id: str, include_deleted: bool = False) -> Job | None:
@@ -110,6 +116,32 @@ class JobStore(Protocol):
 
     def workers(self) -> list[dict]:
         """Every worker's last report (with id and updated_at), sorted by id."""
+        ...
+
+    def add_usage(self, job_id: str, seconds: dict[str, float], cost_usd: float | None = None) -> None:
+        """One run of a job held a device for `seconds` ({stage: s}) costing cost_usd: added to the job's
+        gpu_seconds and cost_usd (a job re-run after a restart sums its runs), to the GPU-seconds counter and
+        to the per-run histogram (store.GPU_SECONDS_BUCKETS)."""
+        ...
+
+    def usage_totals(self) -> dict:
+        """{gpu_seconds, cost_usd, runs, buckets: {le: cumulative runs}} over every run ever recorded; constant time."""
+        ...
+
+    # ------------------------------------------------------------------ webhook deliveries (API side)
+    def claim_webhooks(self, owner: str, limit: int, lease_s: float) -> list[WebhookDelivery]:
+        """Atomically take up to `limit` due deliveries for one attempt each (attempts + 1, owner set, hidden
+        from other claimers for lease_s). A claimer that dies leaves them due again when the lease ends."""
+        ...
+
+    def finish_webhook(self, delivery_id: str, owner: str, state: str, error: str | None = None,
+                       body: str | None = None, retry_at: float | None = None) -> bool:
+        """Report the attempt `owner` claimed: state 'pending' (due again at retry_at), or a final 'delivered',
+        'failed' or 'dropped'; `body` keeps the bytes sent so retries send the same. False when not owner's."""
+        ...
+
+    def webhook_deliveries(self, job_id: str) -> list[WebhookDelivery]:
+        """The job's deliveries, oldest first (for /debug/job and tests)."""
         ...
 
     def close(self) -> None:

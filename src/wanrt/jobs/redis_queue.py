@@ -12,6 +12,10 @@
 - Every change to a job's record and indexes is one Lua script (atomic: nothing reads a half-made change,
   and each script re-checks the state it acts on), and publishes on `wanrt:events:<id>` for wait_for_change.
 - Progress and cancel flags travel in the hash, so an API node anywhere sees them.
+- Webhook deliveries are hashes (`wanrt:webhook:<id>`), queued by the same script that changes the job's
+  state, due in the zset `wanrt:webhooks:due` (score: next attempt, or the end of a claim's lease), listed per
+  job in `wanrt:webhooks:job:<job id>`; finished ones wait in `wanrt:webhooks:done` for expiry. A claim is one
+  script, so API nodes sharing this Redis never take the same attempt twice.
 RedisJobStore implements jobs.protocol.JobStore; tests/test_store.py runs one suite on both stores.
 """
 
@@ -27,17 +31,21 @@ from wanrt.jobs.store import (
     TERMINAL,
     Job,
     QueueFull,
+    WebhookDelivery,
     stage_seconds,
+    usage_bucket,
+    usage_summary,
 )
 
 P = "wanrt"
 STREAM, GROUP = f"{P}:queue", "workers"
 JOBS, FINISHED, SCHEMA = f"{P}:jobs", f"{P}:finished", f"{P}:schema"
 STAGE_SECONDS, STAGE_COUNT = f"{P}:stage_seconds", f"{P}:stage_count"
+USAGE, WEBHOOKS_DUE, WEBHOOKS_DONE = f"{P}:usage", f"{P}:webhooks:due", f"{P}:webhooks:done"
 SCHEMA_VERSION = "2"
 
-_JSON_FIELDS = ("params", "timings")
-_FLOAT_FIELDS = ("progress", "created_at", "started_at", "finished_at", "lease_until")
+_JSON_FIELDS = ("params", "timings", "gpu_seconds")
+_FLOAT_FIELDS = ("progress", "created_at", "started_at", "finished_at", "lease_until", "cost_usd")
 _INT_FIELDS = ("attempts", "seq")
 _BOOL_FIELDS = ("retryable", "cancel_requested", "deleted")
 
@@ -93,11 +101,21 @@ local function remove(id, h)
   drop_idem(id, h)
   publish(id, 'removed')
 end
+local function webhook(id, h, event, now)  -- queue a delivery when the job asked for this event
+  if h.deleted == '1' or not h.webhook or h.webhook == '' then return end
+  if not string.find(',' .. (h.webhook_events or '') .. ',', ',' .. event .. ',', 1, true) then return end
+  local did = 'msg_' .. redis.call('INCR', P .. ':webhook_seq') .. '_' .. id
+  redis.call('HSET', P .. ':webhook:' .. did, 'id', did, 'job_id', id, 'event', event, 'url', h.webhook,
+             'state', 'pending', 'attempts', 0, 'next_at', now, 'created_at', now, 'updated_at', now)
+  redis.call('ZADD', P .. ':webhooks:due', now, did)
+  redis.call('SADD', P .. ':webhooks:job:' .. id, did)
+end
 local function finish(id, h, to, now, fields)
   set_status(id, h, to)
   redis.call('HSET', jkey(id), 'finished_at', now, 'lease_until', '', unpack(fields))
   redis.call('ZADD', P .. ':finished', now, id)
   publish(id, to)
+  webhook(id, h, to, now)
 end
 local CANCELLED = {'error', 'Cancelled by request', 'error_type', 'cancelled', 'retryable', '0'}
 local function add_stages(stages)  -- {stage: seconds} into the /metrics totals
@@ -152,11 +170,13 @@ if attempts >= tonumber(ARGV[6]) then
                                'error', 'The worker running this job died ' .. ARGV[6] .. ' times'})
   return 'poison'
 end
+local was = h.status
 set_status(id, h, 'processing')
 redis.call('HSET', jkey(id), 'worker_id', ARGV[2], 'device', ARGV[3], 'lease_until', ARGV[4],
            'attempts', attempts + 1, 'progress', '0', 'stage', 'starting')
 if not h.started_at or h.started_at == '' then redis.call('HSET', jkey(id), 'started_at', now) end
 publish(id, 'processing')
+if was == 'queued' then webhook(id, h, 'progress', now) end  -- the first 'progress' event: it started
 return 'ok'
 """
 
@@ -184,12 +204,15 @@ if h.deleted == '1' then remove(id, h) else finish(id, h, 'cancelled', ARGV[3], 
 return flat
 """
 
-# ARGV: id, worker_id, lease_until, progress, stage
+# ARGV: id, worker_id, lease_until, progress, stage, now
 _HEARTBEAT = """
 local id = ARGV[1]
 local h = job(id)
 if not h or h.worker_id ~= ARGV[2] or h.status ~= 'processing' then return 0 end
 redis.call('HSET', jkey(id), 'lease_until', ARGV[3])
+if ARGV[4] ~= '' and math.floor(tonumber(ARGV[4]) / 10) > math.floor((tonumber(h.progress or '0') or 0) / 10) then
+  webhook(id, h, 'progress', ARGV[6])  -- one 'progress' event each time progress passes another 10 %
+end
 if ARGV[4] ~= '' then redis.call('HSET', jkey(id), 'progress', ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', jkey(id), 'stage', ARGV[5]) end
 if ARGV[4] ~= '' or ARGV[5] ~= '' then publish(id, 'progress') end
@@ -303,6 +326,74 @@ return 1
 """ % {"version": SCHEMA_VERSION}
 
 
+# ARGV: id, seconds json ({stage: s}), total, bucket label, cost ('' : none)
+_USAGE = """
+local id = ARGV[1]
+local h = job(id)
+if h then  -- a job re-run after a restart adds its runs up
+  local merged = (h.gpu_seconds and h.gpu_seconds ~= '') and cjson.decode(h.gpu_seconds) or {}
+  for stage, seconds in pairs(cjson.decode(ARGV[2])) do merged[stage] = (merged[stage] or 0) + seconds end
+  redis.call('HSET', jkey(id), 'gpu_seconds', cjson.encode(merged))
+  if ARGV[5] ~= '' then redis.call('HSET', jkey(id), 'cost_usd', (tonumber(h.cost_usd or '') or 0) + tonumber(ARGV[5])) end
+end
+redis.call('HINCRBYFLOAT', P .. ':usage', 'gpu_seconds', ARGV[3])
+redis.call('HINCRBYFLOAT', P .. ':usage', 'runs', 1)
+redis.call('HINCRBYFLOAT', P .. ':usage', 'le:' .. ARGV[4], 1)
+if ARGV[5] ~= '' then redis.call('HINCRBYFLOAT', P .. ':usage', 'cost_usd', ARGV[5]) end
+return 1
+"""
+
+# ARGV: now, limit, lease_until, owner. Returns the claimed deliveries (flat hashes).
+_CLAIM_WEBHOOKS = """
+local due = P .. ':webhooks:due'
+local out = {}
+for _, did in ipairs(redis.call('ZRANGEBYSCORE', due, '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))) do
+  local k = P .. ':webhook:' .. did
+  if redis.call('HGET', k, 'state') == 'pending' then
+    redis.call('ZADD', due, ARGV[3], did)
+    redis.call('HINCRBY', k, 'attempts', 1)
+    redis.call('HSET', k, 'owner', ARGV[4], 'next_at', ARGV[3], 'updated_at', ARGV[1])
+    out[#out + 1] = redis.call('HGETALL', k)
+  else
+    redis.call('ZREM', due, did)
+  end
+end
+return out
+"""
+
+# ARGV: id, owner, state, error, body, retry_at, now. 1 when reported, 0 when the claim is not owner's.
+_FINISH_WEBHOOK = """
+local k = P .. ':webhook:' .. ARGV[1]
+local owner, state = unpack(redis.call('HMGET', k, 'owner', 'state'))
+if owner ~= ARGV[2] or state ~= 'pending' then return 0 end
+redis.call('HSET', k, 'state', ARGV[3], 'last_error', ARGV[4], 'updated_at', ARGV[7])
+if ARGV[5] ~= '' then redis.call('HSET', k, 'body', ARGV[5]) end
+if ARGV[3] == 'pending' then
+  redis.call('HSET', k, 'next_at', ARGV[6])
+  redis.call('ZADD', P .. ':webhooks:due', ARGV[6], ARGV[1])
+else
+  redis.call('HSET', k, 'next_at', ARGV[7])
+  redis.call('ZREM', P .. ':webhooks:due', ARGV[1])
+  redis.call('ZADD', P .. ':webhooks:done', ARGV[7], ARGV[1])
+end
+return 1
+"""
+
+# Finished deliveries a TTL after their last attempt. ARGV: cutoff, limit. Returns how many were scanned.
+_EXPIRE_WEBHOOKS = """
+local done = P .. ':webhooks:done'
+local ids = redis.call('ZRANGEBYSCORE', done, '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, did in ipairs(ids) do
+  local k = P .. ':webhook:' .. did
+  local job_id = redis.call('HGET', k, 'job_id')
+  if job_id then redis.call('SREM', P .. ':webhooks:job:' .. job_id, did) end
+  redis.call('DEL', k)
+  redis.call('ZREM', done, did)
+end
+return #ids
+"""
+
+
 def _pairs(flat) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
@@ -327,7 +418,8 @@ class RedisJobStore:
         self._script = {name: self.r.register_script(_LIB + body) for name, body in (
             ("create", _CREATE), ("take", _TAKE), ("finish", _FINISH), ("finish_cancelled", _FINISH_CANCELLED),
             ("heartbeat", _HEARTBEAT), ("delete", _DELETE), ("cancel", _CANCEL), ("release", _RELEASE),
-            ("expire", _EXPIRE), ("migrate", _MIGRATE))}
+            ("expire", _EXPIRE), ("migrate", _MIGRATE), ("usage", _USAGE), ("claim_webhooks", _CLAIM_WEBHOOKS),
+            ("finish_webhook", _FINISH_WEBHOOK), ("expire_webhooks", _EXPIRE_WEBHOOKS))}
         self._run("migrate", time.time())
         self._entry: dict[str, str] = {}  # job id -> stream entry id, for this process's running jobs
         self._orphans: dict[str, list] = {}
@@ -371,17 +463,21 @@ class RedisJobStore:
                 d[k] = v
         d.setdefault("timings", {})
         d["timings"] = d["timings"] or {}
+        d["gpu_seconds"] = d.get("gpu_seconds") or {}
         d["cancel_requested"] = bool(d.get("cancel_requested"))
         d["deleted"] = bool(d.get("deleted"))
         return Job(**{k: v for k, v in d.items() if k in Job.__dataclass_fields__})
 
     # ------------------------------------------------------------------ API side
     def create(self, params: dict, input_image: str | None = None, idempotency_key: str | None = None,
-               job_id: str | None = None, queue_max: int | None = None) -> tuple[Job, bool]:
+               job_id: str | None = None, queue_max: int | None = None, webhook: str | None = None,
+               webhook_events: tuple[str, ...] = ()) -> tuple[Job, bool]:
         job_id = job_id or str(uuid.uuid4())
         fields = self._encode({"id": job_id, "status": "queued", "params": params, "progress": 0.0,
                                "input_image": input_image, "created_at": time.time(), "attempts": 0,
-                               "idempotency_key": idempotency_key, "cancel_requested": False, "deleted": False})
+                               "idempotency_key": idempotency_key, "cancel_requested": False, "deleted": False,
+                               "webhook": webhook or None,
+                               "webhook_events": ",".join(webhook_events) if webhook else None})
         code, flat = self._run("create", job_id, json.dumps(fields), -1 if queue_max is None else queue_max,
                                idempotency_key or "")
         if int(code) == -1:
@@ -459,7 +555,10 @@ class RedisJobStore:
             scanned, *removed = self._run("expire", cutoff, self.EXPIRE_BATCH)
             out += [self._decode(_pairs(flat)) for flat in removed]
             if int(scanned) < self.EXPIRE_BATCH:
-                return out
+                break
+        while int(self._run("expire_webhooks", cutoff, self.EXPIRE_BATCH)) >= self.EXPIRE_BATCH:
+            pass
+        return out
 
     # ------------------------------------------------------------------ worker side
     def claim(self, worker_id: str, lease_s: float, device: str | None = None) -> Job | None:
@@ -514,8 +613,9 @@ class RedisJobStore:
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float, progress: float | None = None,
                   stage: str | None = None) -> bool:
-        ok = int(self._run("heartbeat", job_id, worker_id, time.time() + lease_s,
-                           "" if progress is None else progress, stage or ""))
+        now = time.time()
+        ok = int(self._run("heartbeat", job_id, worker_id, now + lease_s,
+                           "" if progress is None else progress, stage or "", now))
         entry = self._entry.get(job_id)
         if ok and entry:  # still ours: reset the entry's idle time too (XPENDING shows live workers)
             self.r.xclaim(STREAM, GROUP, worker_id, 0, [entry], justid=True)
@@ -574,6 +674,35 @@ class RedisJobStore:
                 self._ack(entry_id)
         self._orphans[worker_id] = [m for m in own if m[1]]
         return len(self._orphans[worker_id])
+
+    # ------------------------------------------------------------------ usage (GPU-seconds, cost)
+    def add_usage(self, job_id: str, seconds: dict[str, float], cost_usd: float | None = None) -> None:
+        total = float(sum(seconds.values()))
+        self._run("usage", job_id, json.dumps({k: float(v) for k, v in seconds.items()}), total, usage_bucket(total),
+                  "" if cost_usd is None else cost_usd)
+
+    def usage_totals(self) -> dict:
+        return usage_summary({k: float(v) for k, v in self.r.hgetall(USAGE).items()})
+
+    # ------------------------------------------------------------------ webhook deliveries (API side)
+    def claim_webhooks(self, owner: str, limit: int, lease_s: float) -> list[WebhookDelivery]:
+        now = time.time()
+        flats = self._run("claim_webhooks", now, limit, now + lease_s, owner)
+        return [WebhookDelivery.from_mapping(_pairs(f)) for f in flats]
+
+    def finish_webhook(self, delivery_id: str, owner: str, state: str, error: str | None = None,
+                       body: str | None = None, retry_at: float | None = None) -> bool:
+        now = time.time()
+        return bool(int(self._run("finish_webhook", delivery_id, owner, state, error or "", body or "",
+                                  now if retry_at is None else retry_at, now)))
+
+    def webhook_deliveries(self, job_id: str) -> list[WebhookDelivery]:
+        ids = self.r.smembers(f"{P}:webhooks:job:{job_id}")
+        pipe = self.r.pipeline(transaction=False)
+        for did in ids:
+            pipe.hgetall(f"{P}:webhook:{did}")
+        found = [WebhookDelivery.from_mapping(h) for h in pipe.execute() if h]
+        return sorted(found, key=lambda d: (d.created_at, d.id))
 
     def close(self) -> None:
         self.r.close()

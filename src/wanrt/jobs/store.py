@@ -5,6 +5,8 @@ that their heartbeat extends; a job whose lease ran out (its worker died) is cla
 MAX_ATTEMPTS, so nothing accepted is lost and a job that kills every worker does not loop forever.
 Each thread gets its own connection; every read-then-write is one short IMMEDIATE transaction. Per-state
 counts live in a table that triggers keep in step, so counts() and list()'s total are constant time.
+Webhook deliveries are rows too, queued by triggers in the very transaction that changes the job's state (so
+no event is lost or sent for a change that rolled back), and claimed by API processes with a lease.
 SqliteJobStore implements jobs.protocol.JobStore.
 """
 
@@ -56,7 +58,7 @@ CREATE TABLE IF NOT EXISTS job_counts (status TEXT PRIMARY KEY, n INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS stage_totals (stage TEXT PRIMARY KEY, seconds REAL NOT NULL, count INTEGER NOT NULL);
 """
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Run once, in one IMMEDIATE transaction, by the first process that opens a version-1 (or new) database.
 # job_counts is kept by triggers in the same transaction as every change, so counts() and list()'s total are
 # constant time instead of a COUNT over every job kept.
@@ -78,6 +80,59 @@ MIGRATE = (
          FROM jobs, json_each(jobs.timings) AS t
          WHERE jobs.status = 'completed' AND jobs.deleted = 0 AND t.type IN ('real', 'integer') GROUP BY st""",
 )
+
+# Webhook events are queued by the transaction that makes them (SQL's julianday clock is time.time()'s).
+_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+_EVENT = "CASE NEW.status WHEN 'processing' THEN 'progress' ELSE NEW.status END"
+_DELIVERY = ("INSERT INTO webhook_deliveries (id, job_id, event, url, next_at, created_at, updated_at) VALUES "
+             "('msg_' || lower(hex(randomblob(12))), NEW.id, {event}, NEW.webhook, {now}, {now}, {now})")
+# Version 3: webhooks (per job: URL and events; deliveries with attempts and a lease), GPU-seconds and cost per
+# job, and the usage counters /metrics reads.
+MIGRATE_V3 = (
+    "ALTER TABLE jobs ADD COLUMN webhook TEXT",
+    "ALTER TABLE jobs ADD COLUMN webhook_events TEXT",  # comma-separated: completed,error,cancelled,progress
+    "ALTER TABLE jobs ADD COLUMN gpu_seconds TEXT",  # JSON {stage: seconds}, summed over the job's runs
+    "ALTER TABLE jobs ADD COLUMN cost_usd REAL",
+    """CREATE TABLE IF NOT EXISTS webhook_deliveries (
+         seq INTEGER PRIMARY KEY AUTOINCREMENT,
+         id TEXT UNIQUE NOT NULL,
+         job_id TEXT NOT NULL,
+         event TEXT NOT NULL,
+         url TEXT NOT NULL,
+         state TEXT NOT NULL DEFAULT 'pending',
+         attempts INTEGER NOT NULL DEFAULT 0,
+         next_at REAL NOT NULL,
+         created_at REAL NOT NULL,
+         updated_at REAL NOT NULL,
+         owner TEXT,
+         body TEXT,
+         last_error TEXT)""",
+    "CREATE INDEX IF NOT EXISTS webhook_state_next ON webhook_deliveries(state, next_at)",
+    "CREATE INDEX IF NOT EXISTS webhook_job ON webhook_deliveries(job_id)",
+    # queued -> processing is the first 'progress' event; the terminal states are their own events. A job
+    # deleted while it runs is gone, not cancelled: no event.
+    f"""CREATE TRIGGER IF NOT EXISTS jobs_webhook_status AFTER UPDATE OF status ON jobs
+         WHEN NEW.webhook IS NOT NULL AND NEW.deleted = 0 AND OLD.status IS NOT NEW.status AND NEW.status != 'queued'
+              AND instr(',' || NEW.webhook_events || ',', ',' || {_EVENT} || ',') > 0
+         BEGIN {_DELIVERY.format(event=_EVENT, now=_NOW)}; END""",
+    # then one 'progress' event each time a heartbeat's progress passes another 10 %
+    f"""CREATE TRIGGER IF NOT EXISTS jobs_webhook_progress AFTER UPDATE OF progress ON jobs
+         WHEN NEW.webhook IS NOT NULL AND NEW.deleted = 0 AND NEW.status = 'processing' AND OLD.status = 'processing'
+              AND CAST(NEW.progress / 10 AS INTEGER) > CAST(OLD.progress / 10 AS INTEGER)
+              AND instr(',' || NEW.webhook_events || ',', ',progress,') > 0
+         BEGIN {_DELIVERY.format(event="'progress'", now=_NOW)}; END""",
+    "CREATE TABLE IF NOT EXISTS usage_totals (key TEXT PRIMARY KEY, value REAL NOT NULL)",
+)
+DELIVERY_STATES = ("pending", "delivered", "failed", "dropped")  # dropped: its job was gone before a first try
+
+# /metrics histogram of GPU-seconds per job run, sized to the seed's presets: seconds on an H100 (fast ~10,
+# default ~30) up to the seed's own 4090/3080 times (30-240 s), with room below for tiny and CPU runs.
+GPU_SECONDS_BUCKETS = (0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 240, 300, 600, 1200)
+
+
+def usage_bucket(seconds: float) -> str:
+    """The histogram bucket (its `le` label) a run of `seconds` falls in: the smallest bound >= seconds."""
+    return next((f"{b:g}" for b in GPU_SECONDS_BUCKETS if seconds <= b), "+Inf")
 
 
 def stage_seconds(timings: dict) -> dict[str, float]:
@@ -110,15 +165,51 @@ class Job:
     cancel_requested: bool = False
     deleted: bool = False
     seq: int = 0
+    webhook: str | None = None  # the URL (shown only in /debug/job: it may carry a token)
+    webhook_events: str | None = None  # comma-separated
+    gpu_seconds: dict = field(default_factory=dict)  # {stage: device seconds}, summed over the job's runs
+    cost_usd: float | None = None
+
+    @property
+    def gpu_seconds_total(self) -> float | None:
+        return round(sum(self.gpu_seconds.values()), 6) if self.gpu_seconds else None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
         d = dict(row)
         d["params"] = json.loads(d["params"])
         d["timings"] = json.loads(d["timings"]) if d["timings"] else {}
+        d["gpu_seconds"] = json.loads(d["gpu_seconds"]) if d.get("gpu_seconds") else {}
         d["retryable"] = None if d["retryable"] is None else bool(d["retryable"])
         d["cancel_requested"], d["deleted"] = bool(d["cancel_requested"]), bool(d["deleted"])
         return cls(**d)
+
+
+@dataclass
+class WebhookDelivery:
+    """One event of one job to its webhook URL; `id` is the Standard Webhooks `webhook-id` (the same on retries)."""
+
+    id: str
+    job_id: str
+    event: str  # completed | error | cancelled | progress
+    url: str
+    state: str = "pending"  # DELIVERY_STATES
+    attempts: int = 0  # claims so far (the claim counts the attempt it starts)
+    next_at: float = 0.0  # due time; while claimed, the end of the claim's lease
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    owner: str | None = None  # the claim that may report the attempt's outcome
+    body: str | None = None  # frozen at the first attempt, so retries send (and sign) the same bytes
+    last_error: str | None = None
+
+    @classmethod
+    def from_mapping(cls, d: dict) -> "WebhookDelivery":
+        kw = {k: d.get(k) for k in cls.__dataclass_fields__ if d.get(k) not in (None, "")}
+        for k in ("attempts",):
+            kw[k] = int(kw.get(k, 0))
+        for k in ("next_at", "created_at", "updated_at"):
+            kw[k] = float(kw.get(k, 0.0))
+        return cls(**kw)
 
 
 class SqliteJobStore:
@@ -136,13 +227,21 @@ class SqliteJobStore:
 
     def _migrate(self) -> None:
         with self._transaction() as conn:
-            if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version >= SCHEMA_VERSION:
                 return
-            for sql in MIGRATE:
-                conn.execute(sql)
-            for status in STATES:
-                conn.execute("INSERT OR REPLACE INTO job_counts (status, n) "
-                             "SELECT ?, COUNT(*) FROM jobs WHERE status=? AND deleted=0", (status, status))
+            if version < 2:
+                for sql in MIGRATE:
+                    conn.execute(sql)
+                for status in STATES:
+                    conn.execute("INSERT OR REPLACE INTO job_counts (status, n) "
+                                 "SELECT ?, COUNT(*) FROM jobs WHERE status=? AND deleted=0", (status, status))
+            if version < 3:
+                columns = {r["name"] for r in conn.execute("PRAGMA table_info(jobs)")}
+                for sql in MIGRATE_V3:
+                    if sql.startswith("ALTER TABLE jobs ADD COLUMN ") and sql.split()[5] in columns:
+                        continue
+                    conn.execute(sql)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _conn(self) -> sqlite3.Connection:
@@ -181,7 +280,8 @@ class SqliteJobStore:
 
     # ------------------------------------------------------------------ API side
     def create(self, params: dict, input_image: str | None = None, idempotency_key: str | None = None,
-               job_id: str | None = None, queue_max: int | None = None) -> tuple[Job, bool]:
+               job_id: str | None = None, queue_max: int | None = None, webhook: str | None = None,
+               webhook_events: tuple[str, ...] = ()) -> tuple[Job, bool]:
         """Insert a queued job. Returns (job, created); an existing Idempotency-Key returns its job.
         Raises QueueFull when queue_max queued jobs are waiting."""
         with self._transaction() as conn:
@@ -195,8 +295,10 @@ class SqliteJobStore:
                     raise QueueFull(queued)
             job_id = job_id or str(uuid.uuid4())
             row = conn.execute(
-                "INSERT INTO jobs (id, status, params, input_image, created_at, idempotency_key) VALUES (?,?,?,?,?,?) "
-                "RETURNING *", (job_id, "queued", json.dumps(params), input_image, time.time(), idempotency_key),
+                "INSERT INTO jobs (id, status, params, input_image, created_at, idempotency_key, webhook, webhook_events) "
+                "VALUES (?,?,?,?,?,?,?,?) RETURNING *",
+                (job_id, "queued", json.dumps(params), input_image, time.time(), idempotency_key, webhook or None,
+                 ",".join(webhook_events) if webhook else None),
             ).fetchone()
             return Job.from_row(row), True
 
@@ -303,6 +405,9 @@ class SqliteJobStore:
                 break
         rows = self._write("DELETE FROM jobs WHERE status='processing' AND deleted=1 AND lease_until < ? RETURNING *",
                            (cutoff,))
+        # finished deliveries go a TTL after their last attempt (next_at is set to that time when they finish)
+        self._write("DELETE FROM webhook_deliveries WHERE state IN ('delivered','failed','dropped') AND next_at < ?",
+                    (cutoff,))
         return out + [Job.from_row(r) for r in rows]
 
     # ------------------------------------------------------------------ worker side
@@ -423,6 +528,72 @@ class SqliteJobStore:
                 (now, worker_id))
             conn.execute("UPDATE jobs SET lease_until=0 WHERE worker_id=? AND status='processing' AND deleted=1", (worker_id,))
             return len(rows)
+
+
+    # ------------------------------------------------------------------ usage (GPU-seconds, cost)
+    def add_usage(self, job_id: str, seconds: dict[str, float], cost_usd: float | None = None) -> None:
+        """Add one run's device seconds per stage (and cost) to the job, and to the totals and histogram."""
+        total = float(sum(seconds.values()))
+        with self._transaction() as conn:
+            row = conn.execute("SELECT gpu_seconds, cost_usd FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is not None:  # a job re-run after a restart adds its runs up
+                merged = json.loads(row["gpu_seconds"]) if row["gpu_seconds"] else {}
+                for stage, value in seconds.items():
+                    merged[stage] = merged.get(stage, 0.0) + float(value)
+                cost = None if cost_usd is None else (row["cost_usd"] or 0.0) + cost_usd
+                conn.execute("UPDATE jobs SET gpu_seconds=?, cost_usd=COALESCE(?, cost_usd) WHERE id=?",
+                             (json.dumps(merged), cost, job_id))
+            adds = [("gpu_seconds", total), ("runs", 1.0), (f"le:{usage_bucket(total)}", 1.0)]
+            if cost_usd is not None:
+                adds.append(("cost_usd", cost_usd))
+            conn.executemany("INSERT INTO usage_totals (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                             "value=value+excluded.value", adds)
+
+    def usage_totals(self) -> dict:
+        rows = self._conn().execute("SELECT key, value FROM usage_totals").fetchall()
+        return usage_summary({r["key"]: r["value"] for r in rows})
+
+    # ------------------------------------------------------------------ webhook deliveries (API side)
+    def claim_webhooks(self, owner: str, limit: int, lease_s: float) -> list[WebhookDelivery]:
+        """Take up to `limit` due deliveries for one attempt each: the lease (next_at) hides them from every
+        other claimer until the attempt reports, or the lease ends (its claimer died)."""
+        now = time.time()
+        if self._conn().execute("SELECT 1 FROM webhook_deliveries WHERE state='pending' AND next_at<=? LIMIT 1",
+                                (now,)).fetchone() is None:
+            return []  # the usual answer, without taking the write lock (every API process asks twice a second)
+        rows = self._write(
+            "UPDATE webhook_deliveries SET owner=?, attempts=attempts+1, next_at=?, updated_at=? WHERE seq IN ("
+            "SELECT seq FROM webhook_deliveries WHERE state='pending' AND next_at<=? ORDER BY next_at LIMIT ?) "
+            "RETURNING *", (owner, now + lease_s, now, now, limit))
+        return sorted((WebhookDelivery.from_mapping(dict(r)) for r in rows), key=lambda d: d.created_at)
+
+    def finish_webhook(self, delivery_id: str, owner: str, state: str, error: str | None = None,
+                       body: str | None = None, retry_at: float | None = None) -> bool:
+        """Report a claimed attempt: state 'pending' retries at retry_at; delivered, failed and dropped are
+        final. False when the claim is no longer `owner`'s (its lease ended and another took it)."""
+        now = time.time()
+        rows = self._write(
+            "UPDATE webhook_deliveries SET state=?, last_error=?, body=COALESCE(?, body), next_at=?, updated_at=? "
+            "WHERE id=? AND owner=? AND state='pending' RETURNING id",
+            (state, error, body, retry_at if state == "pending" and retry_at is not None else now, now,
+             delivery_id, owner))
+        return bool(rows)
+
+    def webhook_deliveries(self, job_id: str) -> list[WebhookDelivery]:
+        rows = self._conn().execute("SELECT * FROM webhook_deliveries WHERE job_id=? ORDER BY seq", (job_id,)).fetchall()
+        return [WebhookDelivery.from_mapping(dict(r)) for r in rows]
+
+
+def usage_summary(raw: dict[str, float]) -> dict:
+    """Counters as kept ({gpu_seconds, cost_usd, runs, le:<bound>}) -> {gpu_seconds, cost_usd, runs, buckets},
+    buckets cumulative per bound as Prometheus wants them, '+Inf' last."""
+    per_bucket = {k.removeprefix("le:"): int(v) for k, v in raw.items() if k.startswith("le:")}
+    buckets, running = {}, 0
+    for bound in [f"{b:g}" for b in GPU_SECONDS_BUCKETS] + ["+Inf"]:
+        running += per_bucket.get(bound, 0)
+        buckets[bound] = running
+    return {"gpu_seconds": float(raw.get("gpu_seconds", 0.0)), "cost_usd": float(raw.get("cost_usd", 0.0)),
+            "runs": int(raw.get("runs", 0)), "buckets": buckets}
 
 
 class QueueFull(Exception):

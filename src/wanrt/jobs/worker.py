@@ -2,6 +2,8 @@
 
 Never speaks HTTP. A worker killed mid-job leaves the job to be claimed again when its lease runs out (or
 at once by its own restart, which releases its orphans); SIGTERM stops at the next step and re-queues.
+Each run of a job writes a live preview after every denoising step (settings.preview) and records the device
+seconds it used per stage (and their cost) before the job's outcome, so that the outcome's webhook carries them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import os
 import signal
 import socket
 import threading
-import time
 
 from PIL import Image
 
@@ -109,6 +110,41 @@ class Worker:
         return WanI2VPipeline(model, pipeline.backend, device=pipeline.device, dtype=pipeline.dtype)
 
     # ------------------------------------------------------------------ one job
+    def _live_preview(self, job: Job, params: GenerateParams):
+        """The job's preview writer, or None with previews off."""
+        if not self.settings.preview:
+            return None
+        from wanrt.runtime.preview import LivePreview
+
+        return LivePreview(self.paths.preview_path(job.id), self.paths.preview_info_path(job.id), fps=params.fps)
+
+    def _record_usage(self, job: Job, timings: dict) -> None:
+        """Device seconds per stage of this run (partial when it failed or was cancelled) and their cost."""
+        from wanrt.runtime.pipeline import device_seconds
+
+        seconds = device_seconds(timings)
+        if not seconds:
+            return
+        rate = self.settings.gpu_hourly_usd
+        cost = None if rate is None else sum(seconds.values()) * rate / 3600.0
+        try:
+            self.store.add_usage(job.id, {k: round(v, 6) for k, v in seconds.items()}, cost)
+        except Exception:  # accounting must not fail the job
+            log.exception("job %s: could not record GPU-seconds", job.id)
+
+    def _generate(self, job: Job, pipeline, params: GenerateParams, image, out, **kwargs):
+        """pipeline.generate with this job's preview and usage: the preview is closed (its last step written)
+        and the usage recorded before the caller completes, fails, cancels or releases the job."""
+        preview = self._live_preview(job, params)
+        timings: dict = {}
+        extra = {"timings": timings, **({"preview": preview} if preview is not None else {})}
+        try:
+            return pipeline.generate(params, image, out, **kwargs, **extra)
+        finally:
+            if preview is not None:
+                preview.close()
+            self._record_usage(job, timings)
+
     def run_job(self, job: Job, pipeline, worker_id: str) -> str:
         from wanrt.runtime.sampler import Cancelled
 
@@ -128,7 +164,7 @@ class Worker:
             def should_cancel() -> bool:
                 return control.stop.is_set() or self.shutdown.is_set()
 
-            result = pipeline.generate(params, image, out, progress=progress, should_cancel=should_cancel)
+            result = self._generate(job, pipeline, params, image, out, progress=progress, should_cancel=should_cancel)
             control.done.set()
             timings = {k: round(v, 4) for k, v in result.timings.items()}
             if self.store.complete(job.id, worker_id, str(out), timings):

@@ -22,6 +22,16 @@ from wanrt.runtime.vae import decode_stream, encode_condition, to_uint8_frames
 from wanrt.runtime.video import Mp4Writer
 
 ProgressFn = Callable[[float, str], None]
+PreviewFn = Callable[[int, int, torch.Tensor], None]  # (step index, steps, x0): runtime.preview.LivePreview
+
+# The stages that run on the device (the MP4 encode runs on the CPU between decode chunks): their sum is a
+# job's GPU-seconds (device seconds on a CPU run).
+DEVICE_STAGES = ("text_encode_s", "vae_encode_s", "denoise_high_s", "denoise_low_s", "vae_decode_s")
+
+
+def device_seconds(timings: dict) -> dict[str, float]:
+    """{stage: seconds} of the device stages in `timings` (partial timings of a failed run included)."""
+    return {k.removesuffix("_s"): float(timings[k]) for k in DEVICE_STAGES if timings.get(k)}
 
 # Share of the progress bar each stage gets (denoise steps split the middle evenly).
 _P_TEXT, _P_ENCODE, _P_LOOP_END = 2.0, 5.0, 90.0
@@ -86,9 +96,14 @@ class WanI2VPipeline:
         progress: ProgressFn | None = None,
         should_cancel: Callable[[], bool] | None = None,
         keep_latents: bool = False,
+        preview: PreviewFn | None = None,
+        timings: dict[str, float] | None = None,
     ) -> GenerateResult:
-        """Run one request. out_path None stops after the loop (latents only, for parity and benchmarks)."""
-        timings: dict[str, float] = {}
+        """Run one request. out_path None stops after the loop (latents only, for parity and benchmarks).
+
+        preview(step index, steps, x0) is called after each denoising step. `timings`, when given, is filled
+        as the stages end (the caller keeps what a failed or cancelled run measured)."""
+        timings = {} if timings is None else timings
         last = [0.0]
 
         def report(value: float, stage: str) -> None:
@@ -135,9 +150,12 @@ class WanI2VPipeline:
             step_started[0] = now
             report(_P_ENCODE + per_step * (step.index + 1), "denoise")
 
-        latents = sampling.sample(self.backend, plan_scheduler, plan, latents, condition, context, negative,
-                                  self.dtype, on_step=on_step, should_cancel=should_cancel)
-        timings["denoise_high_s"], timings["denoise_low_s"] = step_times["high"], step_times["low"]
+        on_x0 = None if preview is None else (lambda step, x0: preview(step.index, len(plan), x0))
+        try:
+            latents = sampling.sample(self.backend, plan_scheduler, plan, latents, condition, context, negative,
+                                      self.dtype, on_step=on_step, should_cancel=should_cancel, on_x0=on_x0)
+        finally:  # a cancelled loop still held the device for the steps it ran
+            timings["denoise_high_s"], timings["denoise_low_s"] = step_times["high"], step_times["low"]
         if hasattr(self.backend, "after_loop"):  # e.g. prefetch the next request's expert during the decode
             self.backend.after_loop()
         steps_per_expert = {e: sum(1 for s in plan if s.expert == e) for e in ("high", "low")}
@@ -152,7 +170,7 @@ class WanI2VPipeline:
         decode_s = encode_s = 0.0
         n_latent = latents.shape[2]
         writer = Mp4Writer(out_path, params.width, params.height, params.fps, max_frames=params.frames)
-        try:
+        try:  # (the finally keeps what a cancelled or failed decode measured)
             t0 = time.perf_counter()
             for i, chunk in enumerate(decode_stream(self.model.vae, latents)):
                 frames = to_uint8_frames(chunk)  # syncs the device
@@ -169,8 +187,9 @@ class WanI2VPipeline:
         except BaseException:
             writer.abort()
             raise
+        finally:
+            timings["vae_decode_s"], timings["mp4_encode_s"] = decode_s, encode_s
         result.frames_written = writer.frames_written
-        timings["vae_decode_s"], timings["mp4_encode_s"] = decode_s, encode_s
         timings["total_s"] = time.perf_counter() - t_start
         report(100.0, "done")
         return result

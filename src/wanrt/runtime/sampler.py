@@ -65,8 +65,15 @@ def sample(
     model_dtype: torch.dtype,
     on_step: Callable[[Step], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    on_x0: Callable[[Step, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Run the plan. cfg == 1 for an expert skips its unconditional pass; cfg > 1 batches cond+uncond."""
+    """Run the plan. cfg == 1 for an expert skips its unconditional pass; cfg > 1 batches cond+uncond.
+
+    on_x0(step, x0) gets each step's predicted clean latent x0 = x_t - sigma_t * v (float32, the sampler's
+    normalised space; what UniPC itself computes as its x0 prediction). Only computed when asked for."""
+    # sigmas[i] belongs to timesteps[i] (UniPC and Euler, flow sigmas); read once, as floats, so that no step
+    # waits on a device-to-host copy
+    sigmas = scheduler.sigmas.detach().float().cpu().tolist() if on_x0 is not None else []
     for step in plan:
         if should_cancel is not None and should_cancel():
             raise Cancelled()
@@ -84,7 +91,12 @@ def sample(
             velocity = uncond + step.guidance * (cond - uncond)
         else:
             velocity = backend.denoise(step.expert, latent_input, step.timestep.expand(1), context)
+        x0 = None
+        if on_x0 is not None:
+            x0 = latents - sigmas[step.index] * velocity.float()
         latents = scheduler.step(velocity, step.timestep, latents, return_dict=False)[0]
+        if x0 is not None:
+            on_x0(step, x0)
         if on_step is not None:
             on_step(step)
     return latents

@@ -3,7 +3,7 @@
 
 const NUMERIC = ["steps", "cfg_high_noise", "cfg_low_noise", "width", "height", "frames", "fps", "seed"];
 const $ = (id) => document.getElementById(id);
-const state = { job: null, source: null, poll: null };
+const state = { job: null, source: null, poll: null, preview: null, previewUrl: null };
 
 function headers(extra = {}) {
   const key = $("api_key").value.trim();
@@ -29,10 +29,36 @@ async function loadSchema() {
 
 function showError(text) { $("error").textContent = text || ""; }
 
+// The live preview: an animated WebP replaced after each denoising step. Fetched (not an <img src>) so that an
+// API key can go along; each new step's URL differs (?step=N), so each step is fetched once.
+async function showPreview(url, step, steps) {
+  if (!url || url === state.previewUrl) return;
+  state.previewUrl = url;
+  const r = await fetch(url, { headers: headers(), cache: "no-store" });
+  if (!r.ok || url !== state.previewUrl) return;
+  const blob = await r.blob();
+  if (state.preview) URL.revokeObjectURL(state.preview);
+  state.preview = URL.createObjectURL(blob);
+  $("preview").src = state.preview;
+  $("preview").dataset.step = String(step || "");
+  $("preview_caption").textContent = `preview after step ${step} of ${steps} (predicted video, latent colours)`;
+  $("preview_box").hidden = false;
+}
+
+function resetPreview() {
+  state.previewUrl = null;
+  if (state.preview) URL.revokeObjectURL(state.preview);
+  state.preview = null;
+  $("preview").removeAttribute("src");
+  $("preview").dataset.step = "";
+  $("preview_box").hidden = true;
+}
+
 function show(status) {
   $("state").textContent = status.status + (status.stage ? ` (${status.stage})` : "") +
     (status.queue_position ? ` – position ${status.queue_position}` : "");
   $("progress").value = status.progress || 0;
+  if (status.preview_url) showPreview(status.preview_url, status.preview_step, status.preview_steps).catch(() => {});
   if (status.status === "completed") {
     const url = status.download_url;
     const video = $("video");
@@ -63,6 +89,10 @@ function watch(jobId) {
     const source = new EventSource(`/events/${jobId}`);
     state.source = source;
     source.addEventListener("status", (e) => show(JSON.parse(e.data)));
+    source.addEventListener("preview", (e) => {
+      const p = JSON.parse(e.data);
+      showPreview(p.preview_url, p.step, p.steps).catch(() => {});
+    });
     source.onerror = () => { if (state.source === source) { source.close(); state.source = null; poll(jobId); } };
   } else {
     poll(jobId);
@@ -82,6 +112,7 @@ async function submit(ev) {
   showError("");
   $("video").hidden = true;
   $("download").hidden = true;
+  resetPreview();
   const file = $("image_file").files[0];
   const fields = { prompt: $("prompt").value };
   if ($("negative_prompt").value.trim()) fields.negative_prompt = $("negative_prompt").value;
