@@ -310,11 +310,30 @@ def _same_request(job: Job, fingerprint: str) -> Response[GenerateResponse]:
     return Response(GenerateResponse(job.id, job.status, "Job already exists for this Idempotency-Key"))
 
 
+def request_over_capacity(store: JobStore, params: GenerateParams) -> str | None:
+    """The 422 detail when no live worker's GPU can run this request under any memory tier (the capacity workers
+    publish in their info, from runtime/memory.py; the API does not import the runtime, so the token count is
+    repeated here); None when one can, or when no worker has published a limit."""
+    limits = [w["memory"]["capacity"] for w in store.workers()
+              if w.get("state") != "stopped" and (w.get("memory") or {}).get("capacity")]
+    if not limits or any(c.get("max_tokens") is None for c in limits):
+        return None
+    best = max(limits, key=lambda c: c["max_tokens"])
+    tokens = ((params.frames_generated - 1) // 4 + 1) * (params.height // 16) * (params.width // 16)
+    if tokens <= best["max_tokens"]:
+        return None
+    return (f"{params.width}x{params.height}x{params.frames} needs {tokens} latent tokens; the largest the workers' "
+            f"GPUs run is {best['max_tokens']} (e.g. {best.get('largest_bucket')}): lower width, height or frames")
+
+
 async def submit_job(request: Request, store: JobStore, settings, paths: DataPaths, limits: Limits, fields: dict,
                      image_url: str | None = None, upload: bytes | None = None) -> Response[GenerateResponse]:
     """Validate, get the image (URL fetch or upload, same checks), write the input and the job, answer."""
     hook = {k: fields.pop(k) for k in WEBHOOK_FIELDS if k in fields}
     params = GenerateParams.from_request(fields)
+    too_big = await run(request_over_capacity, store, params)
+    if too_big:
+        raise HTTPException(status_code=422, detail=too_big)
     webhook, events = None, ()
     if hook:  # resolves the host (up to 10 s): anyio's threads, like the image fetch, not the store's few
         webhook, events = await anyio.to_thread.run_sync(

@@ -75,6 +75,9 @@ class Worker:
         info = {"state": state, "pid": os.getpid(), "device": str(pipeline.device), "dtype": str(pipeline.dtype),
                 "model": self.settings.model, "jobs_done": self.jobs_done,
                 "backend": backend.describe() if hasattr(backend, "describe") else {"backend": getattr(backend, "name", "?")}}
+        from wanrt.runtime.memory import worker_memory_info
+
+        info["memory"] = worker_memory_info(pipeline)  # tier, plan, capacity (the API's 422 reads it), projection
         try:
             self.store.report_worker(worker_id, info)
         except Exception:
@@ -164,7 +167,15 @@ class Worker:
             def should_cancel() -> bool:
                 return control.stop.is_set() or self.shutdown.is_set()
 
-            result = self._generate(job, pipeline, params, image, out, progress=progress, should_cancel=should_cancel)
+            from wanrt.runtime.memory import run_within_memory
+
+            def attempt():
+                return self._generate(job, pipeline, params, image, out, progress=progress, should_cancel=should_cancel)
+
+            # a request only a leaner tier fits moves there first; an out-of-memory error moves one tier leaner and
+            # runs once more (a second one ends the job: classify_error -> out_of_memory). Tiers other than resident
+            # are not thread-safe, so concurrent slots run as planned.
+            result = run_within_memory(pipeline, params, attempt) if self.settings.concurrency <= 1 else attempt()
             control.done.set()
             timings = {k: round(v, 4) for k, v in result.timings.items()}
             if self.store.complete(job.id, worker_id, str(out), timings):
