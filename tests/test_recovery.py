@@ -31,7 +31,7 @@ def test_kill_9_worker_mid_job_then_job_completes(tmp_path, images):
         assert final["status"] == "completed", final
         dbg = httpx.get(f"{srv.base}/debug/job/{job}").json()["job"]
         assert dbg["attempts"] == 2  # run again, not lost
-        assert probe_mp4(final["video_path"])["frames"] == 32
+        assert probe_mp4(srv.data_dir / final["video_path"])["frames"] == 32  # video_path is relative to the data dir
         assert srv.worker_pids() and srv.worker_pids()[0] != pid  # the supervisor started a new worker
         outputs = list((tmp_path / "d" / "outputs").iterdir())
         assert [p.name for p in outputs] == [f"wanrt_{job}.mp4"]  # one output, no leftovers

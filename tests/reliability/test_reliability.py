@@ -110,7 +110,7 @@ def test_two_workers_on_one_redis_one_killed(tmp_path, images, redis_queue):
             final = api.wait_status(job, timeout=240)
             assert final["status"] == "completed"
             assert httpx.get(f"{api.base}/debug/job/{job}").json()["job"]["worker_id"] == survivor
-            assert probe_mp4(final["video_path"])["frames"] == 32
+            assert probe_mp4(data / final["video_path"])["frames"] == 32  # video_path is relative to the data dir
         finally:
             for p in (a, b):
                 p.kill()

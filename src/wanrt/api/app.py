@@ -147,7 +147,8 @@ def create_app(settings, store: JobStore | None = None) -> Litestar:
                                expose_headers=["Content-Range", "Accept-Ranges", "Retry-After"]),
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OpenAPIConfig(title=API_TITLE, version="0.1.0",
-                                     openapi_router=Router(path="/schema", route_handlers=[], opt=OPEN)),
+                                     openapi_router=Router(path="/schema", route_handlers=[], opt=OPEN,
+                                                           include_in_schema=False)),
         request_max_body_size=16 * 1024 * 1024,
         debug=False,
     )

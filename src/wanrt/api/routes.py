@@ -186,8 +186,8 @@ def _relative(paths: DataPaths, path: str | None) -> str | None:
     """The seed's video_path, relative to the data dir: clients never learn the server's layout."""
     if not path:
         return path
-    try:
-        return str(Path(path).resolve().relative_to(paths.root))
+    try:  # workers write absolute paths under the (resolved) data dir: no filesystem call needed
+        return str(Path(path).relative_to(paths.root))
     except ValueError:
         return Path(path).name
 

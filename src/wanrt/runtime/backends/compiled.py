@@ -85,15 +85,15 @@ class CompiledBackend:
         self.stats = CompiledStats(attention=attn)
         if compile and streamed:
             compile, self.stats.compile_off = False, "block streaming moves each block's weights around its forward"
-        mode_fp8 = fp8_mode(device)
-        self.experts = {}
-        for name, module in model.experts.items():
-            # Before any copy, quantisation or CUDA call.
+        for name, module in model.experts.items():  # before any copy, quantisation or CUDA call
             if offload:
                 check_expert_device(name, module, torch.device("cpu"),
                                     f"with offload it must wait on the host (cpu); the swapper brings it to {device}")
             else:
                 check_expert_device(name, module, device)
+        mode_fp8 = fp8_mode(device)
+        self.experts = {}
+        for name, module in model.experts.items():
             # An FP8 checkpoint's linears are FP8 whatever `fp8` says: run them the way this device can.
             adopted = adopt_fp8_linears(module, mode_fp8, fast_accum) + set_fp8_mode(module, mode_fp8)
             if fp8:
