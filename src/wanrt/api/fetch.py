@@ -38,6 +38,7 @@ from pathlib import Path
 from PIL import Image
 
 from wanrt.params import FIELDS_BY_NAME
+from wanrt.tls import client_context
 
 MAX_REDIRECTS = 5
 FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
@@ -278,21 +279,8 @@ def _decode_data_url(url: str, policy: FetchPolicy) -> bytes:
     return data
 
 
-_TLS: ssl.SSLContext | None = None
 # Printable ASCII but space: what may stand in a request target unescaped (escapes already there are kept).
 _TARGET_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
-
-
-def _tls_context() -> ssl.SSLContext:
-    global _TLS
-    if _TLS is None:
-        try:
-            import certifi  # what httpx verified against; the system store otherwise
-
-            _TLS = ssl.create_default_context(cafile=certifi.where())
-        except ImportError:
-            _TLS = ssl.create_default_context()
-    return _TLS
 
 
 def _fetch_http(url: str, policy: FetchPolicy, deadline: float) -> bytes:
@@ -363,7 +351,7 @@ def _get_once(parsed, host: str, port: int, ips: list[str], https: bool, policy:
         current.append(sock)
         sock.settimeout(policy.read_timeout_s)
         if https:  # certificate checked against the name; SNI carries it
-            sock = _tls_context().wrap_socket(sock, server_hostname=host)
+            sock = client_context().wrap_socket(sock, server_hostname=host)
             current[:] = [sock]
         sock.sendall(request)
         resp = http.client.HTTPResponse(sock, method="GET")

@@ -40,6 +40,7 @@ from typing import Callable
 
 from wanrt.jobs.protocol import JobStore
 from wanrt.jobs.store import WebhookDelivery
+from wanrt.tls import client_context
 
 log = logging.getLogger("wanrt.webhooks")
 
@@ -166,19 +167,6 @@ def signed_headers(key: bytes, msg_id: str, body: bytes, timestamp: int | None =
 
 
 # ------------------------------------------------------------------------------------------- one POST
-_TLS: ssl.SSLContext | None = None
-
-
-def _tls_context() -> ssl.SSLContext:
-    global _TLS
-    if _TLS is None:
-        try:
-            import certifi
-
-            _TLS = ssl.create_default_context(cafile=certifi.where())
-        except ImportError:
-            _TLS = ssl.create_default_context()
-    return _TLS
 
 
 def post(target: Target, addresses: list[str], body: bytes, headers: dict[str, str], timeout_s: float) -> int:
@@ -212,7 +200,7 @@ def post(target: Target, addresses: list[str], body: bytes, headers: dict[str, s
         current.append(sock)
         sock.settimeout(max(0.01, deadline - time.monotonic()))
         if target.scheme == "https":
-            sock = _tls_context().wrap_socket(sock, server_hostname=target.host)
+            sock = client_context().wrap_socket(sock, server_hostname=target.host)
             current[:] = [sock]
         head = [f"POST {target.target} HTTP/1.1", f"Host: {target.host_header}", f"User-Agent: {USER_AGENT}",
                 "Content-Type: application/json", f"Content-Length: {len(body)}", "Connection: close",
