@@ -434,7 +434,8 @@ def test_https_checks_the_certificate_against_the_name(tmp_path, monkeypatch):
             fetch_image(srv.url("/img.png", host="localhost"), policy)
         import ssl
 
-        monkeypatch.setattr(fetch_module, "_TLS", ssl.create_default_context(cafile=str(cert)))
+        trusted = ssl.create_default_context(cafile=str(cert))
+        monkeypatch.setattr(fetch_module, "client_context", lambda: trusted)
         # trusted: connects to the checked address, SNI and Host carry the name
         assert fetch_image(srv.url("/img.png", host="localhost"), policy).format == "PNG"
         assert srv.seen[-1][1]["Host"] == f"localhost:{srv.port}"
