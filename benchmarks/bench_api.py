@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,28 +36,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 STAGES = {"text_encode_s": 0.4, "vae_encode_s": 0.6, "denoise_high_s": 4.0, "denoise_low_s": 4.0,
           "vae_decode_s": 1.5, "mp4_s": 0.2}
 GOALS = {"status_queued": 0.70, "status_completed": 0.70, "jobs_page": 0.25, "metrics": 0.25}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def redis_server(tmp: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
-    import redis
-
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 def seed(store, jobs: int) -> dict[str, str]:
@@ -86,6 +63,8 @@ def fast_store(store):
 
 
 def start_api(data_dir: Path, queue: str) -> tuple[subprocess.Popen, str]:
+    from servers import free_port
+
     port = free_port()
     env = {**os.environ, "WANRT_DATA_DIR": str(data_dir), "WANRT_PORT": str(port), "WANRT_HOST": "127.0.0.1",
            "WANRT_QUEUE": queue, "WANRT_QUEUE_MAX": str(10**9), "WANRT_JOB_TTL_S": str(10**9),
@@ -135,11 +114,13 @@ def run_size(store_name: str, jobs: int, args, tmp: Path) -> list[dict]:
     from wanrt.config import Settings
     from wanrt.jobs import open_store
 
+    from servers import start_redis
+
     data_dir = tmp / f"{store_name}-{jobs}"
     data_dir.mkdir()
     redis_proc, queue = (None, "sqlite")
     if store_name == "redis":
-        redis_proc, queue = redis_server(data_dir)
+        redis_proc, queue = start_redis(data_dir)
     store = fast_store(open_store(Settings(data_dir=data_dir, queue=queue)))
     t0 = time.perf_counter()
     ids = seed(store, jobs)

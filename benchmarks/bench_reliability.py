@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,17 +21,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "reliability")]
-
-
-def redis_server(tmp: Path):
-    exe = shutil.which("redis-server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp)], stdout=subprocess.DEVNULL)
-    time.sleep(0.5)
-    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 # ------------------------------------------------------------------------------------------- hostile images
@@ -140,7 +127,7 @@ SCENARIOS = ("crash", "restart", "load", "fuzz", "hostile_images")
 
 
 def main(argv=None) -> int:
-    from servers import ImageServer, WanrtServer
+    from servers import ImageServer, WanrtServer, start_redis
     from test_reliability import crash_rounds, fuzz_round, load_round, restart_round
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,7 +143,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         if "hostile_images" in args.only:  # first: its memory figures want a process not yet grown by the others
             results["hostile_images"] = hostile_images_round(images, args.before)
-        redis_proc, redis_url = redis_server(tmp) if {"crash", "restart"} & set(args.only) else (None, None)
+        redis_proc, redis_url = start_redis(tmp) if {"crash", "restart"} & set(args.only) else (None, None)
         try:
             if "crash" in args.only:
                 with WanrtServer(tmp / "crash", WANRT_QUEUE=redis_url) as srv:

@@ -27,6 +27,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
+    """A throwaway redis-server on a free loopback port (no persistence), answering PING; (process, URL)."""
+    import shutil
+
+    import redis
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("redis-server is not installed (make test installs Debian's redis-server)")
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
 def image_bytes(fmt: str, size=(320, 240), seed=0, exif_rotate=False) -> bytes:
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 255, (size[1] // 16 + 1, size[0] // 16 + 1, 3), dtype=np.uint8)
