@@ -26,7 +26,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.static_files import create_static_files_router
 
 from wanrt.api.errors import EXCEPTION_HANDLERS
-from wanrt.api.routes import API_TITLE, DEBUG_ROUTES, ROUTES, Limits, webhook_body, webhook_check
+from wanrt.api.routes import API_TITLE, DEBUG_ROUTES, ROUTES, Limits, bearer_token, webhook_body, webhook_check
 from wanrt.jobs import open_store
 from wanrt.jobs.paths import DataPaths
 from wanrt.jobs.protocol import JobStore
@@ -42,11 +42,6 @@ UI_HEADERS = {  # the playground only talks to this origin; nothing may frame it
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
 }
-
-
-def bearer_token(header: str | None) -> str:
-    scheme, _, token = (header or "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def token_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:

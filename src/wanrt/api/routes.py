@@ -237,6 +237,12 @@ async def health() -> dict[str, str]:
 IDEMPOTENCY_FINGERPRINT = "request_fingerprint"  # kept in the job's params, never shown
 
 
+def bearer_token(header: str | None) -> str:
+    """The token of an `Authorization: Bearer <token>` header ('' for any other scheme)."""
+    scheme, _, token = (header or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 def _idempotency(request: Request, fields: dict, image: str | bytes) -> tuple[str | None, str]:
     """(the key as stored, scoped per API key when auth is on; a fingerprint of the request)."""
     key = request.headers.get("idempotency-key")
@@ -247,8 +253,6 @@ def _idempotency(request: Request, fields: dict, image: str | bytes) -> tuple[st
         return None, fingerprint
     if not 0 < len(key) <= 255:
         raise HTTPException(status_code=400, detail="Idempotency-Key must be 1-255 characters")
-    from wanrt.api.app import bearer_token  # the app module imports this one
-
     token = bearer_token(request.headers.get("authorization"))
     if request.app.state.settings.api_keys and token:
         key = f"{hashlib.sha256(token.encode()).hexdigest()[:16]}:{key}"
