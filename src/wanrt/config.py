@@ -39,10 +39,16 @@ class Settings:
     backend: str = setting("eager", "eager (the reference), compiled (the switches below) or tensorrt", cli=RUN,
                            choices=("eager", "compiled", "tensorrt"))
     fp8: bool = setting(True, "compiled: FP8 e4m3 linears (scaled_mm on SM >= 8.9, emulated elsewhere)", _bool, RUN)
-    attn: str = setting("sdpa", "compiled: attention kernel", cli=RUN,
-                        choices=("sdpa", "flash", "efficient", "cudnn", "math"))
+    attn: str = setting("auto", "compiled: attention kernel (auto = cuDNN on Hopper, PyTorch's choice elsewhere; "
+                        "cudnn_fp8 = FP8 attention through cudnn-frontend, refused unless it passes its PSNR check)",
+                        cli=RUN, choices=("auto", "sdpa", "flash", "efficient", "cudnn", "math", "cudnn_fp8"))
     compile: bool = setting(True, "compiled: torch.compile per shape bucket", _bool, RUN)
-    cudagraphs: bool = setting(True, "compiled: CUDA graphs", _bool, RUN)
+    compile_scope: str = setting("blocks", "compiled: compile one transformer block and reuse it for all 40 (blocks: "
+                                 "seconds to compile) or the whole expert (model)", cli=RUN, choices=("blocks", "model"))
+    autotune: bool = setting(False, "compiled: Inductor GEMM autotuning (max-autotune; minutes of compile per bucket)",
+                             _bool, RUN)
+    cudagraphs: bool = setting(False, "compiled: CUDA graphs (opt-in: a few thousand launches on a multi-second "
+                               "forward, against a multi-GB private pool)", _bool, RUN)
     memory: str = setting("auto", "memory tier: auto (chosen from free GPU memory and host RAM at start-up), "
                           "resident (everything on the GPU: 80 GB), swap (one expert on the GPU, the other pinned on "
                           "the host; alias offload: 40-48 GB), stream (blocks streamed from pinned host memory: 24 GB "
@@ -53,6 +59,18 @@ class Settings:
                                       _list, RUN)
     scheduler: str = setting("unipc", "sampler (unipc is upstream's)", cli=RUN, choices=("unipc", "euler"))
     artifacts: str | None = setting(None, "a `wanrt build` output dir: fused (and quantized) experts", cli=RUN)
+    vae_dtype: str = setting("auto", "VAE decode precision: auto = bf16 with channels_last_3d on CUDA, the model dtype "
+                             "elsewhere", cli=RUN, choices=("auto", "bf16", "fp32"))
+    # --- LoRAs per request ---
+    lora_dir: str | None = setting(None, "directory of LoRA .safetensors files served per request (named by stem)",
+                                   cli=JOBS)
+    max_lora_rank: int = setting(64, "rank of the per-layer LoRA buffers: the summed rank of a request's LoRAs "
+                                 "(0 = no LoRA slots)", int, JOBS)
+    lora_cache_gb: float = setting(2.0, "prepared LoRA tensors kept on the device for fast swaps (GB)", float, JOBS)
+    lora_affinity_skip: int = setting(4, "a worker may run a job whose LoRA set is loaded before at most this many "
+                                      "older queued jobs (0 = FIFO)", int, JOBS)
+    lora_affinity_wait_s: float = setting(60.0, "no queued job is passed over for LoRA affinity once it has waited "
+                                          "this long (seconds)", float, JOBS)
     queue: str = setting("sqlite", "'sqlite' (under the data dir) or redis://host:port/db", cli=RUN)
     gpus: tuple[str, ...] = setting((), "GPU indices of one worker group, comma-separated (e.g. 0,1,2,3): one video "
                                     "over several GPUs (Ulysses/CFG parallel); empty = one GPU", _list, ("worker",))

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import threading
+import time
 
 from PIL import Image
 
@@ -24,6 +25,8 @@ from wanrt.jobs.store import Job
 from wanrt.params import GenerateParams, ParamError
 
 log = logging.getLogger("wanrt.worker")
+
+LORA_RESCAN_S = 10.0  # an idle worker looks for new, changed or removed LoRA files this often
 
 
 class _JobControl:
@@ -78,6 +81,8 @@ class Worker:
         from wanrt.runtime.memory import worker_memory_info
 
         info["memory"] = worker_memory_info(pipeline)  # tier, plan, capacity (the API's 422 reads it), projection
+        if getattr(pipeline, "loras", None) is not None:  # the library as this worker serves it: GET /loras and the API's checks
+            info["loras"] = pipeline.loras.describe()
         try:
             self.store.report_worker(worker_id, info)
         except Exception:
@@ -88,12 +93,17 @@ class Worker:
         if slot:
             self.store.release_orphans(worker_id)
         self._report(worker_id, pipeline, "idle")
+        scanned = time.monotonic()
         while not self.shutdown.is_set():
             with self._lock:
                 if max_jobs is not None and self.jobs_done >= max_jobs:
                     return
             job = self.store.claim(worker_id, self.settings.lease_s, device=str(pipeline.device))
             if job is None:
+                if slot == 0 and time.monotonic() - scanned >= LORA_RESCAN_S:
+                    scanned = time.monotonic()
+                    if self._rescan_loras(pipeline):
+                        self._report(worker_id, pipeline, "idle")  # files added, changed or removed: publish them
                 self.shutdown.wait(poll_s)
                 continue
             self.run_job(job, pipeline, worker_id)
@@ -110,7 +120,21 @@ class Worker:
 
         model = copy.copy(pipeline.model)
         model.vae = copy.deepcopy(pipeline.model.vae)
-        return WanI2VPipeline(model, pipeline.backend, device=pipeline.device, dtype=pipeline.dtype)
+        clone = WanI2VPipeline(model, pipeline.backend, device=pipeline.device, dtype=pipeline.dtype)
+        clone.loras = getattr(pipeline, "loras", None)  # one set of slots on the shared experts: `using` makes jobs of one set share it
+        return clone
+
+    @staticmethod
+    def _rescan_loras(pipeline) -> bool:
+        """Pick up LoRA files added, changed or removed since the last scan (a stat per file). True on a change."""
+        library = getattr(getattr(pipeline, "loras", None), "library", None)
+        if library is None:
+            return False
+        try:
+            return any(library.rescan().values())
+        except Exception:  # a directory gone or unreadable must not stop the worker
+            log.exception("LoRA library rescan failed")
+            return False
 
     # ------------------------------------------------------------------ one job
     def _live_preview(self, job: Job, params: GenerateParams):
@@ -169,8 +193,13 @@ class Worker:
 
             from wanrt.runtime.memory import run_within_memory
 
+            loras = job.params.get("loras") or None
+            if loras:
+                self._rescan_loras(pipeline)  # a file added since the last scan
+
             def attempt():
-                return self._generate(job, pipeline, params, image, out, progress=progress, should_cancel=should_cancel)
+                return self._generate(job, pipeline, params, image, out, progress=progress, should_cancel=should_cancel,
+                                      loras=loras)
 
             # a request only a leaner tier fits moves there first; an out-of-memory error moves one tier leaner and
             # runs once more (a second one ends the job: classify_error -> out_of_memory). Tiers other than resident
@@ -252,6 +281,10 @@ def classify_error(e: Exception) -> tuple[str, bool]:
         return "out_of_memory", True
     if isinstance(e, ParamError):
         return "invalid_params", False
+    from wanrt.runtime.lora import LoraError
+
+    if isinstance(e, LoraError):  # unknown, unavailable or too large for the slots: the same request fails again
+        return "invalid_lora", False
     if isinstance(e, FileNotFoundError):
         return "input_missing", False
     return "internal_error", True

@@ -114,13 +114,42 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
         options = {}
         if compiled:
             options = dict(fp8=settings.fp8 and tier != "mmap", attn=settings.attn, compile=settings.compile,
+                           compile_scope=settings.compile_scope, autotune=settings.autotune,
                            cudagraphs=settings.cudagraphs, offload=tier != "resident", streamed=streams_blocks(tier))
         elif tensorrt:
             options = dict(artifacts=settings.artifacts)
         return make_backend(settings.backend, model, device=device, **options)
 
-    backend = TieredBackend(model, device, plan, mb, make_inner, ledger=ledger, can_demote=not tensorrt, gpu=gpu)
-    return WanI2VPipeline(model, backend, device=device, dtype=dtype)
+    loras = _LoraInstaller(settings, model) if settings.lora_dir and settings.max_lora_rank > 0 and not tensorrt else None
+    backend = TieredBackend(model, device, plan, mb, make_inner, ledger=ledger, can_demote=not tensorrt, gpu=gpu,
+                            on_inner=loras)
+    pipeline = WanI2VPipeline(model, backend, device=device, dtype=dtype)
+    pipeline.loras = loras.group if loras is not None else None
+    return pipeline
+
+
+class _LoraInstaller:
+    """LoRA slots on the experts the inner backend runs (its FP8 linears wrapped, before the memory tier takes
+    host copies and before the first compiled forward), and the library of `settings.lora_dir`. Called again
+    when a tier change rebuilds the inner backend: the slots stay where they are unless the experts are new
+    copies (the CPU FP8 emulation runs copies), which then get fresh slots."""
+
+    def __init__(self, settings, model):
+        self.settings, self.model, self.group = settings, model, None
+
+    def __call__(self, inner) -> None:
+        from wanrt.runtime.lora import LoraLinear, LoraSlotGroup
+
+        experts = {n: getattr(m, "_orig_mod", m) for n, m in getattr(inner, "experts", self.model.experts).items()}
+        if self.group is not None and all(any(isinstance(m, LoraLinear) for m in e.modules()) for e in experts.values()):
+            return
+        s = self.settings
+        fresh = LoraSlotGroup.install(experts, s.max_lora_rank, cache_bytes=int(s.lora_cache_gb * 2**30),
+                                      lora_dir=None if self.group is not None else s.lora_dir)
+        if self.group is None:
+            self.group = fresh
+        else:  # same library, new slots (nothing loaded in them yet)
+            self.group.slots, self.group.loaded_key = fresh.slots, ""
 
 
 def _tokens(bucket: str) -> int:

@@ -787,9 +787,10 @@ class TieredBackend:
     Not thread-safe: one request at a time (worker concurrency 1) under any tier but resident."""
 
     def __init__(self, model, device, plan: MemoryPlan, mb: ModelBytes, make_inner, ledger: DeviceLedger | None = None,
-                 first_expert: str = "high", can_demote: bool = True, gpu: gpus.Gpu | None = None):
+                 first_expert: str = "high", can_demote: bool = True, gpu: gpus.Gpu | None = None, on_inner=None):
         self.model, self.device = model, torch.device(device)
         self.plan, self.mb, self.make_inner, self.gpu = plan, mb, make_inner, gpu
+        self.on_inner = on_inner  # on_inner(inner): module surgery after the inner backend's (LoRA slots), before host copies
         self.first_expert, self.can_demote = first_expert, can_demote
         self.ledger = ledger or DeviceLedger(plan.free_bytes)
         self.ledger.place("overhead", mb.overhead)
@@ -820,6 +821,8 @@ class TieredBackend:
         self._placed: list[tuple[str, int]] = []
         self._hooks = []
         self.inner = self.make_inner(tier)  # module surgery (FP8) before any host copy is taken
+        if self.on_inner is not None:
+            self.on_inner(self.inner)
         if tier == "resident":  # as the surgery left them (the inner backend may run copies: it counts the model's)
             for name, module in model.experts.items():
                 self._place(f"expert_{name}", module_bytes(module))
@@ -940,6 +943,10 @@ class TieredBackend:
         for name, streamer in self.streamers.items():
             if name != expert and streamer.live:
                 streamer.release_all()  # its wrap-around prefetch: that expert is done for this request
+
+    def settle(self, expert: str) -> None:
+        """`expert` in place for its steps (waits for a prefetch in flight): before LoRA buffers are written."""
+        self._switch(expert)
 
     def denoise(self, expert: str, latent_input: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor):
         self._switch(expert)

@@ -439,6 +439,7 @@ def tiny_heads_runtime(settings, heads: int = 4):
     model = tiny_model_with_heads(heads).to(device, dtype)
     options = {}
     if settings.backend == "compiled":
-        options = dict(fp8=settings.fp8, attn=settings.attn, compile=settings.compile, cudagraphs=settings.cudagraphs)
+        options = dict(fp8=settings.fp8, attn=settings.attn, compile=settings.compile, cudagraphs=settings.cudagraphs,
+                       compile_scope=settings.compile_scope, autotune=settings.autotune)
     return WanI2VPipeline(model, make_backend(settings.backend, model, device=device, **options), device=device,
                           dtype=dtype)

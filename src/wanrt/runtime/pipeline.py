@@ -6,6 +6,7 @@ faster backends slot in under `denoise`, the decode streams into the MP4 writer,
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ class WanI2VPipeline:
         self.device = torch.device(device)
         self.dtype = dtype
         self.backend = backend or EagerBackend(model)
+        self.loras = None  # runtime.lora.LoraSlotGroup when LoRAs are served per request (the factory installs it)
 
     # ------------------------------------------------------------------ stages
     @torch.inference_mode()
@@ -98,11 +100,13 @@ class WanI2VPipeline:
         keep_latents: bool = False,
         preview: PreviewFn | None = None,
         timings: dict[str, float] | None = None,
+        loras: list[dict] | None = None,
     ) -> GenerateResult:
         """Run one request. out_path None stops after the loop (latents only, for parity and benchmarks).
 
         preview(step index, steps, x0) is called after each denoising step. `timings`, when given, is filled
-        as the stages end (the caller keeps what a failed or cancelled run measured)."""
+        as the stages end (the caller keeps what a failed or cancelled run measured). `loras`: the request's
+        LoRA set (wanrt.lora_request.parse_loras), held loaded in the slots for the denoising loop."""
         timings = {} if timings is None else timings
         last = [0.0]
 
@@ -151,11 +155,15 @@ class WanI2VPipeline:
             report(_P_ENCODE + per_step * (step.index + 1), "denoise")
 
         on_x0 = None if preview is None else (lambda step, x0: preview(step.index, len(plan), x0))
-        try:
-            latents = sampling.sample(self.backend, plan_scheduler, plan, latents, condition, context, negative,
-                                      self.dtype, on_step=on_step, should_cancel=should_cancel, on_x0=on_x0)
-        finally:  # a cancelled loop still held the device for the steps it ran
-            timings["denoise_high_s"], timings["denoise_low_s"] = step_times["high"], step_times["low"]
+        t_lora = time.perf_counter()
+        with self._lora_set(loras, should_cancel, plan[0].expert if plan else "high"):
+            timings["lora_s"] = time.perf_counter() - t_lora  # waiting for other sets' jobs + the swap
+            step_started[0] = time.perf_counter()
+            try:
+                latents = sampling.sample(self.backend, plan_scheduler, plan, latents, condition, context, negative,
+                                          self.dtype, on_step=on_step, should_cancel=should_cancel, on_x0=on_x0)
+            finally:  # a cancelled loop still held the device for the steps it ran
+                timings["denoise_high_s"], timings["denoise_low_s"] = step_times["high"], step_times["low"]
         if hasattr(self.backend, "after_loop"):  # e.g. prefetch the next request's expert during the decode
             self.backend.after_loop()
         steps_per_expert = {e: sum(1 for s in plan if s.expert == e) for e in ("high", "low")}
@@ -193,6 +201,22 @@ class WanI2VPipeline:
         timings["total_s"] = time.perf_counter() - t_start
         report(100.0, "done")
         return result
+
+
+    def _lora_set(self, loras: list[dict] | None, should_cancel, first_expert: str):
+        """The LoRA slots hold this request's set for the loop (no set: zeroed rows, the base model)."""
+        if self.loras is None:
+            if loras:
+                from wanrt.runtime.lora import LoraError
+
+                raise LoraError("this server serves no LoRAs per request (start it with --lora-dir, or the "
+                                "backend has no LoRA slots)")
+            return contextlib.nullcontext()
+        # A swap writes into the experts' buffers: with an offload tier, the expert that runs first is put in
+        # place first, so a prefetch still copying cannot land over freshly written buffers.
+        settle = getattr(self.backend, "settle", None)
+        return self.loras.using(loras, should_cancel,
+                                before_apply=None if settle is None else (lambda: settle(first_expert)))
 
 
 class _timer:
