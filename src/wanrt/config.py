@@ -69,6 +69,8 @@ class Settings:
     lora_cache_gb: float = setting(2.0, "prepared LoRA tensors kept on the device for fast swaps (GB)", float, JOBS)
     lora_affinity_skip: int = setting(4, "a worker may run a job whose LoRA set is loaded before at most this many "
                                       "older queued jobs (0 = FIFO)", int, JOBS)
+    lora_rescan_s: float = setting(10.0, "an idle worker looks for added, changed or removed LoRA files this often "
+                                   "(seconds)", float, JOBS)
     lora_affinity_wait_s: float = setting(60.0, "no queued job is passed over for LoRA affinity once it has waited "
                                           "this long (seconds)", float, JOBS)
     queue: str = setting("sqlite", "'sqlite' (under the data dir) or redis://host:port/db", cli=RUN)

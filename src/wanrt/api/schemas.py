@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
+from wanrt.lora_request import LORAS_JSON_SCHEMA
 from wanrt.params import DEFAULT_NEGATIVE_PROMPT, FIELDS_BY_NAME, PROMPT_MAX_CHARS
 
 
@@ -37,15 +38,19 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     webhook_events: Annotated[list[Literal["completed", "error", "cancelled", "progress"]], msgspec.Meta(
         min_length=1, max_length=4, description="events sent to the webhook (default: completed, error, cancelled)"
     )] | None = None
+    # extension: LoRAs from the server's library (GET /loras); parse_loras checks names, strengths and experts and
+    # names the entry in its 422 (the same check for multipart), the schema documents it.
+    loras: Annotated[list[Any], msgspec.Meta(extra_json_schema=LORAS_JSON_SCHEMA)] | None = None
 
 
 WEBHOOK_FIELDS = ("webhook", "webhook_events")
+OPTIONAL_FIELDS = (*WEBHOOK_FIELDS, "loras")  # left out of the job (and its fingerprint) when not given
 
 
 def request_fields(data: GenerateRequest) -> dict:
-    """The fields of a request but the image source (generation parameters, and the webhook ones when given)."""
+    """The fields of a request but the image source (generation parameters; webhook and LoRA ones when given)."""
     return {f: getattr(data, f) for f in GenerateRequest.__struct_fields__
-            if f != "image_url" and not (f in WEBHOOK_FIELDS and getattr(data, f) is None)}
+            if f != "image_url" and not (f in OPTIONAL_FIELDS and getattr(data, f) is None)}
 
 
 def field_error(field: str | None, message: str) -> str:

@@ -26,8 +26,6 @@ from wanrt.params import GenerateParams, ParamError
 
 log = logging.getLogger("wanrt.worker")
 
-LORA_RESCAN_S = 10.0  # an idle worker looks for new, changed or removed LoRA files this often
-
 
 class _JobControl:
     """Shared between the sampling thread and the heartbeat thread of one job."""
@@ -100,7 +98,7 @@ class Worker:
                     return
             job = self.store.claim(worker_id, self.settings.lease_s, device=str(pipeline.device))
             if job is None:
-                if slot == 0 and time.monotonic() - scanned >= LORA_RESCAN_S:
+                if slot == 0 and time.monotonic() - scanned >= self.settings.lora_rescan_s:
                     scanned = time.monotonic()
                     if self._rescan_loras(pipeline):
                         self._report(worker_id, pipeline, "idle")  # files added, changed or removed: publish them

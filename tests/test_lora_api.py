@@ -1,0 +1,125 @@
+"""LoRAs per request over HTTP (issue 15): a real `wanrt serve` with a LoRA directory and one worker, a real
+client. GET /loras lists what the worker validated (a corrupt file and one with unmatched keys are listed as
+unavailable and the server keeps serving), requests pick LoRAs in JSON and multipart, bad entries are a 422
+naming the entry, the LoRAs used are echoed in /status and /debug/job, and a file added later is served."""
+
+import base64
+import io
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from wanrt.runtime.video import probe_mp4
+
+from conftest import make_image
+from lora_fixtures import TARGETS, as_format, random_lora
+from servers import WanrtServer
+
+TINY = dict(prompt="a cat", width=256, height=256, frames=16, steps=1)
+
+
+def data_url() -> str:
+    buf = io.BytesIO()
+    make_image(64, 64).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model):
+    d = tmp_path_factory.mktemp("lora_api")
+    lib = d / "loras"
+    lib.mkdir()
+    high = tiny_model.transformer_high
+    save_file(as_format(random_lora(high, rank=4, seed=1, alpha=2.0), "comfy"), str(lib / "style.safetensors"))
+    save_file(as_format(random_lora(high, rank=8, seed=2, targets=TARGETS[1:]), "peft"), str(lib / "motion.safetensors"))
+    (lib / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    save_file({"transformer.blocks.9.attn1.to_q.lora_A.weight": torch.zeros(4, 32),
+               "transformer.blocks.9.attn1.to_q.lora_B.weight": torch.zeros(32, 4)}, str(lib / "unmatched.safetensors"))
+    srv = WanrtServer(d / "data", workers=1, WANRT_LORA_DIR=lib, WANRT_MAX_LORA_RANK=16, WANRT_LORA_RESCAN_S=0.5).start()
+    srv.lib, srv.tiny_model = lib, tiny_model
+    try:
+        with srv.client() as c:  # the worker publishes its library once its model is loaded
+            deadline = time.time() + 120
+            while time.time() < deadline and not c.get("/loras").json()["loras"]:
+                time.sleep(0.3)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_get_loras_lists_the_validated_library(server):
+    with server.client() as c:
+        body = c.get("/loras").json()
+    by_name = {e["name"]: e for e in body["loras"]}
+    assert body["available"] == ["motion", "style"]
+    assert by_name["style"]["format"] and by_name["style"]["rank"] == 4 and len(by_name["style"]["sha256"]) == 64
+    assert by_name["motion"]["rank"] == 8 and set(by_name["motion"]["layers"]) == {"high", "low"}
+    assert by_name["corrupt"]["available"] is False and "safetensors" in by_name["corrupt"]["error"]
+    assert by_name["unmatched"]["available"] is False and "blocks.9" in by_name["unmatched"]["error"]
+
+
+def test_json_request_with_loras_runs_and_is_echoed(server):
+    loras = [{"name": "style", "strength": 0.75}, {"name": "motion", "strength": -1, "expert": "low"}]
+    with server.client() as c:
+        r = c.post("/generate", json={**TINY, "image_url": data_url(), "loras": loras})
+        assert r.status_code == 200, r.text
+        job_id = r.json()["job_id"]
+        status = server.wait_status(job_id)
+        assert status["status"] == "completed", status
+        want = [{"name": "style", "strength": 0.75, "expert": "both"},
+                {"name": "motion", "strength": -1.0, "expert": "low"}]
+        assert status["params"]["loras"] == want
+        assert c.get(f"/debug/job/{job_id}").json()["job"]["params"]["loras"] == want
+        video = c.get(f"/download/{job_id}")
+    path = server.data_dir / "clip.mp4"
+    path.write_bytes(video.content)
+    assert probe_mp4(path)["frames"] == 16
+
+
+def test_multipart_request_with_loras(server):
+    buf = io.BytesIO()
+    make_image(64, 64).save(buf, format="PNG")
+    form = {k: str(v) for k, v in TINY.items()} | {"loras": json.dumps([{"name": "style", "expert": "high"}])}
+    with server.client() as c:
+        r = c.post("/generate", data=form, files={"image": ("f.png", buf.getvalue(), "image/png")})
+        assert r.status_code == 200, r.text
+        status = server.wait_status(r.json()["job_id"])
+        assert status["status"] == "completed"
+        assert status["params"]["loras"] == [{"name": "style", "strength": 1.0, "expert": "high"}]
+        bad = c.post("/generate", data=form | {"loras": "[{"}, files={"image": ("f.png", buf.getvalue(), "image/png")})
+        assert bad.status_code == 422 and "loras" in bad.json()["detail"]
+
+
+@pytest.mark.parametrize("loras, where", [
+    ([{"name": "nope"}], "loras[0].name"),
+    ([{"name": "corrupt"}], "loras[0].name"),  # listed, but unavailable
+    ([{"name": "style"}, {"name": "motion", "strength": 4.5}], "loras[1].strength"),
+    ([{"name": "style", "expert": "mid"}], "loras[0].expert"),
+    ([{"name": "style", "strength": 0.1, "expert": "high"}] * 9, "at most 8"),
+    ([{"name": "style", "scale": 1}], "loras[0].scale"),
+    ("style", "loras: Expected `array"),  # msgspec, before our check
+])
+def test_bad_loras_are_422_naming_the_entry_and_make_no_job(server, loras, where):
+    with server.client() as c:
+        before = c.get("/jobs?limit=1").json()["total"]
+        r = c.post("/generate", json={**TINY, "image_url": data_url(), "loras": loras})
+        assert r.status_code == 422 and where in r.json()["detail"], r.text
+        assert c.get("/jobs?limit=1").json()["total"] == before
+
+
+def test_seed_request_is_unchanged_and_a_file_added_later_is_served(server, tmp_path):
+    with server.client() as c:
+        r = c.post("/generate", json={**TINY, "image_url": data_url()})
+        assert "loras" not in server.wait_status(r.json()["job_id"])["params"]
+        save_file(as_format(random_lora(server.tiny_model.transformer_high, rank=2, seed=9), "wan"),
+                  str(tmp_path / "late.safetensors"))
+        (tmp_path / "late.safetensors").rename(server.lib / "late.safetensors")  # appears whole
+        deadline = time.time() + 30
+        while time.time() < deadline and "late" not in (c.get("/loras").json()["available"] or []):
+            time.sleep(0.3)
+        assert "late" in c.get("/loras").json()["available"]
+        r = c.post("/generate", json={**TINY, "image_url": data_url(), "loras": [{"name": "late"}]})
+        assert r.status_code == 200 and server.wait_status(r.json()["job_id"])["status"] == "completed"
