@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from conftest import make_image
 from lora_fixtures import TARGETS, as_format, random_lora
 from servers import WanrtServer
 
+ASSET = Path(__file__).parent / "assets" / "first_frame.png"
 TINY = dict(prompt="a cat", width=256, height=256, frames=16, steps=1)
 
 
@@ -123,3 +125,42 @@ def test_seed_request_is_unchanged_and_a_file_added_later_is_served(server, tmp_
         assert "late" in c.get("/loras").json()["available"]
         r = c.post("/generate", json={**TINY, "image_url": data_url(), "loras": [{"name": "late"}]})
         assert r.status_code == 200 and server.wait_status(r.json()["job_id"])["status"] == "completed"
+
+
+def test_typed_client_lists_and_sends_loras(server):
+    from wanrt.client import WanrtClient
+
+    buf = io.BytesIO()
+    make_image(64, 64).save(buf, format="PNG")
+    image = server.data_dir / "first.png"
+    image.write_bytes(buf.getvalue())
+    with WanrtClient(server.base) as client:
+        assert "style" in client.loras()["available"]
+        final = client.generate("a cat", image_path=image, loras=[{"name": "motion", "strength": 0.5}], wait=True,
+                                progress=False, timeout_s=180, **{k: v for k, v in TINY.items() if k != "prompt"})
+    assert final["status"] == "completed"
+    assert final["params"]["loras"] == [{"name": "motion", "strength": 0.5, "expert": "both"}]
+
+
+def test_cli_generate_with_lora_flags(server, tmp_path):
+    import subprocess
+    import sys
+
+    def wanrt(*args):
+        return subprocess.run([sys.executable, "-m", "wanrt.cli", "generate", "--image", str(ASSET), "--prompt", "x",
+                               "--width", "256", "--height", "256", "--frames", "16", "--steps", "1", *args],
+                              capture_output=True, text=True, timeout=300)
+
+    r = wanrt("--lora-dir", str(server.lib), "--max-lora-rank", "16", "--lora", "style:0.5:high", "--lora", "motion",
+              "--out", str(tmp_path / "a.mp4"))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["loras"] == [{"name": "style", "strength": 0.5, "expert": "high"},
+                                {"name": "motion", "strength": 1.0, "expert": "both"}]
+    assert probe_mp4(tmp_path / "a.mp4")["frames"] == 16
+    bad = wanrt("--lora-dir", str(server.lib), "--lora", "nope", "--out", str(tmp_path / "b.mp4"))
+    assert bad.returncode == 2 and "unknown LoRA 'nope'" in bad.stderr
+    flag = wanrt("--lora", "style:x", "--out", str(tmp_path / "c.mp4"))
+    assert flag.returncode == 2 and "strength 'x' is not a number" in flag.stderr
+    nodir = wanrt("--lora", "style", "--out", str(tmp_path / "c.mp4"))
+    assert nodir.returncode == 2 and "--lora needs --lora-dir" in nodir.stderr

@@ -20,6 +20,16 @@ def cmd_generate(args) -> int:
         print(f"wanrt generate: error: {e}", file=sys.stderr)
         return 2
     settings = settings_from_args(args)
+    from wanrt.lora_request import lora_flag, parse_loras
+
+    try:  # names are checked against the library once the runtime has scanned it
+        loras = parse_loras([lora_flag(x) for x in args.lora])
+    except ParamError as e:
+        print(f"wanrt generate: error: {e}", file=sys.stderr)
+        return 2
+    if loras and not settings.lora_dir:
+        print("wanrt generate: error: --lora needs --lora-dir (the directory of LoRA files)", file=sys.stderr)
+        return 2
     from wanrt.api.fetch import FetchError, load_image_source
 
     try:
@@ -33,6 +43,12 @@ def cmd_generate(args) -> int:
     from wanrt.runtime.factory import build_runtime
 
     pipeline = build_runtime(settings)
+    if loras:
+        try:
+            loras = parse_loras(loras, pipeline.loras.library.available())
+        except ParamError as e:
+            print(f"wanrt generate: error: {e}", file=sys.stderr)
+            return 2
     bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}/100 [{elapsed}<{remaining}] {postfix}")
 
     def progress(value: float, stage: str) -> None:
@@ -42,11 +58,11 @@ def cmd_generate(args) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = pipeline.generate(params, image, out, progress=progress)
+    result = pipeline.generate(params, image, out, progress=progress, loras=loras or None)
     bar.close()
     summary = {"out": str(result.path), "frames": result.frames_written, "frames_generated": result.frames_generated,
                "width": params.width, "height": params.height, "fps": params.fps, "seed": params.seed,
-               "steps_per_expert": result.steps_per_expert,
+               "steps_per_expert": result.steps_per_expert, **({"loras": loras} if loras else {}),
                "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}
     print(json.dumps(summary))
     return 0
@@ -140,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(*names, dest=spec.name, type=_number(spec), default=spec.default,
                        help=f"{spec.help} ({spec.describe()}, default {spec.default})")
     g.add_argument("--out", default="out.mp4")
+    g.add_argument("--lora", action="append", default=[], metavar="NAME[:STRENGTH[:EXPERT]]",
+                   help="a LoRA of --lora-dir by file stem, strength in [-4, 4] (1), expert high|low|both (both); "
+                        "repeat to stack up to 8")
     add_flags(g, "generate")
     g.set_defaults(func=cmd_generate)
 

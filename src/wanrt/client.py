@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import httpx
 
@@ -54,7 +55,8 @@ class WanrtClient:
     def generate(self, prompt: str, image_url: str | None = None, image_path: str | Path | None = None, *,
                  wait: bool = False, progress: bool = True, poll_s: float = 1.0, timeout_s: float | None = None,
                  idempotency_key: str | None = None, webhook: str | None = None,
-                 webhook_events: Sequence[WebhookEvent] | None = None, **params: Any) -> dict:
+                 webhook_events: Sequence[WebhookEvent] | None = None,
+                 loras: Sequence[Mapping[str, Any]] | None = None, **params: Any) -> dict:
         """Queue a job (by URL or by uploading a file); with wait=True, block until it ends and return its
         final status (raises WanrtError when it ends in error). `webhook`: an https URL that gets the job's
         status JSON, signed, on `webhook_events` (default completed, error, cancelled; docs/watching.md)."""
@@ -65,15 +67,23 @@ class WanrtClient:
             params["webhook"] = webhook
         if webhook_events is not None:
             params["webhook_events"] = list(webhook_events)
+        if loras is not None:  # [{"name": ..., "strength": ..., "expert": ...}], names from loras()
+            params["loras"] = [dict(x) for x in loras]
         if image_path is not None:
             path = Path(image_path)
             files = {"image": (path.name, path.read_bytes())}
-            data = {"prompt": prompt, **{k: ",".join(v) if isinstance(v, list) else str(v) for k, v in params.items()}}
+            data = {"prompt": prompt, **{k: json.dumps(v) if k == "loras" else ",".join(v) if isinstance(v, list)
+                                         else str(v) for k, v in params.items()}}
             job = self._check(self.http.post("/generate", files=files, data=data, headers=headers))
         else:
             job = self._check(self.http.post("/generate", json={"image_url": image_url, "prompt": prompt, **params},
                                              headers=headers))
         return self.wait(job["job_id"], progress=progress, poll_s=poll_s, timeout_s=timeout_s) if wait else job
+
+    def loras(self) -> dict:
+        """The LoRAs the server's workers serve: {"loras": [{name, format, rank, experts, layers, sha256, ...}],
+        "available": [names]}."""
+        return self._check(self.http.get("/loras"))
 
     def status(self, job_id: str) -> dict:
         return self._check(self.http.get(f"/status/{job_id}"))

@@ -63,10 +63,10 @@ class Settings:
                              "elsewhere", cli=RUN, choices=("auto", "bf16", "fp32"))
     # --- LoRAs per request ---
     lora_dir: str | None = setting(None, "directory of LoRA .safetensors files served per request (named by stem)",
-                                   cli=JOBS)
+                                   cli=RUN)
     max_lora_rank: int = setting(64, "rank of the per-layer LoRA buffers: the summed rank of a request's LoRAs "
-                                 "(0 = no LoRA slots)", int, JOBS)
-    lora_cache_gb: float = setting(2.0, "prepared LoRA tensors kept on the device for fast swaps (GB)", float, JOBS)
+                                 "(0 = no LoRA slots)", int, RUN)
+    lora_cache_gb: float = setting(2.0, "prepared LoRA tensors kept on the device for fast swaps (GB)", float, RUN)
     lora_affinity_skip: int = setting(4, "a worker may run a job whose LoRA set is loaded before at most this many "
                                       "older queued jobs (0 = FIFO)", int, JOBS)
     lora_rescan_s: float = setting(10.0, "an idle worker looks for added, changed or removed LoRA files this often "

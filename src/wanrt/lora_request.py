@@ -90,6 +90,22 @@ def parse_loras(value: Any, available: set[str] | frozenset[str] | None = None) 
     return out
 
 
+def lora_flag(text: str) -> dict:
+    """One `--lora NAME[:STRENGTH[:EXPERT]]` of `wanrt generate` as a request entry (parse_loras checks it)."""
+    name, _, rest = text.partition(":")
+    strength, _, expert = rest.partition(":")
+    entry: dict[str, Any] = {"name": name}
+    if strength:
+        try:
+            entry["strength"] = float(strength)
+        except ValueError:
+            raise ParamError("loras", f"--lora {text!r}: strength {strength!r} is not a number "
+                                      "(expected NAME[:STRENGTH[:EXPERT]])") from None
+    if expert:
+        entry["expert"] = expert
+    return entry
+
+
 def normalize(loras: Any) -> list[dict]:
     """Defaults filled in, without raising (stored jobs, old records): what `request_key` hashes."""
     out = []
