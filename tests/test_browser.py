@@ -73,8 +73,15 @@ def wait_until(page, expression: str, timeout: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    with ImageServer() as images, WanrtServer(tmp_path_factory.mktemp("ui")) as server:
+def env(tmp_path_factory, tiny_model):
+    from safetensors.torch import save_file
+
+    from lora_fixtures import as_format, random_lora
+
+    lib = tmp_path_factory.mktemp("ui_loras")
+    save_file(as_format(random_lora(tiny_model.transformer_high, rank=4, seed=1), "peft"), str(lib / "style.safetensors"))
+    with ImageServer() as images, WanrtServer(tmp_path_factory.mktemp("ui"), WANRT_LORA_DIR=lib,
+                                              WANRT_MAX_LORA_RANK=8) as server:
         yield images, server
 
 
@@ -184,5 +191,34 @@ def test_playground_shows_the_live_preview(env, browser):
     assert page.evaluate("document.getElementById('preview').dataset.step") == "2"  # the last step's preview
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "playground-preview.png"), full_page=True)
+    assert errors == []
+    page.close()
+
+
+def test_playground_picks_loras(env, browser):
+    images, server = env
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.base + "/ui/")
+    page.wait_for_selector("#steps")
+    deadline = time.time() + 120  # the worker publishes its library once its model is loaded
+    while page.is_hidden("#loras_box"):
+        assert time.time() < deadline, "the LoRA picker never appeared"
+        page.reload()
+        page.wait_for_selector("#steps")
+        page.wait_for_timeout(500)
+    page.click("#add_lora")
+    assert page.eval_on_selector_all("#loras .lora_name option", "os => os.map(o => o.value)") == ["style"]
+    page.fill("#loras .lora_strength", "0.5")
+    page.select_option("#loras .lora_expert", "high")
+    page.fill("#image_url", images.url("/img.jpg"))
+    for name, value in (("width", "256"), ("height", "256"), ("frames", "16"), ("steps", "1")):
+        page.fill(f"#{name}", value)
+    page.click("#submit")
+    wait_until(page, "document.getElementById('state').textContent.startsWith('completed')", timeout=180_000)
+    job_id = page.text_content("#job_id")
+    status = page.evaluate(f"fetch('/status/{job_id}').then(r => r.json())")
+    assert status["params"]["loras"] == [{"name": "style", "strength": 0.5, "expert": "high"}]
     assert errors == []
     page.close()

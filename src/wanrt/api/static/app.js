@@ -3,7 +3,7 @@
 
 const NUMERIC = ["steps", "cfg_high_noise", "cfg_low_noise", "width", "height", "frames", "fps", "seed"];
 const $ = (id) => document.getElementById(id);
-const state = { job: null, source: null, poll: null, preview: null, previewUrl: null };
+const state = { job: null, source: null, poll: null, preview: null, previewUrl: null, loras: [] };
 
 function headers(extra = {}) {
   const key = $("api_key").value.trim();
@@ -25,6 +25,34 @@ async function loadSchema() {
         ${p.minimum !== undefined && name !== "seed" ? `min="${p.minimum}" max="${p.maximum}"` : ""} value="${p.default ?? ""}">`;
     box.appendChild(div);
   }
+}
+
+// LoRAs per request: the picker appears when the workers publish a library (GET /loras).
+async function loadLoras() {
+  const r = await fetch("/loras", { headers: headers() });
+  if (!r.ok) return;
+  state.loras = (await r.json()).available || [];
+  $("loras_box").hidden = state.loras.length === 0;
+}
+
+function addLora() {
+  const row = document.createElement("div");
+  row.className = "lora";
+  const names = state.loras.map((n) => `<option>${n.replace(/[<>&"]/g, "")}</option>`).join("");
+  row.innerHTML = `<select class="lora_name" aria-label="LoRA">${names}</select>
+    <input class="lora_strength" type="number" min="-4" max="4" step="0.05" value="1" aria-label="strength">
+    <select class="lora_expert" aria-label="expert"><option>both</option><option>high</option><option>low</option></select>
+    <button class="secondary" type="button" data-remove-lora>remove</button>`;
+  $("loras").appendChild(row);
+  $("add_lora").disabled = $("loras").children.length >= 8;
+}
+
+function chosenLoras() {
+  return [...document.querySelectorAll("#loras .lora")].map((row) => ({
+    name: row.querySelector(".lora_name").value,
+    strength: Number(row.querySelector(".lora_strength").value),
+    expert: row.querySelector(".lora_expert").value,
+  }));
 }
 
 function showError(text) { $("error").textContent = text || ""; }
@@ -117,13 +145,15 @@ async function submit(ev) {
   const fields = { prompt: $("prompt").value };
   if ($("negative_prompt").value.trim()) fields.negative_prompt = $("negative_prompt").value;
   for (const name of NUMERIC) if ($(name).value !== "") fields[name] = Number($(name).value);
+  const loras = chosenLoras();
+  if (loras.length) fields.loras = loras;
   let response;
   $("submit").disabled = true;
   try {
     if (file) {  // multipart upload: the same safe image checks as a URL
       const form = new FormData();
       form.append("image", file);
-      for (const [k, v] of Object.entries(fields)) form.append(k, String(v));
+      for (const [k, v] of Object.entries(fields)) form.append(k, k === "loras" ? JSON.stringify(v) : String(v));
       response = await fetch("/generate", { method: "POST", body: form, headers: headers() });
     } else {
       response = await fetch("/generate", {
@@ -154,6 +184,11 @@ async function refreshJobs() {
 }
 
 document.addEventListener("click", async (e) => {
+  if (e.target.dataset && "removeLora" in e.target.dataset) {
+    e.target.closest(".lora").remove();
+    $("add_lora").disabled = false;
+    return;
+  }
   const id = e.target.dataset && e.target.dataset.delete;
   if (!id) return;
   await fetch(`/jobs/${id}`, { method: "DELETE", headers: headers() });
@@ -163,5 +198,6 @@ document.addEventListener("click", async (e) => {
 
 $("form").addEventListener("submit", submit);
 $("refresh").addEventListener("click", refreshJobs);
+$("add_lora").addEventListener("click", addLora);
 $("api_key").value = localStorage.getItem("wanrt_api_key") || "";
-loadSchema().then(refreshJobs);
+loadSchema().then(refreshJobs).then(loadLoras);
