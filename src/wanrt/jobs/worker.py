@@ -46,6 +46,7 @@ class Worker:
         self.shutdown = threading.Event()
         self._lock = threading.Lock()  # the slots' threads share the counter
         self.jobs_done = 0
+        self.warmup_s: dict[str, float] = {}  # seconds per warm-up bucket (compiles included)
 
     @property
     def pipeline(self):
@@ -58,7 +59,7 @@ class Worker:
     # ------------------------------------------------------------------ loop
     def run(self, poll_s: float = 0.2, max_jobs: int | None = None) -> None:
         pipeline = self.pipeline  # load the model (and compile the warm-up buckets) before claiming anything
-        warm_up(pipeline, self.settings.warmup)
+        self.warmup_s = warm_up(pipeline, self.settings.warmup)
         released = self.store.release_orphans(self.worker_id)
         if released:
             log.warning("re-queued %d job(s) left by a previous run of %s", released, self.worker_id)
@@ -74,7 +75,7 @@ class Worker:
     def _report(self, worker_id: str, pipeline, state: str) -> None:
         backend = pipeline.backend
         info = {"state": state, "pid": os.getpid(), "device": str(pipeline.device), "dtype": str(pipeline.dtype),
-                "model": self.settings.model, "jobs_done": self.jobs_done,
+                "model": self.settings.model, "jobs_done": self.jobs_done, "warmup_s": self.warmup_s,
                 "backend": backend.describe() if hasattr(backend, "describe") else {"backend": getattr(backend, "name", "?")}}
         from wanrt.runtime.memory import worker_memory_info
 
@@ -261,15 +262,23 @@ class Worker:
             return img.convert("RGB")
 
 
-def warm_up(pipeline, buckets) -> None:
-    """Run each "WxHxF" bucket once (loop only) so compiled graphs exist before the first request."""
+def warm_up(pipeline, buckets) -> dict[str, float]:
+    """Run each "WxHxF" bucket (loop only) so compiled graphs exist before the first request; {bucket: seconds}.
+    Two steps reach both experts; with CUDA graphs each expert needs three calls per shape (cudagraph trees warm
+    up, then record, then replay), so six steps."""
+    inner = getattr(pipeline.backend, "inner", pipeline.backend)  # under the memory tier
+    graphs = bool(getattr(getattr(inner, "stats", None), "cudagraphs", False))
+    seconds = {}
     for bucket in buckets:
         w, h, f = (int(v) for v in bucket.lower().split("x"))
+        t0 = time.perf_counter()
         for cfg in (3.5, 1.0):  # batch 2 (CFG) and batch 1 shapes
-            params = GenerateParams(prompt="warm-up", width=w, height=h, frames=f, steps=2,
+            params = GenerateParams(prompt="warm-up", width=w, height=h, frames=f, steps=6 if graphs else 2,
                                     cfg_high_noise=cfg, cfg_low_noise=cfg)
             pipeline.generate(params, Image.new("RGB", (w, h)), None)
-        log.info("warmed up %s", bucket)
+        seconds[bucket] = round(time.perf_counter() - t0, 3)
+        log.info("warmed up %s in %.1f s", bucket, seconds[bucket])
+    return seconds
 
 
 def classify_error(e: Exception) -> tuple[str, bool]:
