@@ -169,9 +169,14 @@ def test_tensorrt_build_skips_with_a_clear_reason(tmp_path):
 def test_tensorrt_engine_builds_and_matches_onnx(tmp_path, tiny_model):
     if not tensorrt_available()[0]:
         pytest.skip(tensorrt_available()[1])
-    from wanrt.engine_build.onnx_export import export_expert
+    import copy
 
-    onnx_path = export_expert(tiny_model.transformer_high, tmp_path / "e.onnx")
+    from wanrt.engine_build.onnx_export import export_expert
+    from wanrt.model.components import cast_module
+
+    # strongly typed: an fp16 engine comes from an fp16 ONNX (TensorRT 11 has no FP16 builder flag)
+    expert = cast_module(copy.deepcopy(tiny_model.transformer_high), dtype=torch.float16)
+    onnx_path = export_expert(expert, tmp_path / "e.onnx")
     engine = build_engine(onnx_path, tmp_path / "e.plan", PROFILES["small"], precision="fp16",
                           in_channels=36, text_len=512, text_dim=32, timing_cache=tmp_path / "t.cache")
     assert engine.stat().st_size > 0 and (tmp_path / "t.cache").is_file()

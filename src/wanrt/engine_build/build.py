@@ -11,12 +11,24 @@ import torch
 
 from wanrt.engine_build import manifest as mf
 from wanrt.engine_build.lora import LoraSpec, file_sha256, fuse_loras
-from wanrt.engine_build.tensorrt_build import PROFILES, build_engine, profiles_as_dict, tensorrt_available
+from wanrt.engine_build.tensorrt_build import (
+    PROFILES,
+    build_engine,
+    check_disk_space,
+    profiles_as_dict,
+    tensorrt_available,
+)
 
 # The loader is the runtime's (it reads what this module writes); importable from here as before.
 from wanrt.runtime.artifacts import load_artifacts_into  # noqa: F401
 
 PRECISIONS = ("bf16", "fp16", "fp32", "fp8")
+# Engines are strongly typed: their precision is the ONNX's, so the ONNX for TensorRT is exported in it (by
+# engine precision below). fp32 weights get BF16 engines (an A14B expert in fp32 is 57 GB, per profile). FP8
+# engines need Q/DQ in the (BF16) ONNX, which build_engine checks for: our export has none, so the build stops
+# there rather than make BF16 engines under an fp8 label.
+ENGINE_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "bf16", "fp8": "fp8"}
+EXPORT_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
 
 @dataclass
@@ -85,8 +97,8 @@ def build(opts: BuildOptions, log=_log) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     experts_info = {}
-    for name, expert in model.experts.items():
-        experts_info[name] = _build_expert(name, expert, model, opts, out, log)
+    for i, (name, expert) in enumerate(model.experts.items()):
+        experts_info[name] = _build_expert(name, expert, model, opts, out, log, experts_left=len(model.experts) - i)
         experts_info[name]["loras"] = [{"file": str(s.path), "sha256": file_sha256(s.path), "strength": s.strength,
                                         "layers_touched": r.layers_touched, "skipped": r.skipped}
                                        for s, r in zip([s for s in opts.loras if s.applies_to(name)], reports[name], strict=False)]
@@ -100,14 +112,15 @@ def build(opts: BuildOptions, log=_log) -> dict:
         "profiles": profiles_as_dict(opts.profiles), "experts": experts_info, "boundary_ratio": model.boundary_ratio,
         "tools": mf.tool_versions(), "device": device,
         "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
-        "tensorrt": {"built": bool(trt_ok and opts.onnx and opts.tensorrt), "reason": None if trt_ok else trt_why},
+        "tensorrt": {"built": bool(trt_ok and opts.onnx and opts.tensorrt), "reason": None if trt_ok else trt_why,
+                     "precision": ENGINE_PRECISION[opts.precision]},
     }
     mf.write_manifest(out, manifest)
     log(f"wrote {out / mf.MANIFEST}")
     return {**manifest, "cache_hit": False}
 
 
-def _build_expert(name: str, expert, model, opts: BuildOptions, out: Path, log) -> dict:
+def _build_expert(name: str, expert, model, opts: BuildOptions, out: Path, log, experts_left: int = 1) -> dict:
     from safetensors.torch import save_file
 
     from wanrt.engine_build import quantize
@@ -141,22 +154,29 @@ def _build_expert(name: str, expert, model, opts: BuildOptions, out: Path, log) 
 
     if opts.onnx:
         from wanrt.engine_build.onnx_export import export_expert, onnx_parity
+        from wanrt.model.components import cast_module
 
+        engines = opts.tensorrt and tensorrt_available()[0]
+        if engines:  # in place: the expert's weights file is written already and it is not run again
+            cast_module(expert, dtype=EXPORT_DTYPE[ENGINE_PRECISION[opts.precision]])
         t0 = time.perf_counter()
         onnx_path = export_expert(expert, folder / "expert.onnx", text_len=model.max_sequence_length)
         info["onnx"] = str(onnx_path.relative_to(out))
         info["onnx_export_s"] = round(time.perf_counter() - t0, 2)
-        if next(expert.parameters()).device.type == "cpu":
+        # onnxruntime's CPU kernels are fp32: the parity check runs on fp32 exports only
+        if next(expert.parameters()).device.type == "cpu" and expert.dtype == torch.float32:
             parity = onnx_parity(expert, onnx_path, text_len=model.max_sequence_length)
             info["onnx_parity"] = [{"shape": p.shape, "max_abs_error": p.max_abs_error, "rel_error": p.rel_error} for p in parity]
             log(f"{name}: ONNX {onnx_path.name} exported in {info['onnx_export_s']} s; onnxruntime parity "
                 + ", ".join(f"{p.shape}: max |d| {p.max_abs_error:.2e}" for p in parity))
-        if opts.tensorrt and tensorrt_available()[0]:
+        if engines:
+            # this expert's engines and the later experts' (same architecture, so the same size)
+            check_disk_space(onnx_path, out, len(opts.profiles) * experts_left)
             cfg = expert.config
             info["engines"] = {}
             for profile in opts.profiles:
                 engine = build_engine(onnx_path, folder / f"engine_{profile}.plan", PROFILES[profile],
-                                      precision="bf16" if opts.precision in ("fp8", "fp32") else opts.precision,
+                                      precision=ENGINE_PRECISION[opts.precision],
                                       timing_cache=out / "timing.cache", in_channels=cfg.in_channels,
                                       text_len=model.max_sequence_length, text_dim=cfg.text_dim)
                 info["engines"][profile] = str(engine.relative_to(out))

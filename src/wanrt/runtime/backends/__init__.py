@@ -24,5 +24,6 @@ def make_backend(name: str, model, device=None, **options):
         artifacts = options.get("artifacts")
         if not artifacts:
             raise ValueError("the tensorrt backend needs --artifacts (a `wanrt build` output with engines)")
-        return TensorRTBackend(artifacts, art.read_manifest(artifacts), device or "cuda")
+        # model: its torch experts are released once their engines are found (the engines embed the same weights)
+        return TensorRTBackend(artifacts, art.read_manifest(artifacts), device or "cuda", model=model)
     raise ValueError(f"unknown backend {name!r} (available: eager, compiled, tensorrt)")

@@ -1,8 +1,12 @@
-"""TensorRT backend: the engines `wanrt build` made, one per expert per shape profile (TensorRT 10 API).
+"""TensorRT backend: the engines `wanrt build` made, one per expert per shape profile (TensorRT 10 and 11 API).
 
 Inputs and outputs stay torch CUDA tensors (addresses handed to the execution context), run on torch's
 current stream, so the pipeline around it is unchanged. The profile is chosen per request from the latent
 shape. Chosen only when `tensorrt` imports and artifacts with engines are given.
+
+The engines embed the experts' weights, so the torch experts are released once the engine files are found
+(`release_torch_experts`): an A14B expert is 28 GB in BF16, and an engine loaded beside both torch experts
+would not fit an 80 GB card. `keep_torch_experts=True` keeps them (e.g. to compare with the eager backend).
 """
 
 from __future__ import annotations
@@ -20,10 +24,35 @@ def _torch_dtype(trt, dt):
     return table[dt]
 
 
+def release_torch_experts(model, names) -> int:
+    """Empty the named experts' parameters and buffers (same dtype and device, no storage) and make calling them
+    an error that says why. Returns the bytes released."""
+    released, on_cuda = 0, False
+    for name in names:
+        expert = model.experts[name]
+        for t in (*expert.parameters(), *expert.buffers()):
+            released += t.numel() * t.element_size()
+            on_cuda |= t.is_cuda
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+        expert.register_forward_pre_hook(_released(name))
+    if on_cuda:
+        torch.cuda.empty_cache()  # TensorRT allocates outside torch's cache: hand the blocks back to the driver
+    return released
+
+
+def _released(name: str):
+    def refuse(module, args):
+        raise RuntimeError(f"the torch {name}-noise expert was released: its weights are in the TensorRT engines "
+                           "only (run it through the tensorrt backend, or create that with keep_torch_experts=True)")
+
+    return refuse
+
+
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, artifacts: Path, manifest: dict, device: str = "cuda"):
+    def __init__(self, artifacts: Path, manifest: dict, device: str = "cuda", model=None,
+                 keep_torch_experts: bool = False):
         import tensorrt as trt
 
         self.trt = trt
@@ -34,8 +63,15 @@ class TensorRTBackend:
         self.engine_files = {name: info.get("engines", {}) for name, info in manifest["experts"].items()}
         if not any(self.engine_files.values()):
             raise FileNotFoundError(f"{self.artifacts} has no TensorRT engines (build them on a GPU with `wanrt build`)")
+        missing = [str(self.artifacts / f) for files in self.engine_files.values() for f in files.values()
+                   if not (self.artifacts / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"TensorRT engines listed in the manifest are missing: {', '.join(missing)}")
         self.profiles = list(manifest["profiles"])
         self._loaded: dict[tuple[str, str], tuple] = {}
+        # An expert without engines would still run in torch; the others' weights live in the engines.
+        self.released = [] if model is None or keep_torch_experts else [n for n, f in self.engine_files.items() if f]
+        self.released_bytes = release_torch_experts(model, self.released) if self.released else 0
 
     def _context(self, expert: str, profile: str):
         key = (expert, profile)
@@ -68,4 +104,5 @@ class TensorRTBackend:
 
     def describe(self) -> dict:
         return {"backend": "tensorrt", "engines": {e: sorted(p) for e, p in self.engine_files.items()},
-                "loaded": sorted(f"{e}/{p}" for e, p in self._loaded)}
+                "loaded": sorted(f"{e}/{p}" for e, p in self._loaded),
+                "torch_experts_released": {"experts": self.released, "gb": round(self.released_bytes / 1e9, 2)}}
