@@ -1,7 +1,10 @@
+import threading
+import time
+
 import numpy as np
 import pytest
 
-from wanrt.runtime.video import Mp4Writer, probe_mp4, read_frames
+from wanrt.runtime.video import Mp4Writer, ThreadedMp4Writer, probe_mp4, read_frames
 
 
 def frames(n, h=64, w=96, seed=0):
@@ -52,3 +55,81 @@ def test_encoding_is_deterministic(tmp_path):
             w.write(frames(17))
     blobs = {(tmp_path / f"{n}.mp4").read_bytes() for n in "abcdefgh"}
     assert len(blobs) == 1
+
+
+# ----------------------------------------------------------------------------------------------- writer thread
+def _mp4_threads():
+    return [t for t in threading.enumerate() if t.name == "wanrt-mp4" and t.is_alive()]
+
+
+def test_threaded_writer_same_bytes_as_sync(tmp_path):
+    # the decode hands chunks of 1 then 4 frames; trimmed by max_frames the same way
+    chunks = [frames(17)[:1]] + list(np.array_split(frames(17)[1:], 4))
+    with Mp4Writer(tmp_path / "sync.mp4", 96, 64, fps=16, max_frames=15) as w:
+        accepted = [w.write(c) for c in chunks]
+    with ThreadedMp4Writer(tmp_path / "thread.mp4", 96, 64, fps=16, max_frames=15, queue_chunks=2) as t:
+        assert [t.write(c) for c in chunks] == accepted == [1, 4, 4, 4, 2]
+    assert (tmp_path / "sync.mp4").read_bytes() == (tmp_path / "thread.mp4").read_bytes()
+    assert t.frames_written == w.frames_written == 15 and probe_mp4(t.path)["frames"] == 15
+    assert t.encode_s > 0 and w.encode_s > 0
+    assert not _mp4_threads() and sorted(p.name for p in tmp_path.iterdir()) == ["sync.mp4", "thread.mp4"]
+
+
+def _failing_after(writer, n_ok):
+    """Make the thread's inner writer fail on frame n_ok + 1."""
+    real, seen = writer.writer.write, []
+
+    def write(frame):
+        seen.append(1)
+        if len(seen) > n_ok:
+            raise OSError("disk full (injected)")
+        return real(frame)
+
+    writer.writer.write = write
+
+
+def test_threaded_writer_error_surfaces_on_next_write(tmp_path):
+    with pytest.raises(OSError, match="injected"):
+        with ThreadedMp4Writer(tmp_path / "v.mp4", 96, 64, fps=16, queue_chunks=1) as w:
+            _failing_after(w, 2)
+            for chunk in np.array_split(frames(40), 10):  # the queue holds one chunk: a dead encoder must not hang
+                w.write(chunk)
+    assert w.frames_written == 2
+    assert list(tmp_path.iterdir()) == [] and not _mp4_threads()
+
+
+def test_threaded_writer_error_surfaces_on_close(tmp_path):
+    w = ThreadedMp4Writer(tmp_path / "v.mp4", 96, 64, fps=16)
+    _failing_after(w, 0)
+    w.write(frames(3))
+    with pytest.raises(OSError, match="injected"):
+        w.close()
+    with pytest.raises(OSError, match="injected"):  # and again: there is no video
+        w.close()
+    assert list(tmp_path.iterdir()) == [] and not _mp4_threads()
+
+
+def test_threaded_writer_abort_midway(tmp_path):
+    w = ThreadedMp4Writer(tmp_path / "v.mp4", 96, 64, fps=16, queue_chunks=2)
+    real, started = w.writer.write, threading.Event()
+
+    def slow(frame):  # an encoder slower than the decode: the queue fills
+        started.set()
+        time.sleep(0.05)
+        return real(frame)
+
+    w.writer.write = slow
+    for chunk in np.array_split(frames(24), 3):  # one taken by the thread, two queued
+        w.write(chunk)
+    assert started.wait(10)
+    deadline = time.monotonic() + 10
+    while not w.tmp_path.exists() and time.monotonic() < deadline:  # x264's first packets: a partial file
+        time.sleep(0.005)
+    assert w.tmp_path.exists()
+    t0 = time.perf_counter()
+    w.abort()
+    assert time.perf_counter() - t0 < 2  # stopped between frames, the queue dropped
+    assert 0 < w.frames_written < 24
+    assert list(tmp_path.iterdir()) == [] and not _mp4_threads()
+    with pytest.raises(ValueError):
+        w.write(frames(1))

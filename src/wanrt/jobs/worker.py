@@ -119,7 +119,9 @@ class Worker:
 
         model = copy.copy(pipeline.model)
         model.vae = copy.deepcopy(pipeline.model.vae)
-        clone = WanI2VPipeline(model, pipeline.backend, device=pipeline.device, dtype=pipeline.dtype)
+        clone = WanI2VPipeline(model, pipeline.backend, device=pipeline.device, dtype=pipeline.dtype,
+                               vae_dtype=getattr(pipeline, "vae_dtype", "auto"))
+        clone.mp4_queue = getattr(pipeline, "mp4_queue", clone.mp4_queue)
         clone.loras = getattr(pipeline, "loras", None)  # one set of slots on the shared experts: `using` makes jobs of one set share it
         return clone
 

@@ -123,7 +123,7 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
     loras = _LoraInstaller(settings, model) if settings.lora_dir and settings.max_lora_rank > 0 and not tensorrt else None
     backend = TieredBackend(model, device, plan, mb, make_inner, ledger=ledger, can_demote=not tensorrt, gpu=gpu,
                             on_inner=loras)
-    pipeline = WanI2VPipeline(model, backend, device=device, dtype=dtype)
+    pipeline = WanI2VPipeline(model, backend, device=device, dtype=dtype, vae_dtype=settings.vae_dtype)
     pipeline.loras = loras.group if loras is not None else None
     return pipeline
 

@@ -442,4 +442,4 @@ def tiny_heads_runtime(settings, heads: int = 4):
         options = dict(fp8=settings.fp8, attn=settings.attn, compile=settings.compile, cudagraphs=settings.cudagraphs,
                        compile_scope=settings.compile_scope, autotune=settings.autotune)
     return WanI2VPipeline(model, make_backend(settings.backend, model, device=device, **options), device=device,
-                          dtype=dtype)
+                          dtype=dtype, vae_dtype=settings.vae_dtype)

@@ -25,7 +25,7 @@ from wanrt.runtime.video import Mp4Writer
 ProgressFn = Callable[[float, str], None]
 PreviewFn = Callable[[int, int, torch.Tensor], None]  # (step index, steps, x0): runtime.preview.LivePreview
 
-# The stages that run on the device (the MP4 encode runs on the CPU between decode chunks): their sum is a
+# The stages that run on the device (the MP4 encode runs on the CPU, on a writer thread beside the decode): their sum is a
 # job's GPU-seconds (device seconds on a CPU run).
 DEVICE_STAGES = ("text_encode_s", "vae_encode_s", "denoise_high_s", "denoise_low_s", "vae_decode_s")
 
@@ -50,12 +50,16 @@ class GenerateResult:
 
 class WanI2VPipeline:
     def __init__(self, model: WanI2VModel, backend=None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, vae_dtype: str = "auto"):
         from wanrt.runtime.backends.eager import EagerBackend
+        from wanrt.runtime.vae import decode_format
 
         self.model = model
         self.device = torch.device(device)
         self.dtype = dtype
+        decode_format(self.device, vae_dtype)  # settings.vae_dtype, checked now (resolved per decode, on its device)
+        self.vae_dtype = vae_dtype
+        self.mp4_queue = 2  # decoded chunks queued for the MP4 writer thread (0: encode on this thread)
         self.backend = backend or EagerBackend(model)
         self.loras = None  # runtime.lora.LoraSlotGroup when LoRAs are served per request (the factory installs it)
 
@@ -175,28 +179,36 @@ class WanI2VPipeline:
             timings["total_s"] = time.perf_counter() - t_start
             return result
 
-        decode_s = encode_s = 0.0
+        decode_s = 0.0
         n_latent = latents.shape[2]
-        writer = Mp4Writer(out_path, params.width, params.height, params.fps, max_frames=params.frames)
+        # Decoded frames go to the H.264 encoder on a writer thread (at most mp4_queue chunks queued, so memory
+        # stays bounded) while the next chunk decodes. vae_decode_s: the decode's own time on this thread (a
+        # wait for a full queue excluded); mp4_encode_s: the encoder's, measured on its thread; total_s shows
+        # the overlap. The MP4's bytes are the same either way.
+        size = (out_path, params.width, params.height, params.fps)
+        if self.mp4_queue > 0:
+            from wanrt.runtime.video import ThreadedMp4Writer
+
+            writer = ThreadedMp4Writer(*size, max_frames=params.frames, queue_chunks=self.mp4_queue)
+        else:
+            writer = Mp4Writer(*size, max_frames=params.frames)
+        chunks = decode_stream(self.model.vae, latents, self.vae_dtype)
         try:  # (the finally keeps what a cancelled or failed decode measured)
             t0 = time.perf_counter()
-            for i, chunk in enumerate(decode_stream(self.model.vae, latents)):
+            for i, chunk in enumerate(chunks):
                 frames = to_uint8_frames(chunk)  # syncs the device
-                t1 = time.perf_counter()
-                decode_s += t1 - t0
-                writer.write(frames)
-                t0 = time.perf_counter()
-                encode_s += t0 - t1
+                decode_s += time.perf_counter() - t0
+                writer.write(frames)  # queued (a writer thread's error is raised here or by close)
                 report(_P_LOOP_END + (100.0 - _P_LOOP_END) * (i + 1) / n_latent * 0.99, "vae_decode")
                 check_cancel()
-            t1 = time.perf_counter()
-            result.path = writer.close()
-            encode_s += time.perf_counter() - t1
+                t0 = time.perf_counter()
+            result.path = writer.close()  # waits for the encoder to finish the queue
         except BaseException:
-            writer.abort()
+            writer.abort()  # stops the writer thread, removes the partial file
             raise
         finally:
-            timings["vae_decode_s"], timings["mp4_encode_s"] = decode_s, encode_s
+            chunks.close()  # the VAE's decode session ends now (a Shuttle sends it back), not when collected
+            timings["vae_decode_s"], timings["mp4_encode_s"] = decode_s, writer.encode_s
         result.frames_written = writer.frames_written
         timings["total_s"] = time.perf_counter() - t_start
         report(100.0, "done")

@@ -1,8 +1,12 @@
 """VAE encode of the first frame (+ the I2V mask) and a streaming decode, both on diffusers' AutoencoderKLWan.
 
-Both loops mirror AutoencoderKLWan's private `_encode`/`_decode` and use its private cache attributes
-(`_enc_feat_map`, `_enc_conv_idx`, `_feat_map`, `_conv_idx`, `clear_cache`): pyproject pins the diffusers
-range they were checked against (0.42.x), and tests compare both loops with `vae.encode`/`vae.decode`.
+Copied from diffusers 0.42.1; relies on diffusers >=0.38,<0.43 private attributes. Both loops mirror
+AutoencoderKLWan's private `_encode`/`_decode` and use its private cache attributes (`_enc_feat_map`,
+`_enc_conv_idx`, `_feat_map`, `_conv_idx`, `clear_cache`), its submodules (`encoder`, `decoder`, `quant_conv`,
+`post_quant_conv`) and the decoder's `first_chunk` keyword. Those are identical in the sources of 0.35.0 through
+0.42.1 (0.35.0 added `first_chunk` with Wan 2.2; checked against 0.35.x-0.40.0 and 0.42.1, 0.41 not seen); 0.38.0
+made WanRMS_norm normalise bf16 inputs in fp32, which the bf16 decode below counts on for its accuracy. Tests
+compare both loops with `vae.encode`/`vae.decode` (tests/test_pipeline.py) on the installed version.
 
 Memory: the decode already runs one latent frame at a time (chunked in time). A memory tier may attach a
 `VaeMemory` to the VAE (runtime/memory.py does): it then brings the VAE to the device only for its encode and
@@ -11,11 +15,21 @@ spatial tiles. Tiled, each overlapping tile runs the whole clip (its own causal 
 its own pixels' only) and the tiles are blended with linear ramps over the overlap; decoded frames gather in a
 host buffer and are yielded in the same chunks as untiled. Tiles change the pixels near their seams (the VAE's
 receptive field is cut), so they are used only where the whole frame does not fit.
+
+Precision (settings.vae_dtype, `decode_format`): on CUDA the decoder runs in bf16 with its conv weights in
+channels_last_3d (channels_last for its 2-D convs) and cudnn.benchmark on around each decoder call; elsewhere in
+the VAE's own dtype (fp32), exactly as diffusers does. The encode, quant_conv and post_quant_conv always run in
+the VAE's own dtype. Frame PSNR of bf16 against fp32 (uint8 frames): 42.3-43.3 dB for the tiny random VAE on the
+CPU (tests/test_vae_decode.py holds it above 40 dB); the real Wan 2.1 VAE's figure needs a GPU and its weights
+(benchmarks/bench_vae.py --model <dir> --device cuda): under 40 dB there, vae_dtype=fp32 is the way back.
+With cudnn.benchmark the kernels are chosen by timing, once per shape and process: bf16 frames are repeatable
+within a process, not guaranteed bit-identical across processes (fp32 is diffusers' decode, unchanged).
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -172,22 +186,124 @@ def encode_condition(vae, image: torch.Tensor, num_frames: int, temporal: int = 
     return torch.cat([mask, latent], dim=1)
 
 
-def decode_stream(vae, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+@dataclass(frozen=True)
+class DecodeFormat:
+    """How the decoder runs: weights and activations in `dtype`, conv weights (and the decoder's input) in
+    channels_last_3d / channels_last when `channels_last`, cudnn.benchmark on around each decoder call."""
+
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
+    cudnn_benchmark: bool = False
+
+
+VAE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def decode_format(device, vae_dtype: str = "auto", own_dtype: torch.dtype = torch.float32) -> DecodeFormat:
+    """settings.vae_dtype on `device` -> DecodeFormat. auto: bf16 + channels_last_3d + cudnn.benchmark on CUDA,
+    `own_dtype` (the VAE's, fp32) elsewhere. bf16 gets the memory format and cudnn.benchmark on CUDA only (they are
+    cuDNN kernel choices; on the CPU bf16 runs in the default layout). fp32 is diffusers' own decode everywhere."""
+    cuda = torch.device(device).type == "cuda"
+    if vae_dtype == "auto":
+        dtype = torch.bfloat16 if cuda else own_dtype
+    elif vae_dtype in VAE_DTYPES:
+        dtype = VAE_DTYPES[vae_dtype]
+    else:
+        raise ValueError(f"vae_dtype must be auto, bf16 or fp32, not {vae_dtype!r}")
+    fast = cuda and dtype == torch.bfloat16
+    return DecodeFormat(dtype, channels_last=fast, cudnn_benchmark=fast)
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool):
+    if not on:
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def _memory_format(t: torch.Tensor, channels_last: bool):
+    if channels_last and t.dim() == 5:
+        return torch.channels_last_3d
+    if channels_last and t.dim() == 4:  # the upsamplers' Conv2d
+        return torch.channels_last
+    return torch.preserve_format
+
+
+class VaeDecoder:
+    """`vae.decoder` as one decode runs it, in `fmt`.
+
+    The VAE's own dtype and layout: the module itself, nothing copied (bit-identical to diffusers). Otherwise a
+    transient copy of the decoder's weights, cast to fmt.dtype (conv weights channels_last_3d on CUDA), that
+    each call swaps in with torch.func.functional_call for the call only. Why a copy per decode and not a cast in
+    place or a kept bf16 decoder: the encoder, quant_conv and post_quant_conv stay in the VAE's dtype and are
+    never touched (the encode path is unchanged); a non-resident VAE is moved by runtime/streaming.Shuttle, which
+    points the parameters at its fp32 host copies and back, so an in-place cast would be undone or, worse,
+    pinned-host fp32 bytes would be counted for bf16 ones; deep copies for worker slots, the tier's teardown
+    and module_bytes all keep seeing the fp32 VAE; and nothing extra stays on the device between requests. The
+    copy is made on the device the VAE is on (after a Shuttle has brought it): 73.3M parameters for Wan 2.1's
+    decoder, 147 MB in bf16, cast in well under a millisecond on a GPU, and counted in the ledger while the decode
+    runs (`nbytes`). The bf16 activations halve the workspace the tier priced in fp32, which more than covers it.
+    Not thread-safe against another thread running this VAE's decoder at the same time (neither is the causal
+    cache): one decode per VAE at a time, as before."""
+
+    def __init__(self, vae, fmt: DecodeFormat | None = None):
+        self.vae = vae
+        self.fmt = fmt = fmt or DecodeFormat(vae.dtype)
+        self.params: dict[str, torch.Tensor] | None = None
+        self.nbytes = 0
+        if fmt.dtype != vae.dtype or fmt.channels_last:
+            self.params = {}
+            with torch.no_grad():
+                for name, t in list(vae.decoder.named_parameters()) + list(vae.decoder.named_buffers()):
+                    if t.is_floating_point():
+                        t = t.detach().to(dtype=fmt.dtype, memory_format=_memory_format(t, fmt.channels_last))
+                        self.nbytes += t.numel() * t.element_size()
+                    self.params[name] = t
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fmt.dtype
+
+    def __call__(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
+        vae = self.vae
+        kwargs = dict(feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=first_chunk)
+        if self.params is None:
+            return vae.decoder(x, **kwargs)
+        x = x.to(dtype=self.fmt.dtype, memory_format=_memory_format(x, self.fmt.channels_last))
+        with _cudnn_benchmark(self.fmt.cudnn_benchmark):
+            return torch.func.functional_call(vae.decoder, self.params, (x,), kwargs, tie_weights=False)
+
+
+def decode_stream(vae, latents: torch.Tensor, vae_dtype: str | DecodeFormat = "auto") -> Iterator[torch.Tensor]:
     """Normalised latents (1,16,F',h,w) -> chunks of (1,3,n,H,W) in [-1,1]: 1 frame, then 4 per latent frame.
 
     Same maths as AutoencoderKLWan._decode (causal feature cache), but yields each chunk as soon as it is
     decoded so the MP4 encoder can take it and the full video never sits in memory. Under a memory tier that
-    asks for tiles, decode_tiled runs instead (chunks then come from a host buffer)."""
+    asks for tiles, decode_tiled runs instead (chunks then come from a host buffer). `vae_dtype`: settings.vae_dtype
+    (resolved by decode_format on the device the VAE decodes on) or a DecodeFormat; chunks come in that dtype."""
     _, _, _, h, w = latents.shape
     with _session(vae, "decode", w * 8, h * 8) as tile:
-        if tile is None or (tile >= h and tile >= w):
-            yield from _decode_frames(vae, latents)
-        else:
-            yield from decode_tiled(vae, latents, tile)
+        fmt = vae_dtype if isinstance(vae_dtype, DecodeFormat) else \
+            decode_format(next(vae.parameters()).device, vae_dtype, vae.dtype)
+        decoder = VaeDecoder(vae, fmt)
+        memory = getattr(vae, "wanrt_memory", None)
+        ledger = memory.ledger if memory is not None else None
+        with ledger.hold("vae_decode_cast", decoder.nbytes) if ledger is not None else contextlib.nullcontext():
+            if tile is None or (tile >= h and tile >= w):
+                yield from _decode_frames(vae, latents, decoder)
+            else:
+                yield from decode_tiled(vae, latents, tile, decoder=decoder)
 
 
 @torch.inference_mode()
-def decode_tiled(vae, latents: torch.Tensor, tile: int, spatial: int = 8) -> Iterator[torch.Tensor]:
+def decode_tiled(vae, latents: torch.Tensor, tile: int, spatial: int = 8,
+                 decoder: VaeDecoder | None = None) -> Iterator[torch.Tensor]:
     """decode_stream over overlapping spatial tiles of `tile` latent pixels: each tile decodes the whole clip
     into a host buffer (weighted by the blend ramps), then the frames are yielded in decode_stream's chunks."""
     _, _, n_lat, lat_h, lat_w = latents.shape
@@ -196,13 +312,14 @@ def decode_tiled(vae, latents: torch.Tensor, tile: int, spatial: int = 8) -> Ite
     height, width, n_frames = lat_h * spatial, lat_w * spatial, 1 + 4 * (n_lat - 1)
     out = torch.zeros(1, 3, n_frames, height, width)  # host: 1.6 GB for 1024x1024x121 in fp32
     weight = torch.zeros(height, width)
+    decoder = decoder or VaeDecoder(vae)  # one weight cast for all the tiles
     for r in tile_starts(lat_h, tile, overlap):
         for c in tile_starts(lat_w, tile, overlap):
             th, tw = min(tile, lat_h), min(tile, lat_w)
             y0, x0, ph, pw = r * spatial, c * spatial, th * spatial, tw * spatial
             w = _ramp(ph, y0, height, px_overlap, "cpu")[:, None] * _ramp(pw, x0, width, px_overlap, "cpu")[None, :]
             t = 0
-            for chunk in _decode_frames(vae, latents[:, :, :, r:r + th, c:c + tw]):
+            for chunk in _decode_frames(vae, latents[:, :, :, r:r + th, c:c + tw], decoder):
                 n = chunk.shape[2]
                 out[:, :, t:t + n, y0:y0 + ph, x0:x0 + pw] += chunk.float().cpu() * w
                 t += n
@@ -214,8 +331,11 @@ def decode_tiled(vae, latents: torch.Tensor, tile: int, spatial: int = 8) -> Ite
 
 
 @torch.inference_mode()
-def _decode_frames(vae, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+def _decode_frames(vae, latents: torch.Tensor, decoder: VaeDecoder | None = None) -> Iterator[torch.Tensor]:
+    decoder = decoder or VaeDecoder(vae)
     vae_device = next(vae.parameters()).device
+    # The de-normalisation and post_quant_conv (a 1x1x1 conv on 16 channels) run in the VAE's own dtype; only
+    # the decoder's input is cast (VaeDecoder), without autocast: explicit dtypes, nothing left switched on.
     mean, inv_std = latent_stats(vae, vae_device, vae.dtype)
     z = latents.to(vae_device, vae.dtype) / inv_std + mean
     # Copied from diffusers 0.42.1 AutoencoderKLWan._decode, yielding each chunk instead of concatenating
@@ -224,7 +344,7 @@ def _decode_frames(vae, latents: torch.Tensor) -> Iterator[torch.Tensor]:
         x = vae.post_quant_conv(z)
         for i in range(x.shape[2]):
             vae._conv_idx = [0]
-            out = vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=(i == 0))
+            out = decoder(x[:, :, i:i + 1], first_chunk=(i == 0))
             yield out.clamp(-1.0, 1.0)
     finally:
         vae.clear_cache()

@@ -1,11 +1,16 @@
 """PyAV H.264 MP4 writer: yuv420p, faststart, frames written as they are decoded.
 
 The file is written under a temporary name and renamed on close, so a reader never sees half a video.
+`ThreadedMp4Writer` runs the same writer on a background thread behind a bounded queue, so the VAE decodes the
+next chunk while x264 encodes this one; its bytes are the synchronous writer's for the same frames.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -30,11 +35,14 @@ class Mp4Writer:
         self._stream.options = {"crf": str(crf), "preset": preset, "threads": str(threads), "x264-params": "no-mbtree=1"}
         self._time_base = Fraction(1, int(fps))
         self._closed = False
+        self.encode_s = 0.0  # seconds spent in write() and close(): the encode and mux
+
 
     def write(self, frames: np.ndarray) -> int:
         """frames: uint8 (N, H, W, 3) RGB. Frames beyond max_frames are dropped. Returns frames written."""
         import av
 
+        t0 = time.perf_counter()
         if frames.ndim == 3:
             frames = frames[None]
         n = 0
@@ -47,15 +55,18 @@ class Mp4Writer:
                 self._container.mux(packet)
             self.frames_written += 1
             n += 1
+        self.encode_s += time.perf_counter() - t0
         return n
 
     def close(self) -> Path:
         if not self._closed:
+            t0 = time.perf_counter()
             for packet in self._stream.encode():
                 self._container.mux(packet)
             self._container.close()
             self._closed = True
             os.replace(self.tmp_path, self.path)
+            self.encode_s += time.perf_counter() - t0
         return self.path
 
     def abort(self) -> None:
@@ -68,6 +79,116 @@ class Mp4Writer:
         self.tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "Mp4Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+_CLOSE = object()  # the writer thread's last item
+
+
+class ThreadedMp4Writer:
+    """An Mp4Writer fed from a background thread: write() queues a chunk and returns (it waits only while
+    `queue_chunks` chunks are already queued, so memory stays bounded: a few chunks of uint8 frames) and the
+    thread encodes and muxes them in order, frame by frame, exactly as Mp4Writer.write would (same bytes).
+
+    The container is opened here, in the caller (a bad path raises at once). An error on the thread is raised
+    by the next write() or close(); after one the thread drops what is queued, so a caller never waits on a dead
+    encoder. abort() (or leaving the `with` block on an exception) stops the thread between frames, waits for it
+    and removes the partial file. `frames_written` and `encode_s` (the encode's seconds, measured on the thread)
+    are final once close() or abort() returns. write() keeps a reference to `frames`: do not modify them after."""
+
+    def __init__(self, path: str | os.PathLike, width: int, height: int, fps: int, max_frames: int | None = None,
+                 queue_chunks: int = 2, **options):
+        if queue_chunks < 1:
+            raise ValueError("queue_chunks must be >= 1")
+        self.writer = Mp4Writer(path, width, height, fps, max_frames=max_frames, **options)
+        self.path, self.tmp_path, self.max_frames = self.writer.path, self.writer.tmp_path, max_frames
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_chunks)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._queued = 0  # frames accepted by write() (the caller's count, for max_frames)
+        self._closing = False  # close() or abort() called: no more writes
+        self._close_queued = False
+        self._thread = threading.Thread(target=self._run, name="wanrt-mp4", daemon=True)
+        self._thread.start()
+
+    @property
+    def frames_written(self) -> int:
+        return self.writer.frames_written
+
+    @property
+    def encode_s(self) -> float:
+        return self.writer.encode_s
+
+    # ------------------------------------------------------------------ writer thread
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _CLOSE:
+                if self._error is None and not self._stop.is_set():
+                    try:
+                        self.writer.close()  # the flush: x264's delayed frames, then the faststart rewrite
+                    except BaseException as e:  # handed to the caller, which raises it
+                        self._error = e
+                return
+            if self._error is not None or self._stop.is_set():
+                continue  # failed or aborted: drain, so that a write() waiting on a full queue goes on
+            try:
+                for frame in item:
+                    if self._stop.is_set():
+                        break
+                    self.writer.write(frame[None])
+            except BaseException as e:  # handed to the caller, which raises it
+                self._error = e
+
+    # ------------------------------------------------------------------ caller
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, frames: np.ndarray) -> int:
+        """frames: uint8 (N, H, W, 3) RGB, queued. Frames beyond max_frames are dropped. Returns frames accepted."""
+        self._raise_if_failed()
+        if self._closing:
+            raise ValueError("write() on a closed or aborted ThreadedMp4Writer")
+        if frames.ndim == 3:
+            frames = frames[None]
+        if self.max_frames is not None:
+            frames = frames[: max(0, self.max_frames - self._queued)]
+        if len(frames):
+            self._queue.put(frames)  # never blocks for good: the thread drains the queue until _CLOSE
+            self._queued += len(frames)
+        return len(frames)
+
+    def _finish(self) -> None:
+        """Tell the thread to end and wait for it (again after an interrupted wait: the file is touched by one
+        thread at a time)."""
+        self._closing = True
+        if not self._close_queued:
+            self._queue.put(_CLOSE)  # never blocks for good: the thread takes items until _CLOSE
+            self._close_queued = True
+        self._thread.join()
+
+    def close(self) -> Path:
+        """Wait for the thread to encode what is queued and finish the file; raise the thread's error, if any
+        (the partial file is removed then)."""
+        self._finish()
+        if self._error is not None:
+            self.writer.abort()
+            raise self._error
+        return self.writer.close()  # the thread closed it: returns the path
+
+    def abort(self) -> None:
+        self._stop.set()
+        self._finish()
+        self.writer.abort()
+
+    def __enter__(self) -> "ThreadedMp4Writer":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
