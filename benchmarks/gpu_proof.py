@@ -10,8 +10,10 @@ stage, in separate processes, what the README claims about full-size WAN 2.2 I2V
 Without --stage the script first runs `pip install --no-index --no-deps --target <site> wheels/*.whl` and puts
 <site> first on PYTHONPATH for the stage processes (torch, transformers, accelerate, ... are the host's).
 Stages (each its own process, each bounded to a few minutes at full size on an H100; one warm run):
-  1 probe: versions; which SDPA kernel PyTorch picks for Wan's self-attention (B=2, 40 heads, head dim 128,
-    33,600 tokens, bf16) and flash / cuDNN / efficient timings; one FFN-shaped linear (33,600x5120 @
+  1 probe: versions; for Wan's self-attention (B=2, 40 heads, head dim 128, 33,600 tokens, bf16) the attention
+    report (wanrt.runtime.attention.kernel_report: which kernels can run it, which one PyTorch picks, what
+    attn=auto resolves to) and flash / cuDNN / efficient / cuDNN FP8 timings (FP8: per-tensor scales,
+    quantisation included, with its PSNR against BF16 attention); one FFN-shaped linear (33,600x5120 @
     5120x13824) in BF16 vs FP8 (torch._scaled_mm, row-wise scales; and our Fp8Linear, activation
     quantisation included); `pytest -m gpu` on the test files that have GPU tests.
   2 default preset: diffusers' pipeline (BF16) and our eager backend (BF16; writes the reference latents)
@@ -128,14 +130,19 @@ def from_e2e(stage: int, e2e: dict, dry: bool = False) -> dict:
 def stage_probe(ctx: Ctx) -> tuple[list[dict], dict]:
     import torch
 
+    from wanrt.runtime import attention
+
     probe = {"python": sys.version.split()[0], "versions": _versions(), "wanrt_path": _wanrt_path()}
     if ctx.dry or not torch.cuda.is_available():
-        probe.update(sdpa_default=None, sdpa=None, fp8_linear=None, pytest_gpu=None, note="dry run: no GPU")
+        # the report's plumbing at Wan's shapes on the CPU (allocated, never written: no pages touched)
+        probe.update(attention=attention.kernel_report(**attention.WAN_SELF_ATTENTION, device="cpu"),
+                     sdpa_default=None, sdpa=None, fp8_linear=None, pytest_gpu=None, note="dry run: no GPU")
         return [], probe
     dev = torch.device("cuda")
     free, total = torch.cuda.mem_get_info(dev)
     probe["device"] = {"name": torch.cuda.get_device_name(dev), "capability": list(torch.cuda.get_device_capability(dev)),
                        "memory_total_gib": total / 2**30, "memory_free_gib": free / 2**30}
+    probe["attention"] = attention.kernel_report(**attention.WAN_SELF_ATTENTION, device=dev)
     probe["sdpa_default"], probe["sdpa"] = _probe_sdpa(dev)
     probe["fp8_linear"] = _probe_fp8_linear(dev)
     probe["pytest_gpu"] = _pytest_gpu()
@@ -178,10 +185,13 @@ def _cuda_time(fn, warmup: int = 1, reps: int = 3) -> float:
 
 
 def _probe_sdpa(dev) -> tuple[dict, dict]:
-    """Kernel PyTorch picks for Wan's self-attention (from the profiler's kernel names), and each backend's time."""
+    """Kernel PyTorch picks for Wan's self-attention (its dispatch choice, and the profiler's kernel names as
+    evidence), each backend's time, and cuDNN FP8 attention's time and PSNR against BF16 attention."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from wanrt.runtime import attention
 
     B, H, L, D = 2, 40, 33_600, 128
     q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
@@ -191,9 +201,9 @@ def _probe_sdpa(dev) -> tuple[dict, dict]:
         torch.cuda.synchronize()
     kernels = sorted({e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}, key=len)
     names = " ".join(kernels).lower()
-    chosen = ("cudnn" if "cudnn" in names else "flash" if "flash" in names else
-              "efficient" if ("fmha" in names or "efficient" in names) else "math/other")
-    default = {"backend": chosen, "kernels": kernels[:6]}
+    profiled = ("cudnn" if "cudnn" in names else "flash" if "flash" in names else
+                "efficient" if ("fmha" in names or "efficient" in names) else "math/other")
+    default = {"backend": attention.chosen_kernel(q, k, v), "profiled": profiled, "kernels": kernels[:6]}
     timings = {}
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                           ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
@@ -203,7 +213,33 @@ def _probe_sdpa(dev) -> tuple[dict, dict]:
             timings[name] = {"ms": s * 1e3, "tflops": flop / s / 1e12}
         except Exception as e:  # a backend that does not support this shape or card says why
             timings[name] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+    timings["cudnn_fp8"] = _probe_fp8_attention(q, k, v, flop)
     return default, timings
+
+
+def _probe_fp8_attention(q, k, v, flop: float) -> dict:
+    """attn=cudnn_fp8's op on the experts' (B, S, H, D) layout: quantisation of Q/K/V included in the time."""
+    import torch
+    import torch.nn.functional as F
+
+    from wanrt.runtime import attention
+
+    why = attention.fp8_unavailable(q.device)
+    if why:
+        return {"error": why}
+    try:
+        qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        scale = q.shape[-1] ** -0.5
+
+        def op():
+            return torch.ops.wanrt.cudnn_fp8_sdpa(qs, ks, vs, scale)
+
+        s = _cuda_time(op)
+        psnr = attention.psnr_db(F.scaled_dot_product_attention(q, k, v).transpose(1, 2), op())
+        return {"ms": s * 1e3, "tflops": flop / s / 1e12, "psnr_db": psnr, "gate_db": attention.FP8_MIN_PSNR_DB,
+                "note": "per-tensor e4m3 Q/K/V, softmax tile and output; quantisation included"}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
 def _probe_fp8_linear(dev) -> dict:
@@ -481,7 +517,13 @@ def markdown(doc: dict) -> str:
         lines += ["", f"SDPA default for B=2, 40 heads, 33,600 tokens, head dim 128 (bf16): "
                       f"**{probe['sdpa_default']['backend']}**", ""]
         lines += [f"- {k}: " + (f"{v['ms']:.1f} ms, {v['tflops']:.0f} TFLOP/s" if "ms" in v else v["error"])
+                  + (f", PSNR {v['psnr_db']:.1f} dB vs BF16 (gate {v['gate_db']:.0f} dB)" if "psnr_db" in v else "")
                   for k, v in probe["sdpa"].items()]
+    if probe and probe.get("attention"):
+        a = probe["attention"]
+        usable = ", ".join(k for k, v in a["kernels"].items() if v["available"])
+        lines += ["", f"Attention report ({a['device']}): PyTorch picks **{a['chosen']}** (can run: {usable}); "
+                      f"attn=auto -> {a['auto']['kernel']} ({a['auto']['reason']}); cudnn_fp8: {a['cudnn_fp8']}"]
     if probe and probe.get("fp8_linear"):
         f = probe["fp8_linear"]
         lines += ["", f"FFN linear 33,600x5120 @ 5120x13824: BF16 {f['bf16']['tflops']:.0f} TFLOP/s"

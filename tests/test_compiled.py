@@ -1,6 +1,7 @@
 """The compiled backend's code paths on CPU: emulated FP8 linears, attention switch, torch.compile."""
 
 import copy
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +17,20 @@ P = GenerateParams(prompt="a cat", width=64, height=64, frames=9, steps=4)
 
 def cosine(a, b):
     return torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0).item()
+
+
+def copy_model(model):
+    """Own experts: the blocks scope compiles blocks in place, and the session's tiny model must stay eager."""
+    return dataclasses.replace(model, transformer_high=copy.deepcopy(model.transformer_high),
+                               transformer_low=copy.deepcopy(model.transformer_low))
+
+
+@pytest.fixture
+def one_compile_thread(monkeypatch):
+    """Inductor compiles in this process: a pool of compile workers costs more than these tiny graphs on 2 cores."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "compile_threads", 1)
 
 
 def test_fp8_linear_matches_its_definition():
@@ -68,10 +83,14 @@ def test_attention_switch_and_no_fp8_equal_eager(tiny_model, image64):
         assert (got - ref).abs().max() < 1e-4
     with pytest.raises(ValueError):
         CompiledBackend(tiny_model, attn="magic")
+    # the default: auto, resolved where the backend runs (PyTorch's own choice off Hopper) and reported
+    d = CompiledBackend(tiny_model, fp8=False, compile=False).describe()
+    assert (d["attention_requested"], d["attention"]) == ("auto", "sdpa") and "cpu" in d["attention_reason"]
 
 
-def test_torch_compile_on_cpu_once_per_bucket(tiny_model, image64):
-    backend = CompiledBackend(tiny_model, fp8=True, compile=True)
+def test_torch_compile_on_cpu_once_per_bucket(tiny_model, image64, one_compile_thread):
+    backend = CompiledBackend(tiny_model, fp8=True, compile=True)  # the defaults: blocks scope, default mode
+    assert backend.describe()["compile_scope"] == "blocks"
     pipe = WanI2VPipeline(tiny_model, backend)
     a = pipe.generate(P, image64, None).latents
     graphs = backend.describe()["dynamo_graphs"]
@@ -80,6 +99,80 @@ def test_torch_compile_on_cpu_once_per_bucket(tiny_model, image64):
     eager = CompiledBackend(tiny_model, fp8=True, compile=False)
     ref = WanI2VPipeline(tiny_model, eager).generate(P, image64, None).latents
     assert cosine(a, ref) > 0.9999 and not torch.equal(a, b)
+
+
+def test_compile_modes():
+    from wanrt.runtime.backends.compiled import compile_mode
+
+    assert compile_mode(autotune=False, graphs=False) == "default"
+    assert compile_mode(autotune=False, graphs=True) == "reduce-overhead"
+    assert compile_mode(autotune=True, graphs=False) == "max-autotune-no-cudagraphs"
+    assert compile_mode(autotune=True, graphs=True) == "max-autotune"
+
+
+def test_blocks_scope_compiles_blocks_in_place(tiny_model):
+    """The wiring only (nothing compiles before the first call): blocks compiled in place under their own names,
+    dynamo's limit raised over the seed's range, the switches reported."""
+    import torch._dynamo.config as dynamo_config
+
+    from wanrt.runtime.backends.compiled import seed_shapes
+    from wanrt.runtime.lora import install_lora_slots
+
+    model = copy_model(tiny_model)
+    names = [n for n, _ in model.transformer_high.named_modules()]
+    backend = CompiledBackend(model, fp8=False, compile=True)
+    expert = backend.experts["high"]
+    assert expert is model.transformer_high and [n for n, _ in expert.named_modules()] == names
+    assert all(b._compiled_call_impl is not None for b in expert.blocks) and expert._compiled_call_impl is None
+    d = backend.describe()
+    assert (d["compile_scope"], d["compile_mode"], d["cudagraphs"]) == ("blocks", "default", False)
+    assert d["compiles"] == 0 and d["compile_seconds"] == {} and d["fallbacks"] == 0
+    # every token count of the seed's range x 2 experts x 2 batch sizes fits under dynamo's (raised) limit
+    assert d["recompile_limit"] >= seed_shapes("blocks") * 4 and dynamo_config.recompile_limit >= d["recompile_limit"]
+    assert "blocks.0.attn1.to_q" in install_lora_slots(expert, max_rank=4).modules  # slots find layers by name
+    # autotune is a switch; CUDA graphs never on the CPU; the model scope wraps the whole expert
+    other = CompiledBackend(copy_model(tiny_model), fp8=False, compile_scope="model", autotune=True, cudagraphs=True)
+    d = other.describe()
+    assert (d["compile_scope"], d["compile_mode"], d["cudagraphs"]) == ("model", "max-autotune-no-cudagraphs", False)
+    assert isinstance(other.experts["high"], torch._dynamo.eval_frame.OptimizedModule)
+    assert d["recompile_limit"] >= seed_shapes("model") * 4
+    with pytest.raises(ValueError, match="compile_scope must be one of blocks, model"):
+        CompiledBackend(tiny_model, compile_scope="layers")
+
+
+def test_compiles_are_counted_per_bucket_and_the_limit_falls_back(tiny_model, one_compile_thread, monkeypatch):
+    """Real compiles (dynamo's graph counter), not shape keys: one block graph serves both blocks of both experts,
+    a new shape compiles one more, each bucket's first call is timed. At dynamo's recompile limit a bucket runs
+    eagerly (counted), with the same numbers."""
+    torch._dynamo.reset()  # block graphs cached by earlier tests would be hits
+    model, eager = copy_model(tiny_model), copy_model(tiny_model)
+    backend = CompiledBackend(model, fp8=False, compile=True)
+    torch.manual_seed(0)
+
+    def call(expert, batch, frames):
+        x, t, ctx = torch.randn(batch, 36, frames, 8, 8), torch.full((batch,), 900.0), torch.randn(batch, 16, 32)
+        out = backend.denoise(expert, x, t, ctx)
+        with torch.inference_mode():
+            ref = eager.experts[expert](hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]
+        assert torch.allclose(out, ref, atol=1e-4)
+        return backend.stats.compiles
+
+    assert call("high", 2, 3) == 1  # one graph for both blocks
+    assert call("high", 2, 3) == 1  # the same shape again: no compile
+    assert call("low", 2, 3) == 1  # the other expert's identical blocks: the same graph
+    assert call("high", 1, 3) == 2  # a new shape: one more
+    s = backend.stats
+    assert s.compiles < 2 * 2 * 2  # fewer graphs than blocks x experts x shapes
+    assert set(s.compile_seconds) == {"high:b2:3x8x8", "low:b2:3x8x8", "high:b1:3x8x8"}
+    assert all(v > 0 for v in s.compile_seconds.values())
+    assert s.bucket_graphs == {"high:b2:3x8x8": 1, "low:b2:3x8x8": 0, "high:b1:3x8x8": 1}
+    # the limit reached (lowered here to the two graphs dynamo holds for the block): eager, counted once
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    assert call("high", 2, 2) == 2 and call("high", 2, 2) == 2
+    d = backend.describe()
+    assert d["fallbacks"] == 1 and d["shape_buckets"] == 4 and d["compiles"] == 2
+    assert d["compile_seconds"].keys() == {*s.bucket_graphs, "high:b2:2x8x8"}
+    torch._dynamo.reset()
 
 
 def test_swap_counts_only_block_linears(tiny_model):
@@ -99,6 +192,24 @@ def test_scaled_mm_matches_emulation_on_gpu():
     assert cosine(fast(x), slow(x)) > 0.9999
     precise = Fp8Linear(lin, emulate=False, use_fast_accum=False)
     assert cosine(precise(x), slow(x)) > 0.9999
+
+
+@pytest.mark.gpu
+def test_blocks_compile_with_cuda_graphs_on_gpu(tiny_model):
+    high, low = (copy.deepcopy(m).cuda() for m in (tiny_model.transformer_high, tiny_model.transformer_low))
+    ref = copy.deepcopy(high)
+    model = SimpleNamespace(transformer_high=high, transformer_low=low, experts={"high": high, "low": low})
+    backend = CompiledBackend(model, device="cuda", fp8=False, cudagraphs=True)
+    d = backend.describe()
+    assert (d["compile_mode"], d["cudagraphs"]) == ("reduce-overhead", True)
+    x, t = torch.randn(2, 36, 3, 8, 8, device="cuda"), torch.full((2,), 900.0, device="cuda")
+    ctx = torch.randn(2, 16, 32, device="cuda")
+    for _ in range(3):  # warm-up, capture, replay
+        out = backend.denoise("high", x, t, ctx).clone()
+    with torch.inference_mode():
+        want = ref(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]
+    assert torch.allclose(out, want, atol=1e-3)
+    assert backend.stats.compiles >= 1 and list(backend.stats.compile_seconds) == ["high:b2:3x8x8"]
 
 
 def test_backend_refuses_experts_on_another_device(tiny_model):

@@ -31,6 +31,9 @@ def test_dry_run_writes_a_schema_valid_document(dry_run):
     assert doc["schema"] == 1 and doc["dry_run"] is True and doc["model"] == "tiny"
     assert doc["cuda"] is None and doc["cudnn"] is None and doc["torch"]
     assert doc["probe"]["versions"]["torch"] and doc["probe"]["sdpa"] is None  # GPU-only: null
+    attention = doc["probe"]["attention"]  # the attention report's plumbing, at Wan's shapes on the CPU
+    assert attention["shape"]["tokens"] == 33_600 and attention["chosen"] == "flash"
+    assert attention["auto"]["kernel"] == "sdpa" and "needs a CUDA GPU" in attention["cudnn_fp8"]
     stages = {}
     for row in doc["rows"]:
         assert set(gpu_proof.ROW_FIELDS) <= set(row)

@@ -2,31 +2,43 @@
 
 Every optimisation is a switch (gpt-fast style), applied in this order so the benchmark can show what each
 buys: `fp8` (e4m3 weights, per-output-channel scales, per-token dynamic activation scales), `attn`
-(SDPA kernel choice), `compile` (torch.compile, one graph per shape bucket, compiled at warm-up and counted),
-`cudagraphs` (compile's reduce-overhead mode).
+(wanrt.runtime.attention: `auto` = cuDNN attention on Hopper and PyTorch's choice elsewhere, a named SDPA kernel,
+or `cudnn_fp8`, FP8 self-attention behind a PSNR gate), `compile` (torch.compile, one graph per shape bucket,
+compiled at warm-up and counted), `compile_scope` (`blocks`: each transformer block compiled in place, so the 40
+identical blocks share one graph per shape and compile in seconds, as diffusers' compile_repeated_blocks;
+`model`: the whole expert in one graph), `autotune` (Inductor's max-autotune GEMM search: minutes per bucket),
+`cudagraphs` (opt-in; CUDA only, never with offload).
+
+Compiles are counted from dynamo's own graph counter around each denoise call (`compiles`), with the seconds of
+each shape bucket's first call (`compile_seconds`). Dynamo keeps at most `recompile_limit` graphs per code object
+and then runs new shapes eagerly (or, under fullgraph, raises): the limit is raised to cover every shape the
+seed's request range can produce, and hitting it anyway is counted (`fallbacks`) and logged.
 
 FP8 primitives (Fp8Linear, per-token activation scales, emulation where FP8 GEMMs are missing) live in
 wanrt.runtime.fp8. The backend is told its device and refuses experts that are not where the memory plan
 puts them (an expert left on the host would be quantised for emulation and run with host weights against
-device inputs). On the GPU path experts are quantised in place, never copied (a 14B expert is 28.6 GB).
+device inputs). On the GPU path experts are quantised (and their blocks compiled) in place, never copied (a 14B
+expert is 28.6 GB).
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import functools
+import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
 
+from wanrt.runtime import attention
 from wanrt.runtime.fp8 import adopt_fp8_linears, fp8_mode, set_fp8_mode, swap_fp8_linears
 
-ATTENTION = {
-    "sdpa": None,  # let PyTorch choose
-    "flash": "FLASH_ATTENTION",
-    "efficient": "EFFICIENT_ATTENTION",
-    "cudnn": "CUDNN_ATTENTION",
-    "math": "MATH",
-}
+log = logging.getLogger("wanrt.compiled")
+
+SCOPES = ("blocks", "model")
+BATCH_SIZES = 2  # CFG (cond + uncond) and cfg = 1
+RECOMPILE_MARGIN = 64  # shapes outside the seed's range (tests, odd warm-up buckets), LoRA slot installs
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -48,17 +60,115 @@ def check_expert_device(name: str, expert: torch.nn.Module, device: torch.device
             raise ValueError(f"compiled backend: the {name}-noise expert is on {t.device} but {expected}")
 
 
+def compile_mode(autotune: bool, graphs: bool) -> str:
+    """Inductor's mode for the switches: autotune searches GEMM configs (minutes per bucket); graphs adds CUDA
+    graphs (reduce-overhead)."""
+    if autotune:
+        return "max-autotune" if graphs else "max-autotune-no-cudagraphs"
+    return "reduce-overhead" if graphs else "default"
+
+
+@functools.cache
+def seed_shapes(scope: str, vae_scale: int = 8, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
+    """Distinct graphs per expert and batch size that the seed's request range (wanrt.params) can need: token
+    counts for a block (blocks scope: a block sees (B, tokens, dim)), latent (frames, height, width) for a whole
+    expert (model scope)."""
+    from wanrt.params import FIELDS_BY_NAME, frames_to_generate
+
+    w, h, f = (FIELDS_BY_NAME[n] for n in ("width", "height", "frames"))
+    shapes = set()
+    for width in range(w.lo, w.hi + 1, w.multiple_of or 16):
+        for height in range(h.lo, h.hi + 1, h.multiple_of or 16):
+            for frames in range(f.lo, f.hi + 1):
+                lat = ((frames_to_generate(frames) - 1) // 4 + 1, height // vae_scale, width // vae_scale)
+                shapes.add(lat if scope == "model" else
+                           (lat[0] // patch[0]) * (lat[1] // patch[1]) * (lat[2] // patch[2]))
+    return len(shapes)
+
+
+def _dynamo_config():
+    import torch._dynamo.config as dc
+
+    return dc
+
+
+def _inlines_modules() -> bool:
+    """Parameters are graph inputs, so every block (and both experts) shares one graph per shape."""
+    import warnings
+
+    with warnings.catch_warnings():  # deprecated (always True) since torch 2.8
+        warnings.simplefilter("ignore")
+        return bool(getattr(_dynamo_config(), "inline_inbuilt_nn_modules", True))
+
+
+def raise_recompile_limit(needed: int) -> int:
+    """Dynamo's per-code-object and accumulated recompile limits raised to at least `needed` (never lowered;
+    torch < 2.6 calls them cache_size_limit). Returns the per-code limit in force."""
+    dc = _dynamo_config()
+    name = "recompile_limit" if hasattr(dc, "recompile_limit") else "cache_size_limit"
+    total = "accumulated_" + name
+    setattr(dc, name, max(getattr(dc, name), needed))
+    if hasattr(dc, total):
+        setattr(dc, total, max(getattr(dc, total), needed))
+    return getattr(dc, name)
+
+
+def _dynamo_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _limit_hits() -> int:
+    """Times dynamo gave up compiling a frame at its recompile limit (it then runs that code eagerly)."""
+    from torch._dynamo.utils import counters
+
+    return sum(n for k, n in counters["unimplemented"].items() if "recompile limit" in k.lower()
+               or "cache size limit" in k.lower())
+
+
+def _recompile_limit_error() -> type[Exception]:
+    import torch._dynamo.exc as exc
+
+    return getattr(exc, "FailOnRecompileLimitHit", None) or getattr(exc, "FailOnCacheLimitHit", RuntimeError)
+
+
+def repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The expert's repeated transformer blocks (diffusers' `_repeated_blocks` class names, else `.blocks`)."""
+    names = set(getattr(module, "_repeated_blocks", None) or ())
+    found = [m for m in module.modules() if type(m).__name__ in names]
+    return found or list(getattr(module, "blocks", []))
+
+
+def _uncompile_blocks(module: torch.nn.Module) -> None:
+    """Blocks a previous backend compiled in place (a memory-tier change rebuilds the backend) run eagerly again."""
+    for block in repeated_blocks(module):
+        if getattr(block, "_compiled_call_impl", None) is not None:
+            block._compiled_call_impl = None
+
+
 @dataclass
 class CompiledStats:
     fp8_layers: dict = field(default_factory=dict)
     fp8_mode: str = "off"
     fast_accum: bool = False
-    attention: str = "sdpa"
+    attention: str = "sdpa"  # the kernel that runs (`auto` resolved)
+    attention_requested: str = "sdpa"
+    attention_reason: str = ""
+    fp8_attention_psnr_db: float | None = None  # cudnn_fp8: the gate's measurement
+    fp8_attention_layers: int = 0
     compiled: bool = False
+    compile_scope: str = ""
+    compile_mode: str = ""
     compile_off: str = ""  # why compile was asked for and not done
     cudagraphs: bool = False
-    shapes_seen: set = field(default_factory=set)
-    compiles: int = 0
+    shapes_seen: set = field(default_factory=set)  # shape buckets: "expert:bB:FxHxW" (latent)
+    compiles: int = 0  # graphs dynamo compiled during denoise calls (its unique_graphs counter)
+    compile_seconds: dict = field(default_factory=dict)  # bucket -> seconds of its first (compiling) call
+    bucket_graphs: dict = field(default_factory=dict)  # bucket -> graphs its first call compiled
+    recompile_limit: int = 0
+    fallbacks: int = 0  # dynamo hit its recompile limit: that bucket ran eagerly
+    eager_buckets: set = field(default_factory=set)
 
 
 class CompiledBackend:
@@ -68,21 +178,24 @@ class CompiledBackend:
     for its steps; FP8 quantisation then runs on `device` one layer at a time and the FP8 weights stay on
     the host, so the device never holds more than one layer extra, and no CUDA graphs (every swap moves the
     weights they would capture). `streamed`: block streaming runs the experts (implies offload; no compile).
-    `fast_accum`: _scaled_mm's fast FP8 accumulation."""
+    `fast_accum`: _scaled_mm's fast FP8 accumulation. `compile_scope="blocks"` compiles the experts' blocks in
+    place (module names unchanged, so LoRA slots installed later by name still find `blocks.N.attn1.to_q`): on
+    the CPU without FP8 that is the caller's model (pass a copy to keep an eager reference)."""
 
     name = "compiled"
 
-    def __init__(self, model, device: str | torch.device | None = None, fp8: bool = True, attn: str = "sdpa",
-                 compile: bool = True, cudagraphs: bool = True, fast_accum: bool = True, offload: bool = False,
-                 streamed: bool = False):
-        import copy
-
-        if attn not in ATTENTION:
-            raise ValueError(f"attn must be one of {', '.join(ATTENTION)}")
+    def __init__(self, model, device: str | torch.device | None = None, fp8: bool = True, attn: str = "auto",
+                 compile: bool = True, compile_scope: str = "blocks", autotune: bool = False,
+                 cudagraphs: bool = False, fast_accum: bool = True, offload: bool = False, streamed: bool = False,
+                 fp8_attention_min_psnr_db: float = attention.FP8_MIN_PSNR_DB):
+        if attn not in attention.CHOICES:
+            raise ValueError(f"attn must be one of {', '.join(attention.CHOICES)}")
+        if compile_scope not in SCOPES:
+            raise ValueError(f"compile_scope must be one of {', '.join(SCOPES)}")
         device = torch.device(device) if device is not None else next(model.transformer_high.parameters()).device
         offload = offload or streamed
         self.device, self.offload = device, offload
-        self.stats = CompiledStats(attention=attn)
+        self.stats = CompiledStats(attention_requested=attn)
         if compile and streamed:
             compile, self.stats.compile_off = False, "block streaming moves each block's weights around its forward"
         for name, module in model.experts.items():  # before any copy, quantisation or CUDA call
@@ -91,6 +204,23 @@ class CompiledBackend:
                                     f"with offload it must wait on the host (cpu); the swapper brings it to {device}")
             else:
                 check_expert_device(name, module, device)
+        high = model.transformer_high
+        heads = getattr(getattr(high, "config", None), "num_attention_heads", 40)
+        head_dim = getattr(getattr(high, "config", None), "attention_head_dim", 128)
+        self.attention = attention.resolve(attn, device, heads=heads, head_dim=head_dim)
+        self.stats.attention, self.stats.attention_reason = self.attention.kernel, self.attention.reason
+        if attn == "cudnn_fp8":  # refused here (ValueError) before any weight is touched
+            self.stats.fp8_attention_psnr_db = attention.build_fp8_attention(
+                device, fp8_attention_min_psnr_db, heads=heads, head_dim=head_dim)
+        graphs = cudagraphs and device.type == "cuda" and not offload  # graphs capture weight addresses
+        mode = compile_mode(autotune, graphs)
+        if compile:
+            # torch < 2.5 guards on each block's identity: one cache entry per block and shape
+            per_code = len(repeated_blocks(high)) if compile_scope == "blocks" and not _inlines_modules() else 1
+            patch = tuple(getattr(getattr(high, "config", None), "patch_size", (1, 2, 2)))
+            needed = seed_shapes(compile_scope, patch=patch) * len(model.experts) * BATCH_SIZES * per_code
+            self.stats.recompile_limit = raise_recompile_limit(needed + RECOMPILE_MARGIN)
+            self.stats.compile_scope, self.stats.compile_mode = compile_scope, mode
         mode_fp8 = fp8_mode(device)
         self.experts = {}
         for name, module in model.experts.items():
@@ -106,46 +236,87 @@ class CompiledBackend:
             if fp8 or adopted:
                 self.stats.fp8_mode = {"emulate": "emulated"}.get(mode_fp8, mode_fp8)
                 self.stats.fast_accum = fast_accum and mode_fp8 == "scaled_mm"
-            if compile:
-                # CUDA graphs capture weight addresses; swapped experts change them.
-                graphs = cudagraphs and device.type == "cuda" and not offload
-                mode = "reduce-overhead" if graphs else "max-autotune-no-cudagraphs"
+            if attn == "cudnn_fp8":
+                self.stats.fp8_attention_layers += attention.install_fp8_attention(module)
+            _uncompile_blocks(module)
+            if compile and compile_scope == "blocks":
+                # In place (nn.Module.compile): identical blocks share one graph per shape (parameters are graph
+                # inputs), and module names stay what LoRA slots and the swapper look up.
+                blocks = repeated_blocks(module)
+                if not blocks:
+                    raise ValueError(f"compile_scope=blocks: the {name}-noise expert has no transformer blocks")
+                for block in blocks:
+                    block.compile(mode=mode, fullgraph=True, dynamic=False)
+            elif compile:
                 module = torch.compile(module, mode=mode, dynamic=False, fullgraph=False)
-                self.stats.compiled, self.stats.cudagraphs = True, mode == "reduce-overhead"
+            self.stats.compiled = compile
+            self.stats.cudagraphs = compile and graphs
             self.experts[name] = module
-        self._backends = None
-        if ATTENTION[attn] is not None:
-            from torch.nn.attention import SDPBackend
-
-            self._backends = [getattr(SDPBackend, ATTENTION[attn])]
 
     def _attention_context(self):
-        if self._backends is None:
-            return contextlib.nullcontext()
-        from torch.nn.attention import sdpa_kernel
+        return self.attention.context()
 
-        return sdpa_kernel(self._backends)
-
-    @torch.inference_mode()
-    def denoise(self, expert: str, latent_input: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        key = (expert, tuple(latent_input.shape), tuple(context.shape))
-        if key not in self.stats.shapes_seen:
-            self.stats.shapes_seen.add(key)
-            if self.stats.compiled:
-                self.stats.compiles += 1  # one graph per expert per shape bucket, at warm-up
+    def _forward(self, expert, latent_input, timestep, context):
         with self._attention_context():
             return self.experts[expert](hidden_states=latent_input, timestep=timestep,
                                         encoder_hidden_states=context, return_dict=False)[0]
 
+    @torch.inference_mode()
+    def denoise(self, expert: str, latent_input: torch.Tensor, timestep: torch.Tensor,
+                context: torch.Tensor) -> torch.Tensor:
+        s = self.stats
+        b, _, f, h, w = latent_input.shape
+        bucket = f"{expert}:b{b}:{f}x{h}x{w}"
+        first = bucket not in s.shapes_seen
+        s.shapes_seen.add(bucket)
+        if not s.compiled:
+            return self._forward(expert, latent_input, timestep, context)
+        if bucket in s.eager_buckets:
+            return self._eager(expert, latent_input, timestep, context)
+        graphs, hits, t0 = _dynamo_graphs(), _limit_hits(), time.perf_counter()
+        try:
+            out = self._forward(expert, latent_input, timestep, context)
+        except _recompile_limit_error() as e:  # fullgraph (blocks scope): dynamo raises at the limit
+            self._fell_back(bucket, e)
+            out = self._eager(expert, latent_input, timestep, context)
+        new = _dynamo_graphs() - graphs
+        s.compiles += new
+        if _limit_hits() > hits and bucket not in s.eager_buckets:  # model scope: dynamo ran it eagerly itself
+            self._fell_back(bucket, "recompile limit")
+        if first:
+            if latent_input.device.type == "cuda":
+                torch.cuda.synchronize(latent_input.device)
+            s.compile_seconds[bucket] = round(time.perf_counter() - t0, 3)
+            s.bucket_graphs[bucket] = new
+        return out
+
+    def _fell_back(self, bucket: str, why) -> None:
+        self.stats.fallbacks += 1
+        self.stats.eager_buckets.add(bucket)
+        log.warning("compiled backend: dynamo's recompile limit (%s) reached at %s: that bucket runs eagerly (%s)",
+                    self.stats.recompile_limit, bucket, str(why).splitlines()[0][:200])
+
+    def _eager(self, expert, latent_input, timestep, context):
+        if not hasattr(torch.compiler, "set_stance"):  # torch < 2.6
+            raise RuntimeError("dynamo's recompile limit was reached and this torch cannot run compiled code eagerly")
+        with torch.compiler.set_stance("force_eager"):
+            return self._forward(expert, latent_input, timestep, context)
+
     def describe(self) -> dict:
         s = self.stats
         out = {"backend": "compiled", "device": str(self.device), "fp8": s.fp8_mode, "fp8_layers": s.fp8_layers,
-               "fp8_fast_accum": s.fast_accum, "attention": s.attention,
+               "fp8_fast_accum": s.fast_accum, "attention": s.attention, "attention_requested": s.attention_requested,
                "compiled": s.compiled, "cudagraphs": s.cudagraphs, "shape_buckets": len(s.shapes_seen)}
+        if s.attention_reason:
+            out["attention_reason"] = s.attention_reason
+        if s.fp8_attention_psnr_db is not None:
+            out.update(fp8_attention_psnr_db=round(s.fp8_attention_psnr_db, 2),
+                       fp8_attention_layers=s.fp8_attention_layers)
         if s.compile_off:
             out["compile_off"] = s.compile_off
         if s.compiled:
-            from torch._dynamo.utils import counters
-
-            out["dynamo_graphs"] = int(counters["stats"]["unique_graphs"])  # recompiles show up here
+            out.update(compile_scope=s.compile_scope, compile_mode=s.compile_mode, compiles=s.compiles,
+                       compile_seconds=dict(s.compile_seconds), recompile_limit=s.recompile_limit,
+                       fallbacks=s.fallbacks)
+            out["dynamo_graphs"] = _dynamo_graphs()  # process-wide: recompiles show up here
         return out
