@@ -60,3 +60,35 @@ def redis_url(tmp_path_factory):
     yield url
     proc.terminate()
     proc.wait(10)
+
+
+# ---------------------------------------------------------------------- real servers, one per test module
+# A module configures them with module-level dicts: SERVER (WanrtServer arguments: workers=..., WANRT_*=...) and
+# API_ONLY (the same, always without a worker). Module scope: each module gets servers of its own, never shared
+# with (or changed by) another module; a module that needs another shape defines its own fixture of that name.
+@pytest.fixture(scope="module")
+def images():
+    """The local image server (well-behaved and hostile routes, tests/servers.py)."""
+    from servers import ImageServer
+
+    with ImageServer() as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory):
+    """`wanrt serve` with one worker (tiny model) unless the module's SERVER says otherwise."""
+    from servers import WanrtServer
+
+    with WanrtServer(tmp_path_factory.mktemp("server"), **getattr(request.module, "SERVER", {})) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def api_only(request, tmp_path_factory):
+    """`wanrt serve` without a worker (jobs stay queued), with the module's API_ONLY settings."""
+    from servers import WanrtServer
+
+    with WanrtServer(tmp_path_factory.mktemp("api_only"), **{**getattr(request.module, "API_ONLY", {}),
+                                                              "workers": 0}) as srv:
+        yield srv

@@ -10,28 +10,12 @@ import pytest
 
 from wanrt.runtime.video import probe_mp4
 
-from servers import ImageServer, WanrtServer, image_bytes
+from servers import WanrtServer, image_bytes
 
 SMALL = {"width": 256, "height": 256, "frames": 16, "steps": 2}
-
-
-@pytest.fixture(scope="module")
-def images():
-    with ImageServer() as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with WanrtServer(tmp_path_factory.mktemp("data")) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def api_only(tmp_path_factory):
-    """No worker: jobs stay queued (queue position, 429, idempotency)."""
-    with WanrtServer(tmp_path_factory.mktemp("data_api"), workers=0, WANRT_QUEUE_MAX=3) as srv:
-        yield srv
+# conftest's fixtures: `server` (one worker), `api_only` (no worker: jobs stay queued for queue position, 429,
+# idempotency) and `images`
+API_ONLY = {"WANRT_QUEUE_MAX": 3}
 
 
 def test_health(server):

@@ -2,36 +2,22 @@
 RFC 9110, 415 for non-JSON bodies, bounded fetches and event streams, headers on the playground, no server
 layout in /status, debug endpoints that can be turned off, idempotency keys bound to their request."""
 
+import asyncio
 import base64
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from servers import ImageServer, WanrtServer, image_bytes
+from servers import image_bytes
 
 SMALL = {"width": 256, "height": 256, "frames": 16, "steps": 1}
-
-
-@pytest.fixture(scope="module")
-def images():
-    with ImageServer() as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with WanrtServer(tmp_path_factory.mktemp("hard"), WANRT_SSE_PER_CLIENT=2) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def api_only(tmp_path_factory):
-    with WanrtServer(tmp_path_factory.mktemp("hard_api"), workers=0, WANRT_FETCH_CONCURRENCY=1,
-                     WANRT_FETCH_TIMEOUT_S=6, WANRT_DEBUG_ENDPOINTS=0) as srv:
-        yield srv
+# conftest's `server`, `api_only` and `images`, set up for this module
+SERVER = {"WANRT_SSE_PER_CLIENT": 2}
+API_ONLY = {"WANRT_FETCH_CONCURRENCY": 1, "WANRT_FETCH_TIMEOUT_S": 6, "WANRT_DEBUG_ENDPOINTS": 0}
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +120,7 @@ def test_fetches_are_bounded_with_503_and_a_gone_client_creates_no_job(api_only,
     """One fetch slot: a slow image holds it; the next fetch answers 503 + Retry-After at once, while
     uploads-free endpoints keep answering. The slow request's client hangs up: no job is created."""
     body = {"image_url": images.url("/slow-drip"), "prompt": "x", **SMALL}
+    kept = httpx.get(api_only.base + "/jobs").json()["jobs"]  # other tests' jobs on the module's server
     with socket.create_connection(("127.0.0.1", api_only.port)) as raw:
         payload = httpx.Request("POST", api_only.base + "/generate", json=body)
         head = "".join(f"{k}: {v}\r\n" for k, v in payload.headers.items())
@@ -145,7 +132,7 @@ def test_fetches_are_bounded_with_503_and_a_gone_client_creates_no_job(api_only,
         assert time.time() - t0 < 2
         assert httpx.get(api_only.base + "/jobs", timeout=2).status_code == 200
     time.sleep(7)  # past the fetch deadline: the slot is free again, and the gone client got no job
-    assert httpx.get(api_only.base + "/jobs").json()["jobs"] == {}
+    assert httpx.get(api_only.base + "/jobs").json()["jobs"] == kept
     data = "data:image/png;base64," + base64.b64encode(image_bytes("PNG")).decode()
     ok = httpx.post(api_only.base + "/generate", json={**body, "image_url": data})
     assert ok.status_code == 200, ok.text
@@ -181,3 +168,49 @@ def test_concurrent_requests_keep_answering_while_fetches_stall(api_only, images
         stop.set()
         t.join()
     assert latencies and max(latencies) < 1.0
+
+
+def test_concurrent_status_reads_each_get_their_own_job(api_only):
+    """/status reads made in the same turn of the event loop share one store call (routes.run_batched): each
+    request still gets its own job's body, and an unknown id its own 404."""
+    data = "data:image/png;base64," + base64.b64encode(image_bytes("PNG")).decode()
+    ids = [httpx.post(api_only.base + "/generate", json={"image_url": data, "prompt": f"p{i}", **SMALL},
+                      timeout=30).json()["job_id"] for i in range(6)]
+    try:
+        asked = ids * 4 + ["nope"] * 4
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(lambda j: httpx.get(f"{api_only.base}/status/{j}", timeout=30), asked))
+        for job_id, r in zip(asked, got, strict=True):
+            if job_id == "nope":
+                assert r.status_code == 404 and r.json() == {"detail": "Job not found"}
+            else:
+                body = r.json()
+                assert r.status_code == 200 and body["job_id"] == job_id and body["status"] == "queued"
+                assert body["params"]["prompt"] == f"p{ids.index(job_id)}"
+        positions = [httpx.get(f"{api_only.base}/status/{j}").json()["queue_position"] for j in ids]
+        assert positions == sorted(positions) and len(set(positions)) == len(ids)
+    finally:
+        for job_id in ids:
+            httpx.delete(f"{api_only.base}/jobs/{job_id}")
+
+
+def test_batched_store_reads_share_one_call_and_share_errors():
+    from wanrt.api.routes import run_batched
+
+    calls = []
+
+    def many(tag, items):
+        calls.append(list(items))
+        if "boom" in items:
+            raise ValueError("boom")
+        return [f"{tag}:{i}" for i in items]
+
+    async def main():
+        got = await asyncio.gather(*[run_batched(many, ("t",), i) for i in range(20)])
+        assert got == [f"t:{i}" for i in range(20)] and calls == [list(range(20))]  # one call for all 20
+        failed = await asyncio.gather(run_batched(many, ("t",), "boom"), run_batched(many, ("t",), 1),
+                                      return_exceptions=True)
+        assert all(isinstance(e, ValueError) for e in failed)  # nobody is left waiting
+        assert await run_batched(many, ("u",), 2) == "u:2"
+
+    asyncio.run(main())

@@ -5,27 +5,13 @@ store write; open routes (health, schema, playground) answer 200 without one.
 """
 
 import httpx
-import pytest
 
 from wanrt.api.app import create_app
 from wanrt.config import Settings
 
-from servers import ImageServer, WanrtServer
-
 KEYS = "k1,second-key"
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
-
-
-@pytest.fixture(scope="module")
-def images():
-    with ImageServer() as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with WanrtServer(tmp_path_factory.mktemp("auth"), workers=0, WANRT_API_KEYS=KEYS) as srv:
-        yield srv
+SERVER = {"workers": 0, "WANRT_API_KEYS": KEYS}  # conftest's `server`
 
 
 def registered_routes(tmp_path) -> list[tuple[str, str, bool]]:
@@ -48,8 +34,9 @@ def test_every_route_is_guarded_or_deliberately_open(server, images, tmp_path):
     assert ("POST", "/generate") in protected and ("GET", "/metrics") in protected
     assert ("GET", "/debug/files") in protected and ("GET", "/events/some-job") in protected
     body = {"image_url": images.url("/img.png"), "prompt": "must never run", "width": 256, "height": 256}
-    before = images.requests if hasattr(images, "requests") else None
+    fetched = len(images.seen)  # the module's servers are shared: compare with what was there before, not {}
     with httpx.Client(base_url=server.base, timeout=10) as c:
+        kept = c.get("/jobs", headers={"Authorization": "Bearer k1"}).json()["jobs"]
         for method, path in protected:
             for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Bearer k1x"},
                             {"Authorization": "Basic k1"}, {"Authorization": "k1"}):
@@ -67,9 +54,9 @@ def test_every_route_is_guarded_or_deliberately_open(server, images, tmp_path):
                 assert c.get(path).status_code == 200, path
         assert c.get("/schema/openapi.json").status_code == 200
         # nothing was fetched and nothing was written
-        assert before is None or images.requests == before
+        assert len(images.seen) == fetched
         jobs = c.get("/jobs", headers={"Authorization": "Bearer second-key"})
-        assert jobs.status_code == 200 and jobs.json()["jobs"] == {}
+        assert jobs.status_code == 200 and jobs.json()["jobs"] == kept
         # and a valid token works on every protected GET that needs no job
         for method, path in protected:
             if method == "GET" and "some-job" not in path:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from model_files import save_diffusers_dir
 
 from wanrt.model import keymaps, sizes
 from wanrt.model.loading import (
@@ -12,7 +13,6 @@ from wanrt.model.loading import (
     build_random_full,
     load_expert,
     load_model,
-    save_diffusers_dir,
     save_single_files,
 )
 from wanrt.params import GenerateParams

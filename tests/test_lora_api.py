@@ -164,3 +164,11 @@ def test_cli_generate_with_lora_flags(server, tmp_path):
     assert flag.returncode == 2 and "strength 'x' is not a number" in flag.stderr
     nodir = wanrt("--lora", "style", "--out", str(tmp_path / "c.mp4"))
     assert nodir.returncode == 2 and "--lora needs --lora-dir" in nodir.stderr
+
+
+def test_metrics_count_lora_swaps_and_warmup(server):
+    with server.client() as c:
+        body = c.get("/metrics").text
+    swaps = [line for line in body.splitlines() if line.startswith("wanrt_worker_lora_swaps_total{")]
+    assert swaps and int(swaps[0].rsplit(" ", 1)[1]) >= 2  # the LoRA jobs above swapped sets on both experts
+    assert any(line.startswith("wanrt_worker_lora_swap_seconds_total{") for line in body.splitlines())

@@ -94,3 +94,30 @@ def test_worker_runs_lora_jobs_refuses_unknown_and_publishes_its_library(tmp_pat
     listing, available = published_loras(store.workers(), now=store.workers()[0]["updated_at"])
     assert available == {"style", "motion"}
     assert {e["name"]: e["rank"] for e in listing} == {"motion": 8, "style": 4}
+
+
+def test_worker_prefers_the_loaded_set_within_the_fairness_bound(tmp_path, runtime):
+    skip = 2
+    settings = Settings(data_dir=tmp_path, heartbeat_s=0.2, lora_affinity_skip=skip, lora_affinity_wait_s=600.0)
+    paths = DataPaths(tmp_path).ensure()
+    store = SqliteJobStore(paths.db)
+    sets = {"A": [{"name": "style", "strength": 1.0, "expert": "both"}],
+            "B": [{"name": "motion", "strength": 0.5, "expert": "both"}]}
+    order = "ABABABAB"
+    ids = [queue(paths, store, sets[k], seed=i) for i, k in enumerate(order)]
+    runtime.loras.apply_request(runtime.loras.library, [])  # start from the base: the first job is a swap either way
+
+    def swaps():
+        return sum(s["swaps"] for s in runtime.loras.describe()["experts"].values())
+
+    before = swaps()
+    Worker(settings, "w", store=store, pipeline=runtime).run(poll_s=0.01, max_jobs=len(ids))
+    jobs = [store.get(i) for i in ids]
+    assert all(j.status == "completed" for j in jobs)
+    ran = sorted(range(len(jobs)), key=lambda i: jobs[i].started_at)
+    runs = [order[i] for i in ran]
+    changes = 1 + sum(a != b for a, b in zip(runs, runs[1:], strict=False))  # set changes = swaps per expert
+    assert (swaps() - before) == 2 * changes  # both experts swap on each change
+    assert changes < len(order)  # FIFO would change sets on every job
+    for pos, i in enumerate(ran):  # no job is passed over by more than `skip` younger jobs
+        assert sum(1 for j in ran[:pos] if j > i) <= skip, runs

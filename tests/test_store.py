@@ -12,6 +12,7 @@ import pytest
 from wanrt.jobs.protocol import JobStore
 from wanrt.jobs.redis_queue import RedisJobStore
 from wanrt.jobs.store import MAX_ATTEMPTS, STATES, TERMINAL, QueueFull, SqliteJobStore
+from wanrt.lora_request import request_key
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -389,3 +390,144 @@ def test_concurrent_create_with_one_idempotency_key(store, pool):
             assert store.get_by_idempotency_key("k").id == new.id  # not dropped with the old job
             store.delete(new.id)
     _assert_consistent(store)
+
+
+# ---------------------------------------------------------------------- LoRA affinity (issue 15)
+A, B, C = [{"name": "a"}], [{"name": "b", "strength": 0.5}], [{"name": "c", "expert": "low"}]
+KEY = {"A": request_key(A), "B": request_key(B), "C": request_key(C)}
+SETS = {"A": A, "B": B, "C": C}
+
+
+def _queue(store, names: str) -> list[str]:
+    """One queued job per letter, in order: 'ABAB' -> jobs with LoRA sets A, B, A, B; '-' a job without LoRAs."""
+    return [store.create({"prompt": f"{i}{n}", **({"loras": SETS[n]} if n in SETS else {})})[0].id
+            for i, n in enumerate(names)]
+
+
+def _drain(store, key, skip, wait_s=60.0, worker="w"):
+    """Claim (and complete) until the queue is empty; the ids in the order claimed."""
+    order = []
+    while (job := store.claim(worker, 30, loaded_key=key, affinity_skip=skip, affinity_wait_s=wait_s)) is not None:
+        order.append(job.id)
+        assert store.complete(job.id, worker, "/v.mp4", {})
+    return order
+
+
+def _passes(created: list[str], claimed: list[str]) -> dict[str, int]:
+    """Per job: how many claims took a younger job while it waited."""
+    rank = {j: i for i, j in enumerate(created)}
+    return {j: sum(1 for k in claimed[: claimed.index(j)] if rank[k] > rank[j]) for j in created}
+
+
+@pytest.mark.parametrize("skip", [2, 4])
+def test_affinity_takes_the_loaded_set_first_within_the_bound(store, skip):
+    ids = _queue(store, "ABABABAB")
+    a, b = ids[0::2], ids[1::2]
+    order = _drain(store, KEY["A"], skip)
+    assert sorted(order) == sorted(ids)
+    # the A jobs come first, until the oldest B has been passed over `skip` times
+    first_b = order.index(b[0])
+    assert first_b == min(skip, 3) + 1 and order[:first_b] == a[:first_b]
+    assert max(_passes(ids, order).values()) == min(skip, 3)  # the bound is reached, never passed
+    assert order == {2: [a[0], a[1], a[2], b[0], a[3], b[1], b[2], b[3]],
+                     4: [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]}[skip]
+
+
+def test_affinity_passes_no_job_over_more_than_skip_times(store):
+    """pick_next alone bounds each claim (at most `skip` jobs passed over) but not how often one job is passed
+    over by successive claims: the store cuts the window at a job already passed over `skip` times."""
+    ids = _queue(store, "BAAAAAAA")
+    order = _drain(store, KEY["A"], 3)
+    assert order == [ids[1], ids[2], ids[3], ids[0], *ids[4:]]
+    assert _passes(ids, order)[ids[0]] == 3
+
+
+def test_affinity_bound_holds_for_random_queues_and_workers(store):
+    rng = random.Random(15)
+    for _ in range(3):
+        names = "".join(rng.choice("ABC-") for _ in range(30))
+        ids = _queue(store, names)
+        order, skip = [], rng.choice([1, 2, 3])
+        queued = list(ids)
+        while queued:
+            key = KEY[rng.choice("ABC")] if rng.random() < 0.8 else rng.choice([None, ""])
+            job = store.claim(rng.choice(["w1", "w2"]), 30, loaded_key=key, affinity_skip=skip)
+            assert job is not None and queued.index(job.id) <= skip  # one claim passes over at most `skip` jobs
+            queued.remove(job.id)
+            order.append(job.id)
+            assert store.complete(job.id, job.worker_id, "/v.mp4", {})
+        assert store.claim("w1", 30, loaded_key=KEY["A"], affinity_skip=skip) is None
+        assert max(_passes(ids, order).values()) <= skip
+    _assert_consistent(store)
+
+
+def test_affinity_takes_an_overdue_job_first(store):
+    old = _queue(store, "B")[0]
+    time.sleep(0.3)
+    fresh = _queue(store, "AA")
+    assert store.claim("w", 30, loaded_key=KEY["A"], affinity_skip=4, affinity_wait_s=60).id == fresh[0]
+    assert store.claim("w", 30, loaded_key=KEY["A"], affinity_skip=4, affinity_wait_s=0.2).id == old  # waited 0.3 s
+    assert store.claim("w", 30, loaded_key=KEY["A"], affinity_skip=4, affinity_wait_s=0.2).id == fresh[1]
+
+
+@pytest.mark.parametrize("key,skip", [(None, 4), ("A", 0)])
+def test_affinity_off_is_fifo(store, key, skip):
+    ids = _queue(store, "ABAB-C")
+    assert _drain(store, KEY.get(key), skip) == ids
+
+
+def test_affinity_with_no_loras_loaded_prefers_jobs_without_loras(store):
+    ids = _queue(store, "A-B-")
+    assert _drain(store, "", 2) == [ids[1], ids[3], ids[0], ids[2]]
+
+
+def test_affinity_claimed_job_is_recovered_when_its_worker_dies(store):
+    ids = _queue(store, "BA")
+    job = store.claim("w1", 0.2, loaded_key=KEY["A"], affinity_skip=2)
+    assert job.id == ids[1] and job.worker_id == "w1"
+    assert store.claim("w2", 30).id == ids[0]  # the stream reader skips the job taken out of order
+    assert store.claim("w2", 30) is None  # w1's lease still runs
+    time.sleep(0.3)
+    again = store.claim("w2", 30)
+    assert again.id == ids[1] and again.attempts == 2 and again.worker_id == "w2"
+    assert store.complete(again.id, "w2", "/v.mp4", {}) and not store.complete(again.id, "w1", "/v.mp4", {})
+    assert store.claim("w3", 30) is None
+    _assert_consistent(store)
+
+
+def _drain_as(store, key, worker):
+    return _drain(store, key, 3, worker=worker)
+
+
+def test_concurrent_affinity_claimers_never_share_a_job(store):
+    for _ in range(5):
+        ids = _queue(store, "".join(random.choice("AB-") for _ in range(40)))
+        keys = [KEY["A"], KEY["B"], None, "", KEY["A"], KEY["C"]]
+        with ThreadPoolExecutor(len(keys)) as threads:
+            runs = list(threads.map(_drain_as, [store] * len(keys), keys, [f"w{i}" for i in range(len(keys))]))
+        claimed = [j for run in runs for j in run]
+        assert sorted(claimed) == sorted(ids)  # each exactly once, none lost
+        assert store.counts()["queued"] == 0
+    _assert_consistent(store)
+
+
+def test_queue_positions_follow_every_change_of_the_queue(store):
+    """SQLite remembers positions until the queue moves (queue_version): each way a job enters or leaves the
+    queue must show in the next read, also through a second store on the same data (another process)."""
+    other = SqliteJobStore(store.path) if isinstance(store, SqliteJobStore) else store
+    ids = [store.create({})[0].id for _ in range(6)]
+
+    def positions():
+        return [(i, p) for i in ids if (j := other.get(i)) is not None and j.status == "queued"
+                for (_, p) in [other.get_with_positions([i])[0]]]
+
+    def expect():  # the queue order by the listing (no position read)
+        queued = {j.id for j in store.list(status="queued")[0]}
+        return [(i, n + 1) for n, i in enumerate(i for i in ids if i in queued)]
+
+    for change in (lambda: store.claim("w", 30), lambda: store.cancel(ids[2]), lambda: store.delete(ids[3]),
+                   lambda: store.release(ids[0], "w"), lambda: ids.append(store.create({})[0].id),
+                   lambda: store.claim("w", 30, loaded_key="", affinity_skip=3)):
+        assert positions() == positions() == expect()  # read twice: the second from memory on SQLite
+        change()
+        assert positions() == expect()

@@ -17,12 +17,13 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
-from litestar import Request, Response, delete, get, post, route
+import msgspec
+from litestar import MediaType, Request, Response, delete, get, post, route
 from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
@@ -50,6 +51,7 @@ from wanrt.jobs.paths import DataPaths
 from wanrt.jobs.protocol import JobStore
 from wanrt.jobs.store import STATES, TERMINAL, Job, QueueFull, WebhookDelivery
 from wanrt.jobs.webhooks import Target, WebhookRefused, parse_events, split_url
+from wanrt.lora_request import parse_loras, published_loras
 from wanrt.params import FIELDS_BY_NAME, GenerateParams, ParamError
 
 API_TITLE = "WAN 2.2-14B LoRAs Image-to-Video API"
@@ -68,6 +70,62 @@ def run(fn, *args, **kwargs):
     return asyncio.get_running_loop().run_in_executor(_STORE_THREADS, partial(fn, *args, **kwargs))
 
 
+_batches: dict[tuple, list[tuple[Any, asyncio.Future]]] = {}
+
+
+def run_batched(many, shared: tuple, item):
+    """`many(*shared, items)` (one result per item, in order) in a store thread, once for every call with the
+    same `many` and `shared` made in this turn of the event loop: under load, concurrent requests share one
+    thread hop (and, on Redis, one pipelined round trip) instead of one each. Nothing waits for a batch to
+    fill: the batch goes at the loop's next turn, and several batches may be in flight at once (so a slow
+    one holds up only its own requests). Awaitable."""
+    loop = asyncio.get_running_loop()
+    key = (loop, many, *shared)
+    future = loop.create_future()
+    batch = _batches.get(key)
+    if batch is None:
+        batch = _batches[key] = []
+        loop.call_soon(_send_batch, key)
+    batch.append((item, future))
+    return future
+
+
+def _send_batch(key: tuple) -> None:
+    loop, many, *shared = key
+    batch = _batches.pop(key)
+    done = _STORE_THREADS.submit(many, *shared, [item for item, _ in batch])
+    done.add_done_callback(lambda d: loop.call_soon_threadsafe(_answer_batch, batch, d))
+
+
+def _answer_batch(batch: list[tuple[Any, asyncio.Future]], done) -> None:
+    try:
+        results = done.result()
+        if len(results) != len(batch):
+            raise RuntimeError(f"batched store read gave {len(results)} results for {len(batch)} calls")
+    except BaseException as error:  # every caller gets the error: none is left waiting
+        results, failed = None, error
+    for i, (_, future) in enumerate(batch):
+        if future.done():  # its request was cancelled (client gone)
+            continue
+        if results is None:
+            future.set_exception(failed)
+        else:
+            future.set_result(results[i])
+
+
+def _encode(body: Any) -> bytes:
+    """JSON as Litestar writes a returned dict (msgspec), done where the body is built: in the store thread."""
+    return msgspec.json.encode(body)
+
+
+def _json_response(body: bytes) -> Response:
+    """An already encoded JSON body. The hot read handlers (/status, /jobs, /metrics) take `request` and read
+    the store from the app state instead of injected dependencies: Litestar validates every injected value
+    against its annotation (a runtime Protocol isinstance for the store) and resolves two or more in an anyio
+    task group, per request; together more than the store read itself."""
+    return Response(body, media_type=MediaType.JSON)
+
+
 async def _get_job(store: JobStore, job_id: str) -> Job:
     job = await run(store.get, job_id)
     if job is None:
@@ -75,6 +133,7 @@ async def _get_job(store: JobStore, job_id: str) -> Job:
     return job
 
 
+@lru_cache(maxsize=16384)  # /status shows the same few timestamps of a job on every poll
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
@@ -177,17 +236,17 @@ async def fetch_unless_gone(request: Request, limits: Limits, policy: FetchPolic
 
 
 # ------------------------------------------------------------------------------------------------ shapes
-def job_summary(job: Job) -> dict[str, Any]:
-    """The seed's /jobs entry."""
-    return {"status": job.status, "progress": round(job.progress, 1), "input_image": job.input_image}
-
-
 def _relative(paths: DataPaths, path: str | None) -> str | None:
     """The seed's video_path, relative to the data dir: clients never learn the server's layout."""
     if not path:
         return path
+    return _relative_to(str(paths.root), path)
+
+
+@lru_cache(maxsize=4096)  # pathlib parsing costs more than the rest of a /status body: once per video
+def _relative_to(root: str, path: str) -> str:
     try:  # workers write absolute paths under the (resolved) data dir: no filesystem call needed
-        return str(Path(path).relative_to(paths.root))
+        return str(Path(path).relative_to(root))
     except ValueError:
         return Path(path).name
 
@@ -222,10 +281,14 @@ def job_status(job: Job, paths: DataPaths, queue_position: int | None = None) ->
 
 def read_status(store: JobStore, paths: DataPaths, job_id: str) -> dict[str, Any] | None:
     """The /status body (None for an unknown job), read in one thread hop: the job and its queue position."""
-    job = store.get(job_id)
-    if job is None:
-        return None
-    return job_status(job, paths, store.queue_position(job) if job.status == "queued" else None)
+    ((job, position),) = store.get_with_positions([job_id])
+    return None if job is None else job_status(job, paths, position)
+
+
+def statuses_json(store: JobStore, paths: DataPaths, job_ids: list[str]) -> list[bytes | None]:
+    """The /status bodies of several jobs, encoded (None for an unknown job): one store read for all."""
+    return [None if job is None else _encode(job_status(job, paths, position))
+            for job, position in store.get_with_positions(job_ids)]
 
 
 # ------------------------------------------------------------------------------------------------ seed
@@ -330,19 +393,43 @@ def request_over_capacity(store: JobStore, params: GenerateParams) -> str | None
             f"GPUs run is {best['max_tokens']} (e.g. {best.get('largest_bucket')}): lower width, height or frames")
 
 
+def lora_catalog(store: JobStore) -> tuple[list[dict], set[str] | None, bool]:
+    """(GET /loras' listing, the names every live LoRA-serving worker serves (None: none has reported), whether
+    live workers have reported at all), from the workers' reports."""
+    now = time.time()
+    workers = store.workers()
+    listing, available = published_loras(workers, now)
+    live = any(now - float(w.get("updated_at") or 0) <= 120.0 and w.get("state") != "stopped" for w in workers)
+    return listing, available, live
+
+
+def request_loras(store: JobStore, raw: Any) -> list[dict]:
+    """A request's `loras`, checked against what the workers serve (422 naming the entry). Before any worker
+    has reported, names are not checked here: the worker refuses an unknown one (invalid_lora)."""
+    _, available, live = lora_catalog(store)
+    loras = parse_loras(raw, available)
+    if loras and available is None and live:
+        raise ParamError("loras", "loras: this server serves no LoRAs per request (its workers run without "
+                                  "--lora-dir)")
+    return loras
+
+
 async def submit_job(request: Request, store: JobStore, settings, paths: DataPaths, limits: Limits, fields: dict,
                      image_url: str | None = None, upload: bytes | None = None) -> Response[GenerateResponse]:
     """Validate, get the image (URL fetch or upload, same checks), write the input and the job, answer."""
     hook = {k: fields.pop(k) for k in WEBHOOK_FIELDS if k in fields}
+    raw_loras = fields.pop("loras", None)
     params = GenerateParams.from_request(fields)
     too_big = await run(request_over_capacity, store, params)
     if too_big:
         raise HTTPException(status_code=422, detail=too_big)
+    loras = await run(request_loras, store, raw_loras) if raw_loras is not None else []
     webhook, events = None, ()
     if hook:  # resolves the host (up to 10 s): anyio's threads, like the image fetch, not the store's few
         webhook, events = await anyio.to_thread.run_sync(
             partial(check_webhook, settings, hook.get("webhook"), hook.get("webhook_events")))
-    signed = params.to_dict() | ({"webhook": webhook, "webhook_events": list(events)} if webhook else {})
+    signed = params.to_dict() | ({"webhook": webhook, "webhook_events": list(events)} if webhook else {}) \
+        | ({"loras": loras} if loras else {})
     idem, fingerprint = _idempotency(request, signed, upload if upload is not None else image_url)
     if idem:
         existing = await run(store.get_by_idempotency_key, idem)
@@ -361,7 +448,8 @@ async def submit_job(request: Request, store: JobStore, settings, paths: DataPat
     job_id = str(uuid.uuid4())
     input_path = paths.input_path(job_id, fetched.extension)
     await anyio.to_thread.run_sync(_write_durably, input_path, fetched.data)  # fsync: not in the store threads
-    job_params = params.to_dict() | {"frames_generated": params.frames_generated, IDEMPOTENCY_FINGERPRINT: fingerprint}
+    job_params = params.to_dict() | {"frames_generated": params.frames_generated, IDEMPOTENCY_FINGERPRINT: fingerprint} \
+        | ({"loras": loras} if loras else {})
     try:
         job, created = await run(store.create, job_params, input_image=input_path.name, idempotency_key=idem,
                                  job_id=job_id, queue_max=settings.queue_max, webhook=webhook, webhook_events=events)
@@ -411,6 +499,12 @@ async def generate_body(request: Request) -> Response | None:
                 upload = await value.read()
         elif key == "webhook_events":  # repeated fields or one comma-separated value
             fields[key] = f"{fields[key]},{value}" if key in fields else value
+        elif key == "loras":  # the JSON list, as one form value
+            try:
+                fields[key] = json.loads(value)
+            except ValueError:
+                raise HTTPException(status_code=422, detail="loras: not JSON: give a JSON list of {name, strength, "
+                                                            "expert} objects") from None
         elif key in GenerateRequest.__struct_fields__:
             fields[key] = _form_value(key, value)
     image_url = fields.pop("image_url", None)
@@ -442,11 +536,12 @@ def _write_durably(path: Path, data: bytes) -> None:
 
 
 @get("/status/{job_id:str}", summary="Status of a job")
-async def status(job_id: FromPath[str], store: Store, paths: Paths) -> dict[str, Any]:
-    body = await run(read_status, store, paths, job_id)
+async def status(job_id: FromPath[str], request: Request) -> Response[dict[str, Any]]:
+    state = request.app.state  # not injected: see _json_response
+    body = await run_batched(statuses_json, (state.store, state.paths), job_id)
     if body is None:
         raise JobNotFound(job_id)
-    return body
+    return _json_response(body)
 
 
 @route("/download/{job_id:str}", http_method=["GET", "HEAD"], summary="The MP4 (Range requests supported)")
@@ -524,17 +619,23 @@ async def preview(job_id: FromPath[str], store: Store, paths: Paths) -> Response
     return Response(data, media_type="image/webp", headers=no_store)
 
 
-@get("/jobs", summary="List jobs (optional status filter and paging)")
-async def list_jobs(store: Store, status: FromQuery[str | None] = None,
-                    limit: Annotated[int | None, QueryParameter(ge=1, le=1000)] = None,
-                    offset: Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET)] = 0) -> dict[str, Any]:
-    if status is not None and status not in STATES:
-        raise HTTPException(status_code=422, detail=f"status must be one of {', '.join(STATES)}")
-    jobs, total = await run(store.list, status=status, limit=limit, offset=offset)
-    body: dict[str, Any] = {"jobs": {j.id: job_summary(j) for j in jobs}}
+def jobs_json(store: JobStore, status: str | None, limit: int | None, offset: int) -> bytes:
+    """The /jobs body, encoded: the listing's four columns only (store.summaries), no Job objects."""
+    rows, total = store.summaries(status=status, limit=limit, offset=offset)
+    body: dict[str, Any] = {"jobs": {job_id: {"status": st, "progress": round(progress, 1), "input_image": image}
+                                     for job_id, st, progress, image in rows}}
     if limit is not None or offset or status is not None:
         body.update(total=total, limit=limit, offset=offset)
-    return body
+    return _encode(body)
+
+
+@get("/jobs", summary="List jobs (optional status filter and paging)")
+async def list_jobs(request: Request, status: FromQuery[str | None] = None,
+                    limit: Annotated[int | None, QueryParameter(ge=1, le=1000)] = None,
+                    offset: Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET)] = 0) -> Response[dict[str, Any]]:
+    if status is not None and status not in STATES:
+        raise HTTPException(status_code=422, detail=f"status must be one of {', '.join(STATES)}")
+    return _json_response(await run(jobs_json, request.app.state.store, status, limit, offset))
 
 
 @delete("/jobs/{job_id:str}", status_code=200, summary="Delete a job (cancels it if running) and its files")
@@ -645,15 +746,27 @@ async def debug_gpu() -> dict[str, Any]:
     return await run(gpu_report)
 
 
-@get("/metrics", media_type="text/plain; version=0.0.4", summary="Prometheus metrics")
-async def metrics(request: Request, store: Store) -> str:
-    """Constant work per scrape: counts and per-stage totals are kept by the store, not summed from jobs."""
+_GPU_REPORT_TTL_S = 1.0  # NVML is asked at most once a second, however often /metrics is scraped
+_gpu_cache: list = [0.0, None]  # [monotonic time, report]
+_gpu_lock = threading.Lock()
+
+
+def gpu_report_cached() -> dict:
+    """doctor.gpu_report (an NVML init, query and shutdown: ~0.2-0.3 ms even without a GPU), reused for
+    _GPU_REPORT_TTL_S. Called in a store thread."""
     from wanrt.doctor import gpu_report
 
-    def read():
-        return store.counts(), store.stage_totals(), store.workers(), gpu_report(), store.usage_totals()
+    with _gpu_lock:
+        if _gpu_cache[1] is None or time.monotonic() - _gpu_cache[0] >= _GPU_REPORT_TTL_S:
+            _gpu_cache[:] = [time.monotonic(), gpu_report()]
+        return _gpu_cache[1]
 
-    counts, stages, workers, gpu, usage = await run(read)  # one thread hop for the whole scrape
+
+def metrics_text(store: JobStore, dispatcher, started_at: float) -> str:
+    """The whole /metrics page, built in a store thread from one store read (metrics_snapshot)."""
+    snap = store.metrics_snapshot()
+    counts, stages, workers, usage = snap["counts"], snap["stage_totals"], snap["workers"], snap["usage_totals"]
+    gpu = gpu_report_cached()
     lines = ["# HELP wanrt_jobs Jobs by state.", "# TYPE wanrt_jobs gauge"]
     lines += [f'wanrt_jobs{{state="{s}"}} {n}' for s, n in counts.items()]
     lines += ["# HELP wanrt_queue_depth Jobs waiting to run.", "# TYPE wanrt_queue_depth gauge",
@@ -672,7 +785,6 @@ async def metrics(request: Request, store: Store) -> str:
               "# TYPE wanrt_gpu_seconds_total counter", f"wanrt_gpu_seconds_total {usage['gpu_seconds']:.6f}",
               "# HELP wanrt_job_cost_usd_total Cost of those GPU-seconds at WANRT_GPU_HOURLY_USD.",
               "# TYPE wanrt_job_cost_usd_total counter", f"wanrt_job_cost_usd_total {usage['cost_usd']:.6f}"]
-    dispatcher = getattr(request.app.state, "webhooks", None)
     if dispatcher is not None:
         lines += ["# HELP wanrt_webhook_attempts_total Webhook attempts made by this API process, by outcome.",
                   "# TYPE wanrt_webhook_attempts_total counter",
@@ -681,7 +793,15 @@ async def metrics(request: Request, store: Store) -> str:
     lines += ["# HELP wanrt_worker_jobs_done Jobs a worker has finished since it started.",
               "# TYPE wanrt_worker_jobs_done counter",
               "# HELP wanrt_worker_compiled_graphs torch.compile graphs a worker holds (a count that grows with"
-              " traffic means recompiles).", "# TYPE wanrt_worker_compiled_graphs gauge"]
+              " traffic means recompiles).", "# TYPE wanrt_worker_compiled_graphs gauge",
+              "# HELP wanrt_worker_compile_seconds Seconds of a shape bucket's first (compiling) forward.",
+              "# TYPE wanrt_worker_compile_seconds gauge",
+              "# HELP wanrt_worker_warmup_seconds Seconds a worker's warm-up took per bucket.",
+              "# TYPE wanrt_worker_warmup_seconds gauge",
+              "# HELP wanrt_worker_lora_swaps_total LoRA set swaps into a worker's slots (both experts).",
+              "# TYPE wanrt_worker_lora_swaps_total counter",
+              "# HELP wanrt_worker_lora_swap_seconds_total Seconds those swaps took.",
+              "# TYPE wanrt_worker_lora_swap_seconds_total counter"]
     for w in workers:
         label = f'worker="{w["id"]}",device="{w.get("device", "")}"'
         lines.append(f"wanrt_worker_jobs_done{{{label}}} {w.get('jobs_done', 0)}")
@@ -690,6 +810,15 @@ async def metrics(request: Request, store: Store) -> str:
             lines.append(f"wanrt_worker_compiled_graphs{{{label}}} {backend['dynamo_graphs']}")
         if "shape_buckets" in backend:
             lines.append(f"wanrt_worker_shape_buckets{{{label}}} {backend['shape_buckets']}")
+        for bucket, seconds in (backend.get("compile_seconds") or {}).items():  # first (compiling) call per bucket
+            lines.append(f'wanrt_worker_compile_seconds{{{label},bucket="{bucket}"}} {seconds}')
+        for bucket, seconds in (w.get("warmup_s") or {}).items():
+            lines.append(f'wanrt_worker_warmup_seconds{{{label},bucket="{bucket}"}} {seconds}')
+        slots = ((w.get("loras") or {}).get("experts") or {}).values()
+        if slots:  # LoRA sets swapped into the slots (both experts' swaps, and the seconds they took)
+            lines.append(f"wanrt_worker_lora_swaps_total{{{label}}} {sum(e.get('swaps', 0) for e in slots)}")
+            lines.append(f"wanrt_worker_lora_swap_seconds_total{{{label}}} "
+                         f"{sum(e.get('swap_seconds', 0.0) for e in slots):.6f}")
     lines += ["# HELP wanrt_gpu_available 1 when NVML sees an NVIDIA GPU.", "# TYPE wanrt_gpu_available gauge",
               f"wanrt_gpu_available {1 if gpu.get('available') else 0}"]
     for g in gpu.get("gpus", []):
@@ -697,9 +826,24 @@ async def metrics(request: Request, store: Store) -> str:
         for key in ("memory_used_mb", "memory_total_mb", "utilization_gpu_pct", "temperature_c", "power_w", "clock_sm_mhz"):
             if g.get(key) is not None:
                 lines.append(f"wanrt_gpu_{key}{{{label}}} {g[key]}")
-    lines.append(f"wanrt_uptime_seconds {time.time() - request.app.state.started_at:.1f}")
+    lines.append(f"wanrt_uptime_seconds {time.time() - started_at:.1f}")
     return "\n".join(lines) + "\n"
 
 
-ROUTES = [health, generate, status, download, preview, list_jobs, delete_job, events, metrics]
+@get("/metrics", media_type="text/plain; version=0.0.4", summary="Prometheus metrics")
+async def metrics(request: Request) -> str:
+    """Constant work per scrape: counts and per-stage totals are kept by the store, not summed from jobs; one
+    store read (metrics_snapshot) and the page built in one store-thread hop."""
+    state = request.app.state
+    return await run(metrics_text, state.store, getattr(state, "webhooks", None), state.started_at)
+
+
+@get("/loras", summary="LoRAs the workers serve per request: name, format, rank, experts, layers, sha256")
+async def list_loras(store: Store) -> dict[str, Any]:
+    """From the workers' reports (an idle worker rescans its LoRA directory every WANRT_LORA_RESCAN_S)."""
+    listing, available, _ = await run(lora_catalog, store)
+    return {"loras": listing, "available": None if available is None else sorted(available)}
+
+
+ROUTES = [health, generate, status, download, preview, list_jobs, delete_job, events, metrics, list_loras]
 DEBUG_ROUTES = [debug_files, debug_job, debug_workers, debug_gpu]

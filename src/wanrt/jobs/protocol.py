@@ -3,8 +3,9 @@
 Contract shared by both (tests/test_store.py runs one suite on each):
 - Every read-then-write is atomic (one SQLite IMMEDIATE transaction or one Redis Lua script).
 - Deleted jobs are hidden at once: get/list/counts never show them; a running one is only asked to stop.
-- Reads the API serves per request (list, counts, queue_position, stage_totals, usage_totals) cost in
-  proportion to the page asked for, or constant time, never to the number of jobs kept.
+- Reads the API serves per request (list, summaries, counts, queue_position, get_with_positions, stage_totals,
+  usage_totals, metrics_snapshot) cost in proportion to the page asked for (or the queue position), or constant
+  time, never to the number of jobs kept.
 - A job created with a webhook gets a delivery queued, in the same atomic step, for each of its events:
   'progress' when it starts and each time a heartbeat's progress passes another 10 %, and 'completed',
   'error' or 'cancelled' when it ends (a deleted job sends nothing). API processes claim due deliveries
@@ -42,8 +43,24 @@ class JobStore(Protocol):
         """One page of jobs in creation order (all when limit is None) and the total matching, without deleted ones."""
         ...
 
+    def summaries(self, status: str | None = None, limit: int | None = None,
+                  offset: int = 0) -> tuple[list[tuple[str, str, float, str | None]], int]:
+        """list() as the /jobs listing needs it: (id, status, progress, input_image) per job, in creation order,
+        and the total matching; only those fields are read (no whole records decoded)."""
+        ...
+
     def queue_position(self, job: Job) -> int:
         """1 = next to run (meaningful for a queued job)."""
+        ...
+
+    def get_with_positions(self, job_ids: list[str]) -> list[tuple[Job | None, int | None]]:
+        """What /status reads, for several jobs at once (Redis: one round trip for all): per id, (the job or None
+        when unknown or deleted, its queue_position when it is queued, else None)."""
+        ...
+
+    def metrics_snapshot(self) -> dict:
+        """What one /metrics scrape reads, in one go (SQLite: one read snapshot; Redis: one MULTI round trip):
+        {"counts": counts(), "stage_totals": stage_totals(), "workers": workers(), "usage_totals": usage_totals()}."""
         ...
 
     def counts(self) -> dict[str, int]:
@@ -77,8 +94,16 @@ class JobStore(Protocol):
         ...
 
     # ------------------------------------------------------------------ worker side
-    def claim(self, worker_id: str, lease_s: float, device: str | None = None) -> Job | None:
-        """Take the oldest queued job, or one whose worker's lease ran out (up to MAX_ATTEMPTS), or None."""
+    def claim(self, worker_id: str, lease_s: float, device: str | None = None, loaded_key: str | None = None,
+              affinity_skip: int = 0, affinity_wait_s: float = 60.0) -> Job | None:
+        """Take the oldest queued job, or one whose worker's lease ran out (up to MAX_ATTEMPTS), or None.
+
+        LoRA affinity: with `loaded_key` (lora_request.request_key of the set the worker has loaded) and
+        affinity_skip > 0, the queued job taken is the one lora_request.pick_next chooses (with `now`) from the
+        window store.affinity_window makes of the oldest affinity_skip + 1 queued jobs: the first whose set is
+        loaded or that has waited affinity_wait_s, else the oldest. Atomic like every claim (two workers never
+        take one job); one claim passes over at most affinity_skip jobs and no job is passed over more than
+        affinity_skip times. loaded_key None or affinity_skip 0: plain FIFO."""
         ...
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float, progress: float | None = None,

@@ -32,10 +32,12 @@ from wanrt.jobs.store import (
     Job,
     QueueFull,
     WebhookDelivery,
+    affinity_window,
     stage_seconds,
     usage_bucket,
     usage_summary,
 )
+from wanrt.lora_request import pick_next
 
 P = "wanrt"
 STREAM, GROUP = f"{P}:queue", "workers"
@@ -118,6 +120,33 @@ local function finish(id, h, to, now, fields)
   webhook(id, h, to, now)
 end
 local CANCELLED = {'error', 'Cancelled by request', 'error_type', 'cancelled', 'retryable', '0'}
+local function take(id, worker, device, lease_until, now, max_attempts)  -- a claim's state change
+  local h = job(id)
+  if not h or h.deleted == '1' then return 'gone' end  -- a deleted running job: its worker or expire removes it
+  if h.status ~= 'queued' and h.status ~= 'processing' then return 'gone' end
+  if h.status == 'processing' and h.worker_id ~= worker then
+    local lease = tonumber(h.lease_until or '') or 0
+    if lease >= tonumber(now) then return 'busy' end  -- another live worker has it
+  end
+  if h.cancel_requested == '1' then  -- asked to cancel while its worker was dead: nothing left to run
+    finish(id, h, 'cancelled', now, CANCELLED)
+    return 'cancelled'
+  end
+  local attempts = tonumber(h.attempts or '0')
+  if attempts >= tonumber(max_attempts) then
+    finish(id, h, 'error', now, {'error_type', 'worker_lost', 'retryable', '1',
+                                 'error', 'The worker running this job died ' .. max_attempts .. ' times'})
+    return 'poison'
+  end
+  local was = h.status
+  set_status(id, h, 'processing')
+  redis.call('HSET', jkey(id), 'worker_id', worker, 'device', device, 'lease_until', lease_until,
+             'attempts', attempts + 1, 'progress', '0', 'stage', 'starting')
+  if not h.started_at or h.started_at == '' then redis.call('HSET', jkey(id), 'started_at', now) end
+  publish(id, 'processing')
+  if was == 'queued' then webhook(id, h, 'progress', now) end  -- the first 'progress' event: it started
+  return 'ok'
+end
 local function add_stages(stages)  -- {stage: seconds} into the /metrics totals
   for stage, seconds in pairs(stages) do
     redis.call('HINCRBYFLOAT', P .. ':stage_seconds', stage, seconds)
@@ -144,7 +173,7 @@ redis.call('HSET', jkey(id), 'seq', seq)
 redis.call('ZADD', P .. ':jobs', seq, id)
 redis.call('ZADD', skey('queued'), seq, id)
 if idem then redis.call('SET', idem, id) end
-redis.call('XADD', P .. ':queue', '*', 'id', id)
+redis.call('HSET', jkey(id), 'entry', redis.call('XADD', P .. ':queue', '*', 'id', id))  -- for affinity picks
 publish(id, 'queued')
 local _, flat = job(id)
 return {1, flat}
@@ -152,32 +181,41 @@ return {1, flat}
 
 # Take a delivered entry's job. ARGV: id, worker, device, lease_until, now, max_attempts
 _TAKE = """
-local id, now = ARGV[1], ARGV[5]
-local h = job(id)
-if not h or h.deleted == '1' then return 'gone' end  -- a deleted running job: its worker or expire removes it
-if h.status ~= 'queued' and h.status ~= 'processing' then return 'gone' end
-if h.status == 'processing' and h.worker_id ~= ARGV[2] then
-  local lease = tonumber(h.lease_until or '') or 0
-  if lease >= tonumber(now) then return 'busy' end  -- another live worker has it
+return take(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+"""
+
+# LoRA affinity: the oldest queued jobs (ARGV: how many), each as {id, params, created_at, passed_over, entry}
+_WINDOW = """
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', skey('queued'), 0, tonumber(ARGV[1]) - 1)) do
+  local f = redis.call('HMGET', jkey(id), 'params', 'created_at', 'passed_over', 'entry')
+  out[#out + 1] = {id, f[1] or '', f[2] or '', f[3] or '0', f[4] or ''}
 end
-if h.cancel_requested == '1' then  -- asked to cancel while its worker was dead: nothing left to run
-  finish(id, h, 'cancelled', now, CANCELLED)
-  return 'cancelled'
+return out
+"""
+
+# Take the job pick_next chose from _WINDOW, out of stream order, only if the queue still starts with the jobs
+# it passes over (none taken, none inserted, none passed over `skip` times meanwhile): else {'moved'} and the
+# caller reads the window again. Its stream entry (undelivered, or pending for a reader that has not taken it)
+# becomes this worker's pending entry (XCLAIM FORCE), so lease expiry and XACK work as for any claim; a worker
+# that reads the entry later finds the job taken ('busy'). ARGV: id, worker, device, lease_until, now,
+# max_attempts, skip, passed id... Returns {take's result, entry}.
+_TAKE_PICK = """
+local id, skip, n = ARGV[1], tonumber(ARGV[7]), #ARGV - 7
+local ahead = redis.call('ZRANGE', skey('queued'), 0, n)
+if #ahead ~= n + 1 or ahead[n + 1] ~= id then return {'moved', ''} end
+for i = 1, n do
+  if ahead[i] ~= ARGV[7 + i] then return {'moved', ''} end
+  if (tonumber(redis.call('HGET', jkey(ahead[i]), 'passed_over') or '0') or 0) >= skip then return {'moved', ''} end
 end
-local attempts = tonumber(h.attempts or '0')
-if attempts >= tonumber(ARGV[6]) then
-  finish(id, h, 'error', now, {'error_type', 'worker_lost', 'retryable', '1',
-                               'error', 'The worker running this job died ' .. ARGV[6] .. ' times'})
-  return 'poison'
+local entry = redis.call('HGET', jkey(id), 'entry')
+if not entry or entry == '' or #redis.call('XRANGE', P .. ':queue', entry, entry) == 0 then return {'no_entry', ''} end
+local result = take(id, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+if result == 'ok' then
+  redis.call('XCLAIM', P .. ':queue', 'workers', ARGV[2], 0, entry, 'FORCE', 'JUSTID')
+  for i = 1, n do redis.call('HINCRBY', jkey(ARGV[7 + i]), 'passed_over', 1) end
 end
-local was = h.status
-set_status(id, h, 'processing')
-redis.call('HSET', jkey(id), 'worker_id', ARGV[2], 'device', ARGV[3], 'lease_until', ARGV[4],
-           'attempts', attempts + 1, 'progress', '0', 'stage', 'starting')
-if not h.started_at or h.started_at == '' then redis.call('HSET', jkey(id), 'started_at', now) end
-publish(id, 'processing')
-if was == 'queued' then webhook(id, h, 'progress', now) end  -- the first 'progress' event: it started
-return 'ok'
+return {result, entry}
 """
 
 # complete/fail a job this worker owns, unless it was deleted or asked to cancel meanwhile (then 0: the
@@ -265,7 +303,7 @@ end
 set_status(id, h, 'queued')
 redis.call('HSET', jkey(id), 'worker_id', '', 'lease_until', '', 'progress', '0', 'stage', '',
            'attempts', math.max(0, (tonumber(h.attempts or '0') or 0) - 1))
-redis.call('XADD', P .. ':queue', '*', 'id', id)
+redis.call('HSET', jkey(id), 'entry', redis.call('XADD', P .. ':queue', '*', 'id', id))
 publish(id, 'queued')
 return 1
 """
@@ -393,6 +431,23 @@ end
 return #ids
 """
 
+# One /jobs page, atomically (page and total from one instant, no record read twice). ARGV: index key, start,
+# stop (-1: to the end), status ('' : any). Returns {total, ids scanned, id, status, progress, input_image, ...}.
+_SUMMARIES = """
+local ids = redis.call('ZRANGE', ARGV[1], ARGV[2], ARGV[3])
+local out = {redis.call('ZCARD', ARGV[1]), #ids}
+for _, id in ipairs(ids) do
+  local f = redis.call('HMGET', jkey(id), 'status', 'progress', 'input_image', 'deleted')
+  if f[1] and f[4] ~= '1' and (ARGV[4] == '' or f[1] == ARGV[4]) then
+    out[#out + 1] = id
+    out[#out + 1] = f[1]
+    out[#out + 1] = f[2] or ''
+    out[#out + 1] = f[3] or ''
+  end
+end
+return out
+"""
+
 
 def _pairs(flat) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
@@ -419,7 +474,8 @@ class RedisJobStore:
             ("create", _CREATE), ("take", _TAKE), ("finish", _FINISH), ("finish_cancelled", _FINISH_CANCELLED),
             ("heartbeat", _HEARTBEAT), ("delete", _DELETE), ("cancel", _CANCEL), ("release", _RELEASE),
             ("expire", _EXPIRE), ("migrate", _MIGRATE), ("usage", _USAGE), ("claim_webhooks", _CLAIM_WEBHOOKS),
-            ("finish_webhook", _FINISH_WEBHOOK), ("expire_webhooks", _EXPIRE_WEBHOOKS))}
+            ("finish_webhook", _FINISH_WEBHOOK), ("expire_webhooks", _EXPIRE_WEBHOOKS), ("summaries", _SUMMARIES),
+            ("window", _WINDOW), ("take_pick", _TAKE_PICK))}
         self._run("migrate", time.time())
         self._entry: dict[str, str] = {}  # job id -> stream entry id, for this process's running jobs
         self._orphans: dict[str, list] = {}
@@ -511,22 +567,82 @@ class RedisJobStore:
                 if j is not None and not j.deleted and (not status or j.status == status)]
         return jobs, total
 
+    SUMMARY_CHUNK = 1000  # ids per summaries script: a listing of every job never blocks Redis for long
+
+    def summaries(self, status: str | None = None, limit: int | None = None,
+                  offset: int = 0) -> tuple[list[tuple[str, str, float, str | None]], int]:
+        """list() for the /jobs listing: (id, status, progress, input_image) rows, HMGET of those fields only,
+        in one script (one round trip) per SUMMARY_CHUNK jobs."""
+        index = _state_key(status) if status else JOBS
+        if limit is not None and limit <= 0:
+            return [], self.r.zcard(index)
+        rows: list[tuple[str, str, float, str | None]] = []
+        start, total = offset, 0
+        while True:
+            n = self.SUMMARY_CHUNK if limit is None else min(self.SUMMARY_CHUNK, offset + limit - start)
+            total, scanned, *flat = self._run("summaries", index, start, start + n - 1, status or "")
+            for i in range(0, len(flat), 4):
+                rows.append((flat[i], flat[i + 1], float(flat[i + 2] or 0.0), flat[i + 3] or None))
+            start += int(scanned)
+            if int(scanned) < n or (limit is not None and start >= offset + limit):
+                return rows, int(total)
+
     def queue_position(self, job: Job) -> int:
         rank = self.r.zrank(QUEUED, job.id)
         return 0 if rank is None else rank + 1
 
+    def get_with_positions(self, job_ids: list[str]) -> list[tuple[Job | None, int | None]]:
+        """The jobs and their queue positions (HGETALL and ZRANK each), all in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(_key(job_id))
+            pipe.zrank(QUEUED, job_id)
+        replies = pipe.execute()
+        out: list[tuple[Job | None, int | None]] = []
+        for h, rank in zip(replies[::2], replies[1::2], strict=True):
+            job = self._decode(h)
+            if job is None or job.deleted:
+                out.append((None, None))
+            else:
+                out.append((job, (0 if rank is None else rank + 1) if job.status == "queued" else None))
+        return out
+
     def counts(self) -> dict[str, int]:
         pipe = self.r.pipeline(transaction=True)
+        self._pipe_counts(pipe)
+        return self._counts(pipe.execute())
+
+    @staticmethod
+    def _pipe_counts(pipe) -> None:
         for s in STATES:
             pipe.zcard(_state_key(s))
-        return dict(zip(STATES, pipe.execute(), strict=True))
+
+    @staticmethod
+    def _counts(replies) -> dict[str, int]:
+        return dict(zip(STATES, replies, strict=True))
 
     def stage_totals(self) -> dict[str, tuple[float, int]]:
         pipe = self.r.pipeline(transaction=True)
         pipe.hgetall(STAGE_SECONDS)
         pipe.hgetall(STAGE_COUNT)
-        seconds, count = pipe.execute()
+        return self._stage_totals(*pipe.execute())
+
+    @staticmethod
+    def _stage_totals(seconds: dict, count: dict) -> dict[str, tuple[float, int]]:
         return {stage: (float(seconds[stage]), int(count.get(stage, 0))) for stage in sorted(seconds)}
+
+    def metrics_snapshot(self) -> dict:
+        """What one /metrics scrape reads (counts, stage totals, workers, usage) in one MULTI: one round trip,
+        one instant."""
+        pipe = self.r.pipeline(transaction=True)
+        self._pipe_counts(pipe)
+        pipe.hgetall(STAGE_SECONDS)
+        pipe.hgetall(STAGE_COUNT)
+        pipe.hgetall(f"{P}:workers")
+        pipe.hgetall(USAGE)
+        *counts, seconds, count, workers, usage = pipe.execute()
+        return {"counts": self._counts(counts), "stage_totals": self._stage_totals(seconds, count),
+                "workers": self._workers(workers), "usage_totals": self._usage(usage)}
 
     def wait_for_change(self, job_id: str, timeout: float) -> None:
         """Wake on the job's event channel (every script that changes the job publishes there)."""
@@ -561,13 +677,34 @@ class RedisJobStore:
         return out
 
     # ------------------------------------------------------------------ worker side
-    def claim(self, worker_id: str, lease_s: float, device: str | None = None) -> Job | None:
+    NEW_ENTRIES_PER_CLAIM = 16  # stream entries one claim reads past (jobs gone or taken out of order)
+
+    def claim(self, worker_id: str, lease_s: float, device: str | None = None, loaded_key: str | None = None,
+              affinity_skip: int = 0, affinity_wait_s: float = 60.0) -> Job | None:
         """Entries whose job's lease ran out (their worker died; or our own previous life's, found by
-        release_orphans) first, then new ones."""
+        release_orphans) first; then, with LoRA affinity, the job pick_next chooses from the queue's head
+        (_claim_pick); else new entries in stream order."""
         candidates = self._orphans.pop(worker_id, []) + self._stale_entries(worker_id, lease_s)
-        if not candidates:
-            new = self.r.xreadgroup(GROUP, worker_id, {STREAM: ">"}, count=1)
-            candidates = [m for _, msgs in new for m in msgs]
+        job = self._take_first(candidates, worker_id, lease_s, device)
+        if job is not None or candidates:
+            return job
+        if loaded_key is not None and affinity_skip > 0:
+            job = self._claim_pick(worker_id, lease_s, device, loaded_key, affinity_skip, affinity_wait_s)
+            if job is not None:
+                return job
+        for _ in range(self.NEW_ENTRIES_PER_CLAIM):
+            new = [m for _, msgs in self.r.xreadgroup(GROUP, worker_id, {STREAM: ">"}, count=1) for m in msgs]
+            if not new:
+                return None
+            # the entry of a job this process took out of order and still runs: not a new job (take would see
+            # our own worker id and take it again)
+            new = [(e, f) for e, f in new if self._entry.get((f or {}).get("id")) != e]
+            job = self._take_first(new, worker_id, lease_s, device)
+            if job is not None:
+                return job
+        return None
+
+    def _take_first(self, candidates: list, worker_id: str, lease_s: float, device: str | None) -> Job | None:
         for entry_id, fields in candidates:
             job_id = (fields or {}).get("id")
             now = time.time()
@@ -579,6 +716,32 @@ class RedisJobStore:
                 continue
             self._entry[job_id] = entry_id
             return self.get(job_id, include_deleted=True)
+        return None
+
+    def _claim_pick(self, worker_id: str, lease_s: float, device: str | None, loaded_key: str, skip: int,
+                    wait_s: float, tries: int = 5) -> Job | None:
+        """The queued job pick_next chooses (store.affinity_window of the zset's head), taken by _TAKE_PICK, which
+        re-checks the window. None: the choice is the head (the caller reads the stream in order), or the queue
+        kept moving under us, or the job predates stored entries."""
+        for _ in range(tries):
+            window = affinity_window([{"id": i, "params": json.loads(params) if params else {},
+                                       "created_at": float(created) if created else 0.0, "passed_over": int(passed),
+                                       "entry": entry}
+                                      for i, params, created, passed, entry in self._run("window", skip + 1)], skip)
+            now = time.time()
+            chosen = pick_next(window, loaded_key, skip, wait_s, now)
+            if chosen is None or chosen is window[0] or not chosen["entry"]:
+                return None
+            passed = [w["id"] for w in window[: next(i for i, w in enumerate(window) if w is chosen)]]
+            result, entry = self._run("take_pick", chosen["id"], worker_id, device or "", now + lease_s, now,
+                                      MAX_ATTEMPTS, skip, *passed)
+            if result == "ok":
+                self._entry[chosen["id"]] = entry
+                return self.get(chosen["id"], include_deleted=True)
+            if result in ("gone", "cancelled", "poison"):  # its entry has nothing left to run
+                self._ack(entry)
+            elif result == "no_entry":
+                return None
         return None
 
     def _stale_entries(self, worker_id: str, lease_s: float, limit: int = 100) -> list:
@@ -663,7 +826,11 @@ class RedisJobStore:
         self.r.hset(f"{P}:workers", worker_id, json.dumps({**info, "updated_at": time.time()}))
 
     def workers(self) -> list[dict]:
-        return [{"id": k, **json.loads(v)} for k, v in sorted(self.r.hgetall(f"{P}:workers").items())]
+        return self._workers(self.r.hgetall(f"{P}:workers"))
+
+    @staticmethod
+    def _workers(h: dict) -> list[dict]:
+        return [{"id": k, **json.loads(v)} for k, v in sorted(h.items())]
 
     def release_orphans(self, worker_id: str) -> int:
         """At worker start: entries still pending for this consumer belong to its previous, dead, life;
@@ -682,7 +849,11 @@ class RedisJobStore:
                   "" if cost_usd is None else cost_usd)
 
     def usage_totals(self) -> dict:
-        return usage_summary({k: float(v) for k, v in self.r.hgetall(USAGE).items()})
+        return self._usage(self.r.hgetall(USAGE))
+
+    @staticmethod
+    def _usage(h: dict) -> dict:
+        return usage_summary({k: float(v) for k, v in h.items()})
 
     # ------------------------------------------------------------------ webhook deliveries (API side)
     def claim_webhooks(self, owner: str, limit: int, lease_s: float) -> list[WebhookDelivery]:

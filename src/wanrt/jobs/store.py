@@ -21,6 +21,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wanrt.lora_request import pick_next
+
 MAX_ATTEMPTS = 3
 TERMINAL = ("completed", "error", "cancelled")
 STATES = ("queued", "processing") + TERMINAL
@@ -58,7 +60,7 @@ CREATE TABLE IF NOT EXISTS job_counts (status TEXT PRIMARY KEY, n INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS stage_totals (stage TEXT PRIMARY KEY, seconds REAL NOT NULL, count INTEGER NOT NULL);
 """
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Run once, in one IMMEDIATE transaction, by the first process that opens a version-1 (or new) database.
 # job_counts is kept by triggers in the same transaction as every change, so counts() and list()'s total are
 # constant time instead of a COUNT over every job kept.
@@ -123,11 +125,39 @@ MIGRATE_V3 = (
          BEGIN {_DELIVERY.format(event="'progress'", now=_NOW)}; END""",
     "CREATE TABLE IF NOT EXISTS usage_totals (key TEXT PRIMARY KEY, value REAL NOT NULL)",
 )
+# Version 4: LoRA affinity (claim with loaded_key): how many claims took a younger job ahead of this one.
+# And a version of the queued set, bumped by triggers whenever a job enters or leaves it, so a queue position
+# read again while the queue has not moved is answered from memory (queue_position).
+MIGRATE_V4 = (
+    "ALTER TABLE jobs ADD COLUMN passed_over INTEGER NOT NULL DEFAULT 0",
+    "CREATE TABLE IF NOT EXISTS queue_version (id INTEGER PRIMARY KEY CHECK (id = 0), v INTEGER NOT NULL)",
+    "INSERT OR IGNORE INTO queue_version (id, v) VALUES (0, 0)",
+    """CREATE TRIGGER IF NOT EXISTS jobs_queue_insert AFTER INSERT ON jobs WHEN NEW.status = 'queued' BEGIN
+         UPDATE queue_version SET v = v + 1; END""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_queue_delete AFTER DELETE ON jobs WHEN OLD.status = 'queued' BEGIN
+         UPDATE queue_version SET v = v + 1; END""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_queue_update AFTER UPDATE OF status, deleted ON jobs
+         WHEN (OLD.status = 'queued' OR NEW.status = 'queued')
+              AND (OLD.status IS NOT NEW.status OR OLD.deleted IS NOT NEW.deleted) BEGIN
+         UPDATE queue_version SET v = v + 1; END""",
+)
 DELIVERY_STATES = ("pending", "delivered", "failed", "dropped")  # dropped: its job was gone before a first try
 
 # /metrics histogram of GPU-seconds per job run, sized to the seed's presets: seconds on an H100 (fast ~10,
 # default ~30) up to the seed's own 4090/3080 times (30-240 s), with room below for tiny and CPU runs.
 GPU_SECONDS_BUCKETS = (0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 240, 300, 600, 1200)
+
+
+def affinity_window(queued: list[dict], skip: int) -> list[dict]:
+    """The window of queued jobs (oldest first, each with `passed_over`) that a claim with LoRA affinity hands
+    lora_request.pick_next: the oldest skip + 1, cut after the first job already passed over `skip` times. So
+    one claim passes over at most `skip` jobs (pick_next) and no job is ever passed over more than `skip` times
+    in all, however many younger jobs share the loaded set (pick_next alone bounds that only by max_wait_s)."""
+    window = queued[: skip + 1]
+    for i, job in enumerate(window):
+        if int(job.get("passed_over") or 0) >= skip:
+            return window[: i + 1]
+    return window
 
 
 def usage_bucket(seconds: float) -> str:
@@ -177,6 +207,7 @@ class Job:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
         d = dict(row)
+        d.pop("passed_over", None)  # the queue's bookkeeping (claim with LoRA affinity), not part of the job
         d["params"] = json.loads(d["params"])
         d["timings"] = json.loads(d["timings"]) if d["timings"] else {}
         d["gpu_seconds"] = json.loads(d["gpu_seconds"]) if d.get("gpu_seconds") else {}
@@ -222,6 +253,7 @@ class SqliteJobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._positions: dict[int, tuple[int, int]] = {}  # seq -> (queue_version, position), see queue_position
         self._conn().executescript(SCHEMA)
         self._migrate()
 
@@ -236,12 +268,11 @@ class SqliteJobStore:
                 for status in STATES:
                     conn.execute("INSERT OR REPLACE INTO job_counts (status, n) "
                                  "SELECT ?, COUNT(*) FROM jobs WHERE status=? AND deleted=0", (status, status))
-            if version < 3:
-                columns = {r["name"] for r in conn.execute("PRAGMA table_info(jobs)")}
-                for sql in MIGRATE_V3:
-                    if sql.startswith("ALTER TABLE jobs ADD COLUMN ") and sql.split()[5] in columns:
-                        continue
-                    conn.execute(sql)
+            columns = {r["name"] for r in conn.execute("PRAGMA table_info(jobs)")}
+            for sql in (MIGRATE_V3 if version < 3 else ()) + MIGRATE_V4:
+                if sql.startswith("ALTER TABLE jobs ADD COLUMN ") and sql.split()[5] in columns:
+                    continue
+                conn.execute(sql)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _conn(self) -> sqlite3.Connection:
@@ -342,11 +373,89 @@ class SqliteJobStore:
             conn.execute("COMMIT")
         return [Job.from_row(r) for r in rows], total
 
+    def summaries(self, status: str | None = None, limit: int | None = None,
+                  offset: int = 0) -> tuple[list[tuple[str, str, float, str | None]], int]:
+        """list() for the /jobs listing: (id, status, progress, input_image) rows only, as plain tuples (no Job
+        objects, no JSON decoding), from the same index walk; the total from job_counts, in one read snapshot."""
+        where, args = "deleted=0", []
+        if status:
+            where += " AND status=?"
+            args.append(status)
+        sql = f"SELECT id, status, progress, input_image FROM jobs WHERE {where} ORDER BY seq"
+        if limit is not None:
+            sql += " LIMIT ? OFFSET ?"
+            args += [limit, offset]
+        conn = self._conn()
+        cur = conn.cursor()
+        cur.row_factory = None  # tuples: cheaper than sqlite3.Row
+        conn.execute("BEGIN")
+        try:
+            total = self._count(conn, status or None)
+            rows = cur.execute(sql, args).fetchall()
+        finally:
+            conn.execute("COMMIT")
+        return rows, total
+
+    POSITIONS_KEPT = 10_000  # queue positions remembered (per process) until the queue moves
+
     def queue_position(self, job: Job) -> int:
-        """1 = next to run. A count over the queued part of jobs_status_live_seq, in proportion to the position."""
-        (ahead,) = self._conn().execute(
-            "SELECT COUNT(*) FROM jobs WHERE status='queued' AND deleted=0 AND seq<?", (job.seq,)).fetchone()
+        """1 = next to run. A count over the queued part of jobs_status_live_seq (a covering index: no row is
+        read), in proportion to the position; remembered until the queue moves (queue_version, kept by
+        triggers), so a job polled again while nothing entered or left the queue costs one row read."""
+        conn = self._conn()
+        conn.execute("BEGIN")  # the version and the count from one snapshot
+        try:
+            return self._position(conn, self._queue_version(conn), job.seq)
+        finally:
+            conn.execute("COMMIT")
+
+    @staticmethod
+    def _queue_version(conn: sqlite3.Connection) -> int:
+        return conn.execute("SELECT v FROM queue_version").fetchone()[0]
+
+    def _position(self, conn: sqlite3.Connection, version: int, seq: int) -> int:
+        known = self._positions.get(seq)
+        if known is not None and known[0] == version:
+            return known[1]
+        (ahead,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE status='queued' AND deleted=0 AND seq<?",
+                                (seq,)).fetchone()
+        if len(self._positions) >= self.POSITIONS_KEPT:
+            self._positions.clear()
+        self._positions[seq] = (version, ahead + 1)
         return ahead + 1
+
+    def get_with_positions(self, job_ids: list[str]) -> list[tuple[Job | None, int | None]]:
+        """Per id: (the live job or None, its queue position when it is queued): what /status reads; all from
+        one read snapshot."""
+        out: list[tuple[Job | None, int | None]] = []
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            version = None
+            for job_id in job_ids:
+                row = conn.execute("SELECT * FROM jobs WHERE id=? AND deleted=0", (job_id,)).fetchone()
+                if row is None:
+                    out.append((None, None))
+                    continue
+                job = Job.from_row(row)
+                if job.status != "queued":
+                    out.append((job, None))
+                    continue
+                version = self._queue_version(conn) if version is None else version
+                out.append((job, self._position(conn, version, job.seq)))
+        finally:
+            conn.execute("COMMIT")
+        return out
+
+    def metrics_snapshot(self) -> dict:
+        """What one /metrics scrape reads, in one read snapshot: counts, stage_totals, workers, usage_totals."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            return {"counts": self.counts(), "stage_totals": self.stage_totals(), "workers": self.workers(),
+                    "usage_totals": self.usage_totals()}
+        finally:
+            conn.execute("COMMIT")
 
     def counts(self) -> dict[str, int]:
         counts = {s: 0 for s in STATES}
@@ -411,8 +520,11 @@ class SqliteJobStore:
         return out + [Job.from_row(r) for r in rows]
 
     # ------------------------------------------------------------------ worker side
-    def claim(self, worker_id: str, lease_s: float, device: str | None = None) -> Job | None:
-        """Atomically take the oldest queued job, or one whose worker's lease ran out."""
+    def claim(self, worker_id: str, lease_s: float, device: str | None = None, loaded_key: str | None = None,
+              affinity_skip: int = 0, affinity_wait_s: float = 60.0) -> Job | None:
+        """Atomically take the oldest queued job, or one whose worker's lease ran out. With `loaded_key` (the
+        worker's loaded LoRA set) and affinity_skip > 0, the queued job is the one lora_request.pick_next
+        chooses from the oldest affinity_skip + 1 (see affinity_window), in the same transaction."""
         now = time.time()
         with self._transaction() as conn:
             # Jobs whose worker died (few: one per dead worker slot): a cancel asked meanwhile ends them as
@@ -425,21 +537,38 @@ class SqliteJobStore:
             while True:
                 # two index lookups, not one OR (which would walk every finished job older than the queue)
                 rows = [r for r in (
-                    conn.execute("SELECT seq, id, attempts FROM jobs WHERE status='queued' AND deleted=0 "
+                    conn.execute("SELECT seq, id, attempts, status FROM jobs WHERE status='queued' AND deleted=0 "
                                  "ORDER BY seq LIMIT 1").fetchone(),
-                    conn.execute("SELECT seq, id, attempts FROM jobs WHERE status='processing' AND deleted=0 "
+                    conn.execute("SELECT seq, id, attempts, status FROM jobs WHERE status='processing' AND deleted=0 "
                                  "AND lease_until<? ORDER BY seq LIMIT 1", (now,)).fetchone()) if r is not None]
                 if not rows:
                     return None
                 row = min(rows, key=lambda r: r["seq"])
+                passed: list[str] = []
+                if loaded_key is not None and affinity_skip > 0 and row["status"] == "queued":
+                    row, passed = self._affinity_pick(conn, loaded_key, affinity_skip, affinity_wait_s, now)
                 if row["attempts"] < MAX_ATTEMPTS:
                     break
                 self._poison(conn, "id=?", (row["id"],), now)  # re-queued orphan that died too often
+            if passed:
+                conn.executemany("UPDATE jobs SET passed_over=passed_over+1 WHERE id=?", [(i,) for i in passed])
             row = conn.execute(
                 "UPDATE jobs SET status='processing', worker_id=?, device=?, lease_until=?, attempts=attempts+1, "
                 "started_at=COALESCE(started_at, ?), progress=0, stage='starting' WHERE id=? RETURNING *",
                 (worker_id, device, now + lease_s, now, row["id"])).fetchone()
             return Job.from_row(row)
+
+    @staticmethod
+    def _affinity_pick(conn: sqlite3.Connection, loaded_key: str, skip: int, wait_s: float,
+                       now: float) -> tuple[sqlite3.Row, list[str]]:
+        """(the queued job pick_next chooses, the ids of the older queued jobs it passes over)."""
+        rows = conn.execute("SELECT seq, id, attempts, status, params, created_at, passed_over FROM jobs "
+                            "WHERE status='queued' AND deleted=0 ORDER BY seq LIMIT ?", (skip + 1,)).fetchall()
+        window = affinity_window([{"id": r["id"], "params": json.loads(r["params"]), "created_at": r["created_at"],
+                                   "passed_over": r["passed_over"]} for r in rows], skip)
+        chosen = pick_next(window, loaded_key, skip, wait_s, now)
+        i = next(i for i, w in enumerate(window) if w is chosen)
+        return rows[i], [w["id"] for w in window[:i]]
 
     @staticmethod
     def _poison(conn: sqlite3.Connection, where: str, args: tuple, now: float) -> None:

@@ -97,7 +97,7 @@ class Worker:
             with self._lock:
                 if max_jobs is not None and self.jobs_done >= max_jobs:
                     return
-            job = self.store.claim(worker_id, self.settings.lease_s, device=str(pipeline.device))
+            job = self.store.claim(worker_id, self.settings.lease_s, device=str(pipeline.device), **self._affinity(pipeline))
             if job is None:
                 if slot == 0 and time.monotonic() - scanned >= self.settings.lora_rescan_s:
                     scanned = time.monotonic()
@@ -124,6 +124,15 @@ class Worker:
         clone.mp4_queue = getattr(pipeline, "mp4_queue", clone.mp4_queue)
         clone.loras = getattr(pipeline, "loras", None)  # one set of slots on the shared experts: `using` makes jobs of one set share it
         return clone
+
+    def _affinity(self, pipeline) -> dict:
+        """LoRA-set affinity for the claim: prefer a queued job whose set is the loaded one (no swap), within the
+        fairness bound (lora_affinity_skip older jobs passed over at most, none that waited lora_affinity_wait_s)."""
+        loras = getattr(pipeline, "loras", None)
+        if loras is None or self.settings.lora_affinity_skip <= 0:
+            return {}
+        return dict(loaded_key=loras.loaded_key, affinity_skip=self.settings.lora_affinity_skip,
+                    affinity_wait_s=self.settings.lora_affinity_wait_s)
 
     @staticmethod
     def _rescan_loras(pipeline) -> bool:

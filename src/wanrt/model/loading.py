@@ -150,32 +150,6 @@ def _diffusers_config(path: Path) -> dict:
     return {k: v for k, v in _read_json(path / "config.json").items() if not k.startswith("_")}
 
 
-def save_diffusers_dir(model: WanI2VModel, path: Path) -> Path:
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.transformer_high.save_pretrained(path / "transformer")
-    model.transformer_low.save_pretrained(path / "transformer_2")
-    model.vae.save_pretrained(path / "vae")
-    model.text_encoder.save_pretrained(path / "text_encoder")
-    model.tokenizer.save_pretrained(path / "tokenizer")
-    (path / "scheduler").mkdir(exist_ok=True)
-    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2))
-    index = {
-        "_class_name": "WanImageToVideoPipeline",
-        "boundary_ratio": model.boundary_ratio,
-        "transformer": ["diffusers", "WanTransformer3DModel"],
-        "transformer_2": ["diffusers", "WanTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLWan"],
-        "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "tokenizer": ["transformers", "T5TokenizerFast"],
-        "scheduler": ["diffusers", model.scheduler_config.get("_class_name", "UniPCMultistepScheduler")],
-        "image_encoder": [None, None],
-        "image_processor": [None, None],
-    }
-    (path / "model_index.json").write_text(json.dumps(index, indent=2))
-    return path
-
-
 # --------------------------------------------------------------------------------------------- single files
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
