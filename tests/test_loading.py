@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from model_files import save_diffusers_dir
 
 from wanrt.model import keymaps, sizes
 from wanrt.model.loading import (
@@ -17,6 +16,8 @@ from wanrt.model.loading import (
 )
 from wanrt.params import GenerateParams
 from wanrt.runtime.pipeline import WanI2VPipeline
+
+from model_files import save_diffusers_dir
 
 P = GenerateParams(prompt="a woman turning her head", width=64, height=64, frames=9, steps=3, seed=3)
 
