@@ -327,6 +327,7 @@ def trt11(monkeypatch):
     return fake
 
 
+@pytest.mark.slow  # a whole `wanrt build` (ONNX export of the experts): the checks are unit-tested above
 def test_build_exports_bf16_and_checks_disk_before_each_experts_engines(trt11, tmp_path, monkeypatch):
     """`wanrt build` with TensorRT and --precision fp32: the ONNX is exported in BF16 (the engines' precision) and
     the engines are built strongly typed, each expert's only after a disk check; the second expert finds too
@@ -349,6 +350,7 @@ def test_build_exports_bf16_and_checks_disk_before_each_experts_engines(trt11, t
     assert (out / "high" / "engine_small.plan").is_file() and not (out / "low" / "engine_small.plan").exists()
 
 
+@pytest.mark.slow  # a whole `wanrt build` (ONNX export of the experts): the checks are unit-tested above
 def test_build_fp8_with_tensorrt_stops_instead_of_making_bf16_engines(trt11, tmp_path):
     with pytest.raises(ValueError, match="no FP8 Q/DQ"):
         build(BuildOptions(model="tiny", precision="fp8", out=tmp_path / "a", profiles=("small",)), log=lambda m: None)

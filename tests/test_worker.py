@@ -54,13 +54,9 @@ def test_failed_job_gets_error_type_and_worker_goes_on(tmp_path, tiny_pipeline):
 
 
 def test_warm_up_times_each_bucket_and_the_worker_reports_it(tmp_path, tiny_pipeline):
-    from wanrt.jobs.worker import warm_up
-
-    seconds = warm_up(tiny_pipeline, ["64x64x5", "64x96x9"])
-    assert list(seconds) == ["64x64x5", "64x96x9"] and all(s > 0 for s in seconds.values())
     settings = Settings(data_dir=tmp_path, warmup=("64x64x5",))
     paths = DataPaths(tmp_path).ensure()
     store = SqliteJobStore(paths.db)
     Worker(settings, "w", store=store, pipeline=tiny_pipeline).run(poll_s=0.01, max_jobs=0)
     (report,) = store.workers()
-    assert set(report["warmup_s"]) == {"64x64x5"}
+    assert list(report["warmup_s"]) == ["64x64x5"] and report["warmup_s"]["64x64x5"] > 0
