@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -36,6 +38,7 @@ def test_flops_table_and_runtime_bench_run(tmp_path):
     assert report["loop_tflop"] > 0 and report["steps_per_expert"] == {"high": 2, "low": 2}
 
 
+@pytest.mark.slow  # long (suite budget: 15 min on 2 cores); run with --runslow
 def test_bench_e2e_runs_each_row_in_its_own_process_with_guard(tmp_path):
     out = tmp_path / "e2e.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--model", "tiny", "--presets", "smoke",

@@ -76,6 +76,7 @@ def lora_files(tmp_path_factory, tiny_model):
     return d / "high.safetensors", d / "low.safetensors"
 
 
+@pytest.mark.slow  # long (suite budget: 15 min on 2 cores); run with --runslow
 def test_cli_build_fp8_onnx_manifest_and_cache(tmp_path, lora_files):
     high, low = lora_files
     out = tmp_path / "art"

@@ -25,6 +25,7 @@ def dry_run(tmp_path_factory):
     return out, files[0], json.loads(files[0].read_text())
 
 
+@pytest.mark.slow  # long (suite budget: 15 min on 2 cores); run with --runslow
 def test_dry_run_writes_a_schema_valid_document(dry_run):
     out, path, doc = dry_run
     assert gpu_proof.validate(doc) == []
@@ -46,6 +47,7 @@ def test_dry_run_writes_a_schema_valid_document(dry_run):
         assert row["total_s"] > 0 and row["peak_allocated_gb"] is None and row["pct_bf16_peak"] is None
 
 
+@pytest.mark.slow  # long (suite budget: 15 min on 2 cores); run with --runslow
 def test_dry_run_rows_compare_against_the_eager_reference(dry_run):
     _, _, doc = dry_run
     rows = {(r["stage"], r["config"]): r for r in doc["rows"]}
@@ -61,6 +63,7 @@ def test_dry_run_rows_compare_against_the_eager_reference(dry_run):
     assert offload["bit_identical"] is True and offload["swap_s"] > 0
 
 
+@pytest.mark.slow  # long (suite budget: 15 min on 2 cores); run with --runslow
 def test_dry_run_writes_the_table(dry_run):
     out, path, doc = dry_run
     table = path.with_suffix(".md").read_text()
@@ -68,6 +71,7 @@ def test_dry_run_writes_the_table(dry_run):
     assert "| 3 | smoke | +fp8 +compile +cudagraphs |" in table
 
 
+@pytest.mark.slow  # long (suite budget: 15 min on 2 cores); run with --runslow
 def test_a_stage_alone_replaces_its_rows(dry_run, tmp_path):
     out, path, doc = dry_run
     copy = tmp_path / path.name

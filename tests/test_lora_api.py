@@ -142,6 +142,7 @@ def test_typed_client_lists_and_sends_loras(server):
     assert final["params"]["loras"] == [{"name": "motion", "strength": 0.5, "expert": "both"}]
 
 
+@pytest.mark.slow  # long (suite budget: 15 min on 2 cores); run with --runslow
 def test_cli_generate_with_lora_flags(server, tmp_path):
     import subprocess
     import sys

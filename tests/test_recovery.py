@@ -20,6 +20,7 @@ def images():
         yield srv
 
 
+@pytest.mark.slow  # long (suite budget: 15 min on 2 cores); run with --runslow
 def test_kill_9_worker_mid_job_then_job_completes(tmp_path, images):
     with WanrtServer(tmp_path / "d") as srv:
         job = httpx.post(srv.base + "/generate", json={"image_url": images.url("/img.png"), "prompt": "x",
@@ -37,6 +38,7 @@ def test_kill_9_worker_mid_job_then_job_completes(tmp_path, images):
         assert [p.name for p in outputs] == [f"wanrt_{job}.mp4"]  # one output, no leftovers
 
 
+@pytest.mark.slow  # long (suite budget: 15 min on 2 cores); run with --runslow
 def test_restart_loses_nothing(tmp_path, images):
     data = tmp_path / "d"
     body = {"image_url": images.url("/img.jpg"), "prompt": "x", **SMALL}
@@ -56,6 +58,7 @@ def test_restart_loses_nothing(tmp_path, images):
         assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
 
 
+@pytest.mark.slow  # long (suite budget: 15 min on 2 cores); run with --runslow
 def test_sigterm_requeues_the_running_job(tmp_path, images):
     data = tmp_path / "d"
     body = {"image_url": images.url("/img.jpg"), "prompt": "x", **{**SMALL, "steps": 20, "frames": 32}}
