@@ -341,6 +341,25 @@ def _apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freq
     return out.type_as(hidden_states)
 
 
+# Copied from diffusers 0.42.1 diffusers.models.transformers.transformer_wan.WanAttnProcessor.__call__
+# (self-attention: projections, q/k norms, heads, rotary embedding)
+def self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb=None):
+    """(query, key, value) as (B, S, H, D), as diffusers' Wan processor feeds its attention call: shared by the
+    processors that replace only that call (FP8 attention here, Ulysses in runtime/parallel.py)."""
+    from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+    query, key, value = _get_qkv_projections(attn, hidden_states, None)
+    query = attn.norm_q(query)
+    key = attn.norm_k(key)
+    query = query.unflatten(2, (attn.heads, -1))
+    key = key.unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
+    if rotary_emb is not None:
+        query = _apply_rotary_emb(query, *rotary_emb)
+        key = _apply_rotary_emb(key, *rotary_emb)
+    return query, key, value
+
+
 class Fp8SelfAttnProcessor:
     """Self-attention through the FP8 op; cross-attention (and masked calls) go to the processor it replaced."""
 
@@ -353,17 +372,7 @@ class Fp8SelfAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None or attention_mask is not None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
-
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = _apply_rotary_emb(query, *rotary_emb)
-            key = _apply_rotary_emb(key, *rotary_emb)
+        query, key, value = self_attention_qkv(attn, hidden_states, rotary_emb)
         out = torch.ops.wanrt.cudnn_fp8_sdpa(query, key, value, query.shape[-1] ** -0.5)
         hidden_states = out.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)

@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+from wanrt.runtime.attention import self_attention_qkv
+
 log = logging.getLogger("wanrt.parallel")
 
 EXIT_BROKEN = 75  # a rank left the group mid-collective (or failed in one): restart the whole group
@@ -120,18 +122,6 @@ class SeqShard:
         return full[:, : self.seq_len]
 
 
-# Copied from diffusers 0.42.1 diffusers.models.transformers.transformer_wan.WanAttnProcessor.__call__
-# (its nested apply_rotary_emb)
-def _apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
-    cos = freqs_cos[..., 0::2]
-    sin = freqs_sin[..., 1::2]
-    out = torch.empty_like(hidden_states)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(hidden_states)
-
-
 def _seq_to_heads(x: torch.Tensor, shard: SeqShard) -> torch.Tensor:
     """(K, B, L, H, d) local tokens, all heads -> (K, B, S_pad, H/N, d) all tokens, this rank's heads."""
     k, b, n_local, heads, d = x.shape
@@ -165,17 +155,8 @@ class UlyssesAttnProcessor:
         if shard.degree == 1 or encoder_hidden_states is not None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = _apply_rotary_emb(query, *rotary_emb)
-            key = _apply_rotary_emb(key, *rotary_emb)
+        query, key, value = self_attention_qkv(attn, hidden_states, rotary_emb)
 
         # one all-to-all for q, k and v together
         query, key, value = _seq_to_heads(torch.stack([query, key, value]), shard).unbind(0)
