@@ -356,39 +356,28 @@ class SqliteJobStore:
     def list(self, status: str | None = None, limit: int | None = None, offset: int = 0) -> tuple[list[Job], int]:
         """A page walks jobs_status_live_seq (or jobs_live_seq) from offset; the total comes from job_counts.
         One read transaction, so page and total agree."""
-        where, args = "deleted=0", []
-        if status:
-            where += " AND status=?"
-            args.append(status)
-        sql = f"SELECT * FROM jobs WHERE {where} ORDER BY seq"
-        if limit is not None:
-            sql += " LIMIT ? OFFSET ?"
-            args += [limit, offset]
-        conn = self._conn()
-        conn.execute("BEGIN")  # deferred: a read snapshot, no write lock
-        try:
-            total = self._count(conn, status or None)
-            rows = conn.execute(sql, args).fetchall()
-        finally:
-            conn.execute("COMMIT")
+        rows, total = self._page("*", status, limit, offset, sqlite3.Row)
         return [Job.from_row(r) for r in rows], total
 
     def summaries(self, status: str | None = None, limit: int | None = None,
                   offset: int = 0) -> tuple[list[tuple[str, str, float, str | None]], int]:
         """list() for the /jobs listing: (id, status, progress, input_image) rows only, as plain tuples (no Job
         objects, no JSON decoding), from the same index walk; the total from job_counts, in one read snapshot."""
+        return self._page("id, status, progress, input_image", status, limit, offset, None)  # tuples: cheaper
+
+    def _page(self, columns: str, status: str | None, limit: int | None, offset: int, row_factory) -> tuple[list, int]:
         where, args = "deleted=0", []
         if status:
             where += " AND status=?"
             args.append(status)
-        sql = f"SELECT id, status, progress, input_image FROM jobs WHERE {where} ORDER BY seq"
+        sql = f"SELECT {columns} FROM jobs WHERE {where} ORDER BY seq"
         if limit is not None:
             sql += " LIMIT ? OFFSET ?"
             args += [limit, offset]
         conn = self._conn()
         cur = conn.cursor()
-        cur.row_factory = None  # tuples: cheaper than sqlite3.Row
-        conn.execute("BEGIN")
+        cur.row_factory = row_factory
+        conn.execute("BEGIN")  # deferred: a read snapshot, no write lock
         try:
             total = self._count(conn, status or None)
             rows = cur.execute(sql, args).fetchall()
