@@ -25,6 +25,7 @@ DEFAULT_STRENGTH = 1.0
 EXPERTS = ("high", "low", "both")
 DEFAULT_EXPERT = "both"
 _FIELDS = ("name", "strength", "expert")
+LIVE_REPORT_S = 120.0  # a worker whose last report is older is taken for gone
 _SHOWN_NAMES = 20  # unknown-name messages list at most this many available names
 
 
@@ -155,7 +156,7 @@ def pick_next(queued_jobs: Sequence[Any], loaded_key: str | None, max_skip: int,
     return head
 
 
-def published_loras(workers: Sequence[Mapping], now: float, max_age_s: float = 120.0) -> tuple[list[dict], set[str] | None]:
+def published_loras(workers: Sequence[Mapping], now: float, max_age_s: float = LIVE_REPORT_S) -> tuple[list[dict], set[str] | None]:
     """What GET /loras lists and what parse_loras accepts, from the workers' reports (`store.workers()`, each
     with `updated_at` and, from a worker that serves LoRAs, `loras.library`: runtime LoraSlotGroup.describe()).
 

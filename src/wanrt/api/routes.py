@@ -51,7 +51,7 @@ from wanrt.jobs.paths import DataPaths
 from wanrt.jobs.protocol import JobStore
 from wanrt.jobs.store import STATES, TERMINAL, Job, QueueFull, WebhookDelivery
 from wanrt.jobs.webhooks import Target, WebhookRefused, parse_events, split_url
-from wanrt.lora_request import parse_loras, published_loras
+from wanrt.lora_request import LIVE_REPORT_S, parse_loras, published_loras
 from wanrt.params import FIELDS_BY_NAME, GenerateParams, ParamError
 
 API_TITLE = "WAN 2.2-14B LoRAs Image-to-Video API"
@@ -377,11 +377,11 @@ def _same_request(job: Job, fingerprint: str) -> Response[GenerateResponse]:
     return Response(GenerateResponse(job.id, job.status, "Job already exists for this Idempotency-Key"))
 
 
-def request_over_capacity(store: JobStore, params: GenerateParams) -> str | None:
+def request_over_capacity(workers: list[dict], params: GenerateParams) -> str | None:
     """The 422 detail when no live worker's GPU can run this request under any memory tier (the capacity workers
     publish in their info, from runtime/memory.py; the API does not import the runtime, so the token count is
     repeated here); None when one can, or when no worker has published a limit."""
-    limits = [w["memory"]["capacity"] for w in store.workers()
+    limits = [w["memory"]["capacity"] for w in workers
               if w.get("state") != "stopped" and (w.get("memory") or {}).get("capacity")]
     if not limits or any(c.get("max_tokens") is None for c in limits):
         return None
@@ -393,20 +393,19 @@ def request_over_capacity(store: JobStore, params: GenerateParams) -> str | None
             f"GPUs run is {best['max_tokens']} (e.g. {best.get('largest_bucket')}): lower width, height or frames")
 
 
-def lora_catalog(store: JobStore) -> tuple[list[dict], set[str] | None, bool]:
+def lora_catalog(workers: list[dict]) -> tuple[list[dict], set[str] | None, bool]:
     """(GET /loras' listing, the names every live LoRA-serving worker serves (None: none has reported), whether
-    live workers have reported at all), from the workers' reports."""
+    live workers have reported at all), from the workers' reports (store.workers())."""
     now = time.time()
-    workers = store.workers()
     listing, available = published_loras(workers, now)
-    live = any(now - float(w.get("updated_at") or 0) <= 120.0 and w.get("state") != "stopped" for w in workers)
+    live = any(now - float(w.get("updated_at") or 0) <= LIVE_REPORT_S and w.get("state") != "stopped" for w in workers)
     return listing, available, live
 
 
-def request_loras(store: JobStore, raw: Any) -> list[dict]:
+def request_loras(workers: list[dict], raw: Any) -> list[dict]:
     """A request's `loras`, checked against what the workers serve (422 naming the entry). Before any worker
     has reported, names are not checked here: the worker refuses an unknown one (invalid_lora)."""
-    _, available, live = lora_catalog(store)
+    _, available, live = lora_catalog(workers)
     loras = parse_loras(raw, available)
     if loras and available is None and live:
         raise ParamError("loras", "loras: this server serves no LoRAs per request (its workers run without "
@@ -420,10 +419,11 @@ async def submit_job(request: Request, store: JobStore, settings, paths: DataPat
     hook = {k: fields.pop(k) for k in WEBHOOK_FIELDS if k in fields}
     raw_loras = fields.pop("loras", None)
     params = GenerateParams.from_request(fields)
-    too_big = await run(request_over_capacity, store, params)
+    workers = await run(store.workers)  # one read for the capacity and the LoRA checks
+    too_big = request_over_capacity(workers, params)
     if too_big:
         raise HTTPException(status_code=422, detail=too_big)
-    loras = await run(request_loras, store, raw_loras) if raw_loras is not None else []
+    loras = request_loras(workers, raw_loras) if raw_loras is not None else []
     webhook, events = None, ()
     if hook:  # resolves the host (up to 10 s): anyio's threads, like the image fetch, not the store's few
         webhook, events = await anyio.to_thread.run_sync(
@@ -841,7 +841,7 @@ async def metrics(request: Request) -> str:
 @get("/loras", summary="LoRAs the workers serve per request: name, format, rank, experts, layers, sha256")
 async def list_loras(store: Store) -> dict[str, Any]:
     """From the workers' reports (an idle worker rescans its LoRA directory every WANRT_LORA_RESCAN_S)."""
-    listing, available, _ = await run(lora_catalog, store)
+    listing, available, _ = lora_catalog(await run(store.workers))
     return {"loras": listing, "available": None if available is None else sorted(available)}
 
 
