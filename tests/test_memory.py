@@ -395,3 +395,41 @@ def test_cuda_swap_pins_once_prefetches_on_a_side_stream_and_matches_resident(ti
     assert swapper._pending is not None  # the prefetch for the next request is in flight
     swapper.ensure("high")
     assert swapper._pending is None
+
+
+def _diffusers_dir_configs(root, **expert):
+    """A diffusers dir's configs, no weights: what `plan_runtime` reads before anything is loaded."""
+    import json
+
+    for sub, cfg in (("transformer", {**sizes.A14B_EXPERT, **expert}), ("transformer_2", {**sizes.A14B_EXPERT, **expert}),
+                     ("text_encoder", sizes.UMT5_XXL)):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "config.json").write_text(json.dumps(cfg))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "WanImageToVideoPipeline"}))
+    return str(root)
+
+
+def test_serving_a_diffusers_dir_compiled_on_an_80gb_card_is_resident(tmp_path):
+    """`wanrt serve --model <diffusers dir> --backend compiled` on an H100 80 GB: both experts stay resident in
+    FP8 (they arrive in BF16 and are swapped one at a time, so the load phase is the largest), and the plan is
+    priced from the dir's own configs."""
+    from wanrt.config import Settings
+    from wanrt.runtime.factory import plan_runtime
+
+    h100 = 80 * GiB - GiB  # the card minus a CUDA context (gpus.CUDA_CONTEXT_BYTES)
+    host = 256 * GiB
+    a14b = _diffusers_dir_configs(tmp_path / "a14b")
+    plan, mb, mapped = plan_runtime(Settings(model=a14b, backend="compiled", device="cuda"), free_bytes=h100,
+                                    host_bytes=host)
+    assert plan.tier == "resident" and plan.fits and not mapped, plan.table()
+    assert mb.fp8 and mb.expert_high == sizes.expert_params().bytes(2, fp8=True)  # FP8 as served
+    assert mb.expert_load == sizes.expert_params().bytes(2)  # BF16 as it arrives
+    assert plan.need_bytes == max(plan.phases.values()) < h100
+    # the eager backend keeps the experts in BF16: resident still, with less room to spare
+    eager, mb_bf16, _ = plan_runtime(Settings(model=a14b, backend="eager", device="cuda"), free_bytes=h100,
+                                     host_bytes=host)
+    assert not mb_bf16.fp8 and mb_bf16.expert_high == mb.expert_load and eager.need_bytes > plan.need_bytes
+    # a dir with half the blocks is priced as such (not as the A14B)
+    half, mb_half, _ = plan_runtime(Settings(model=_diffusers_dir_configs(tmp_path / "half", num_layers=20),
+                                             backend="compiled", device="cuda"), free_bytes=h100, host_bytes=host)
+    assert mb_half.n_blocks == 20 and mb_half.expert_high < 0.55 * mb.expert_high and half.tier == "resident"

@@ -24,6 +24,7 @@ FP8 swap would copy mapped BF16 weights into RAM, which is what mmap avoids).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -32,15 +33,17 @@ from wanrt.model.loading import checkpoint_info, load_model
 from wanrt.runtime import gpus
 from wanrt.runtime.artifacts import load_artifacts_into
 from wanrt.runtime.backends import make_backend
-from wanrt.runtime.fp8 import adopt_fp8_linears, fp8_mode
+from wanrt.runtime.fp8 import adopt_fp8_linears
 from wanrt.runtime.memory import (
     HOST_RESERVE_BYTES,
     OVERHEAD_BYTES,
+    MemoryPlan,
     ModelBytes,
     TieredBackend,
     choose_plan,
     decide,
     estimate_plan,
+    fp8_upcasts,
     log_plan,
     normalize_tier,
     streams_blocks,
@@ -73,30 +76,7 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
         if plan.tier == "resident":
             model.to(device, dtype)
     else:
-        mb = mb_mapped = None
-        if info["mmap"] and not (Path(settings.model) / "transformer").is_dir():
-            # Single files: every part measured from the headers (shapes and dtypes; nothing is read).
-            try:
-                meta = load_model(settings.model, "meta", dtype, keep_fp8=info["fp8"])
-            except Exception as e:  # the A14B's sizes from its config then; loading reports what is wrong
-                log.warning("could not measure %s from its headers (%s): planning for the A14B", settings.model, e)
-            else:
-                for expert in meta.experts.values():
-                    adopt_fp8_linears(expert, "weight_only")  # as the loaded model will be (below)
-                mb_mapped = ModelBytes.measure(meta, **allowances)
-                mb = _with_expert_storage(mb_mapped, settings, on_cuda, info["fp8"])
-        fp8 = (compiled and settings.fp8) or info["fp8"]
-        plan = estimate_plan(settings.model, device, dtype, requested, fp8=fp8, warmup=settings.warmup,
-                             free_bytes=free_bytes, fp8_at_load=info["fp8"], host_bytes=host_bytes,
-                             mmap_ok=info["mmap"], checkpoint_fp8=info["fp8"], mb=mb, mb_mapped=mb_mapped)
-        mapped = plan.tier == "mmap" and info["mmap"]
-        if mb is None:
-            mb = ModelBytes.from_config(allowances["act_bytes"], fp8, overhead=allowances["overhead"],
-                                        upcast=fp8 and on_cuda and fp8_mode(device) == "weight_only",
-                                        load_fp8=info["fp8"])
-            mb = dataclasses.replace(mb, host_reserve=allowances["host_reserve"])
-        elif mapped:
-            mb = mb_mapped  # the mapped files run in their own precision
+        plan, mb, mapped = plan_runtime(settings, free_bytes=free_bytes, host_bytes=host_bytes)
         # Non-resident tiers load on the host (loading both experts onto a small GPU would fail first).
         model = load_model(settings.model, device if plan.tier == "resident" else "cpu", dtype,
                            keep_fp8=info["fp8"], mmap=mapped)
@@ -126,6 +106,56 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
     pipeline = WanI2VPipeline(model, backend, device=device, dtype=dtype, vae_dtype=settings.vae_dtype)
     pipeline.loras = loras.group if loras is not None else None
     return pipeline
+
+
+def plan_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | None = None
+                 ) -> tuple[MemoryPlan, ModelBytes, bool]:
+    """The memory plan for a checkpoint (not the tiny model) before anything is loaded: (plan, the bytes it
+    was priced with, whether the experts run as mapped files). Priced from the checkpoint itself where it can
+    be: single files from their headers, a diffusers dir from its configs, else the A14B's."""
+    import torch
+
+    device, dtype = settings.resolved_device(), settings.resolved_dtype()
+    on_cuda = torch.device(device).type == "cuda"
+    act_bytes = torch.tensor([], dtype=dtype).element_size()
+    overhead, host_reserve = (OVERHEAD_BYTES, HOST_RESERVE_BYTES) if on_cuda else (0, 0)
+    info = checkpoint_info(settings.model)
+    configs = _diffusers_configs(settings.model)
+    mb = mb_mapped = None
+    if info["mmap"] and configs is None:
+        # Single files: every part measured from the headers (shapes and dtypes; nothing is read).
+        try:
+            meta = load_model(settings.model, "meta", dtype, keep_fp8=info["fp8"])
+        except Exception as e:  # the A14B's sizes from its config then; loading reports what is wrong
+            log.warning("could not measure %s from its headers (%s): planning for the A14B", settings.model, e)
+        else:
+            for expert in meta.experts.values():
+                adopt_fp8_linears(expert, "weight_only")  # as the loaded model will be (below)
+            mb_mapped = ModelBytes.measure(meta, overhead=overhead, act_bytes=act_bytes, host_reserve=host_reserve)
+            mb = _with_expert_storage(mb_mapped, settings, info["fp8"])
+    fp8 = (settings.backend == "compiled" and settings.fp8) or info["fp8"]
+    if mb is None:
+        upcast = fp8_upcasts(device)
+        expert_config, text_config = configs or (None, None)
+        mb, mb_mapped = (dataclasses.replace(
+            ModelBytes.from_config(act_bytes, stored_fp8, expert_config, text_config, upcast=stored_fp8 and upcast,
+                                   overhead=overhead, load_fp8=info["fp8"]), host_reserve=host_reserve)
+            for stored_fp8 in (fp8, info["fp8"]))
+    plan = estimate_plan(settings.model, device, dtype, normalize_tier(settings.memory), fp8=fp8,
+                         warmup=settings.warmup, free_bytes=free_bytes, fp8_at_load=info["fp8"], host_bytes=host_bytes,
+                         mmap_ok=info["mmap"], checkpoint_fp8=info["fp8"], mb=mb, mb_mapped=mb_mapped)
+    mapped = plan.tier == "mmap" and info["mmap"]
+    return plan, (mb_mapped if mapped else mb), mapped  # the mapped files run in their own precision
+
+
+def _diffusers_configs(spec: str) -> tuple[dict, dict] | None:
+    """(expert config, text encoder config) of a diffusers dir, None for anything else."""
+    root = Path(spec)
+    if not (root / "transformer" / "config.json").is_file():
+        return None
+    text = root / "text_encoder" / "config.json"
+    return (json.loads((root / "transformer" / "config.json").read_text()),
+            json.loads(text.read_text()) if text.is_file() else None)
 
 
 class _LoraInstaller:
@@ -166,14 +196,14 @@ def _free(device, free_bytes):
     return free_bytes
 
 
-def _with_expert_storage(mb: ModelBytes, settings, on_cuda: bool, checkpoint_fp8: bool) -> ModelBytes:
+def _with_expert_storage(mb: ModelBytes, settings, checkpoint_fp8: bool) -> ModelBytes:
     """The experts priced as the backend will store them: an FP8 checkpoint as measured; the compiled backend's
     FP8 swap of a BF16 checkpoint at FP8 sizes for the model's config; weight-only upcast where the GPU has no
     FP8 GEMMs."""
     fp8 = checkpoint_fp8 or (settings.backend == "compiled" and settings.fp8)
     if not fp8:
         return mb
-    upcast_on = on_cuda and fp8_mode(settings.resolved_device()) == "weight_only"
+    upcast_on = fp8_upcasts(settings.resolved_device())
     q = ModelBytes.from_config(mb.act_bytes, True, expert_config=_config_of(mb), upcast=upcast_on)
     if checkpoint_fp8:
         return dataclasses.replace(mb, upcast=q.upcast, fp8=True)

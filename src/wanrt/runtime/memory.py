@@ -571,18 +571,20 @@ def estimate_plan(spec: str, device, dtype, requested: str = "auto", *, fp8: boo
         mmap_ok = checkpoint_info(spec)["mmap"]
     if mb is None:
         dtype_bytes = torch.tensor([], dtype=dtype).element_size()
-        # planning for a CUDA device from a machine without one (tests, `wanrt plan`): assume FP8 GEMMs
-        upcast = fp8 and device.type == "cuda" and torch.cuda.is_available() and not _fp8_gemm(device)
+        upcast = fp8 and fp8_upcasts(device)
         mb = ModelBytes.from_config(dtype_bytes, fp8, upcast=upcast, load_fp8=fp8_at_load)
         mb_mapped = ModelBytes.from_config(dtype_bytes, checkpoint_fp8, upcast=upcast and checkpoint_fp8,
                                            load_fp8=checkpoint_fp8)
     return decide(mb, free_bytes, host_bytes, requested, bucket, fp8_at_load, mmap_ok, mb_mapped)
 
 
-def _fp8_gemm(device) -> bool:
+def fp8_upcasts(device) -> bool:
+    """FP8 weights run weight-only here (one BF16 copy of a linear while it runs): a CUDA GPU without FP8 GEMMs.
+    Planning for a CUDA device from a machine without one (tests, `wanrt plan`) assumes FP8 GEMMs."""
     from wanrt.runtime.fp8 import fp8_gemm_supported
 
-    return fp8_gemm_supported(device)
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.is_available() and not fp8_gemm_supported(device)
 
 
 def plan_for_card(gpu: gpus.Gpu | str, gpu_memory_gib: float | None = None, host_memory_gib: float | None = None,
