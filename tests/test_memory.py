@@ -23,6 +23,7 @@ from wanrt.runtime.memory import (
     estimate_plan,
     host_bytes_needed,
     model_parts,
+    module_bytes,
     phase_bytes,
 )
 from wanrt.runtime.pipeline import WanI2VPipeline
@@ -433,3 +434,33 @@ def test_serving_a_diffusers_dir_compiled_on_an_80gb_card_is_resident(tmp_path):
     half, mb_half, _ = plan_runtime(Settings(model=_diffusers_dir_configs(tmp_path / "half", num_layers=20),
                                              backend="compiled", device="cuda"), free_bytes=h100, host_bytes=host)
     assert mb_half.n_blocks == 20 and mb_half.expert_high < 0.55 * mb.expert_high and half.tier == "resident"
+
+
+def test_lora_slots_and_cache_are_planned(tiny_model, tmp_path):
+    """The slot buffers the planner counts are the ones install_lora_slots really adds (a built expert, FP32
+    norms kept), and a LoRA dir moves a 24 GB plan by the slots of both experts plus the prepared cache."""
+    from wanrt.config import Settings
+    from wanrt.runtime.factory import plan_runtime
+    from wanrt.runtime.lora import install_lora_slots
+    from wanrt.runtime.memory import lora_slot_bytes
+
+    expert = copy.deepcopy(tiny_model.transformer_high).float()
+    before = {"whole": module_bytes(expert), "block": max(module_bytes(b) for b in expert.blocks)}
+    install_lora_slots(expert, 8)
+    whole, stem, block = lora_slot_bytes(dict(expert.config), 8, torch.float32)
+    assert whole == module_bytes(expert) - before["whole"] > 0
+    assert block == max(module_bytes(b) for b in expert.blocks) - before["block"] > 0 and stem > 0
+    # the A14B at rank 64 in BF16: 0.59 GiB per expert
+    assert round(lora_slot_bytes(None, 64, torch.bfloat16)[0] / GiB, 2) == 0.59
+
+    a14b = _diffusers_dir_configs(tmp_path / "a14b")
+    kw = dict(model=a14b, backend="compiled", device="cuda", memory="swap")
+    base_plan, base, _ = plan_runtime(Settings(**kw), free_bytes=24 * GiB, host_bytes=128 * GiB)
+    plan, mb, _ = plan_runtime(Settings(**kw, lora_dir=str(tmp_path), max_lora_rank=64, lora_cache_gb=2),
+                               free_bytes=24 * GiB, host_bytes=128 * GiB)
+    slots = lora_slot_bytes(None, 64, torch.bfloat16)[0]
+    assert mb.expert_high - base.expert_high == slots and mb.lora_cache == 2 * GiB
+    same = base_plan.options  # the same choices cost the slots of the running expert and the cache more
+    assert phase_bytes(mb, "swap", same)["loop"] - phase_bytes(base, "swap", same)["loop"] == slots + 2 * GiB
+    assert plan.fits and plan.need_bytes <= 24 * GiB and plan.resident_parts()["lora_cache"] == 2 * GiB
+    assert plan.options != same  # 2.6 GiB less room: the plan gave something up to fit (it did not before)

@@ -70,7 +70,7 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
     if settings.model == "tiny":
         # Built in a second: planned from its measured modules.
         model = load_model("tiny", "cpu", dtype)
-        mb = ModelBytes.measure(model, **allowances)
+        mb = _with_lora(ModelBytes.measure(model, **allowances), settings, dict(model.transformer_high.config), dtype)
         plan = decide(mb, _free(device, free_bytes), host_bytes, requested, bucket, mmap_ok=False) \
             if (free_bytes is not None or on_cuda or requested != "auto") else choose_plan(model, device, bucket=bucket)
         if plan.tier == "resident":
@@ -100,7 +100,7 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
             options = dict(artifacts=settings.artifacts)
         return make_backend(settings.backend, model, device=device, **options)
 
-    loras = _LoraInstaller(settings, model) if settings.lora_dir and settings.max_lora_rank > 0 and not tensorrt else None
+    loras = _LoraInstaller(settings, model) if serves_loras(settings) else None
     backend = TieredBackend(model, device, plan, mb, make_inner, ledger=ledger, can_demote=not tensorrt, gpu=gpu,
                             on_inner=loras)
     pipeline = WanI2VPipeline(model, backend, device=device, dtype=dtype, vae_dtype=settings.vae_dtype)
@@ -141,11 +141,26 @@ def plan_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | N
             ModelBytes.from_config(act_bytes, stored_fp8, expert_config, text_config, upcast=stored_fp8 and upcast,
                                    overhead=overhead, load_fp8=info["fp8"]), host_reserve=host_reserve)
             for stored_fp8 in (fp8, info["fp8"]))
+    expert_config = configs[0] if configs else (None if mb_mapped is None else _config_of(mb_mapped))
+    mb = _with_lora(mb, settings, expert_config, dtype)
+    mb_mapped = _with_lora(mb_mapped, settings, expert_config, dtype)
     plan = estimate_plan(settings.model, device, dtype, normalize_tier(settings.memory), fp8=fp8,
                          warmup=settings.warmup, free_bytes=free_bytes, fp8_at_load=info["fp8"], host_bytes=host_bytes,
                          mmap_ok=info["mmap"], checkpoint_fp8=info["fp8"], mb=mb, mb_mapped=mb_mapped)
     mapped = plan.tier == "mmap" and info["mmap"]
     return plan, (mb_mapped if mapped else mb), mapped  # the mapped files run in their own precision
+
+
+def serves_loras(settings) -> bool:
+    """LoRA slots are installed: a LoRA dir, a rank, and a backend that runs torch experts (engines embed weights)."""
+    return bool(settings.lora_dir) and settings.max_lora_rank > 0 and settings.backend != "tensorrt"
+
+
+def _with_lora(mb: ModelBytes | None, settings, expert_config: dict | None, dtype) -> ModelBytes | None:
+    """mb with the LoRA slots and prepared cache that _LoraInstaller will add (none without a LoRA dir)."""
+    if mb is None or not serves_loras(settings):
+        return mb
+    return mb.with_lora(expert_config, settings.max_lora_rank, int(settings.lora_cache_gb * 2**30), dtype)
 
 
 def _diffusers_configs(spec: str) -> tuple[dict, dict] | None:

@@ -31,11 +31,13 @@ leaner and runs the job once more (`run_within_memory`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -107,10 +109,18 @@ class ModelBytes:
     vae_scale: float = 1.0  # VAE workspace relative to the real one (channel width / 96)
     fp8: bool = False
     host_reserve: int = HOST_RESERVE_BYTES
+    lora_cache: int = 0  # the LoRA prepared-tensor cache's device budget (the slot buffers are in the experts)
 
     @property
     def expert(self) -> int:
         return max(self.expert_high, self.expert_low)
+
+    def with_lora(self, expert_config: dict | None, max_rank: int, cache_bytes: int, dtype) -> "ModelBytes":
+        """These bytes with LoRA slots installed (runtime/lora.py): each expert carries its slot buffers (they move
+        with it under swap and stream), and the prepared-tensor cache may fill `cache_bytes` on the device."""
+        whole, stem, block = lora_slot_bytes(expert_config, max_rank, dtype)
+        return dataclasses.replace(self, expert_high=self.expert_high + whole, expert_low=self.expert_low + whole,
+                                   stem=self.stem + stem, block=self.block + block, lora_cache=cache_bytes)
 
     def loop_ws(self, tokens: int, batch: int) -> int:
         return sizes.loop_workspace_bytes(tokens, batch, self.dim, self.ffn, self.head_dim, self.act_bytes,
@@ -173,6 +183,36 @@ class ModelBytes:
             host_reserve=host_reserve)
 
 
+def lora_slot_bytes(expert_config: dict | None, max_rank: int, dtype) -> tuple[int, int, int]:
+    """Device bytes of the LoRA slot buffers on one expert: (whole expert, stem, largest block). Counted, not
+    modelled: an expert of this config built on the meta device, wrapped by the serving code's own
+    install_lora_slots (whatever layers it targets, at the dtype the buffers take)."""
+    return _lora_slot_bytes(json.dumps(expert_config or {}, sort_keys=True), max_rank, str(dtype))
+
+
+@lru_cache(maxsize=8)
+def _lora_slot_bytes(config_json: str, max_rank: int, dtype_name: str) -> tuple[int, int, int]:
+    from diffusers import WanTransformer3DModel
+
+    from wanrt.runtime.lora import LoraLinear, LoraNorm, install_lora_slots
+
+    dtype = getattr(torch, dtype_name.removeprefix("torch."))
+    with torch.device("meta"):
+        expert = WanTransformer3DModel.from_config({**sizes.A14B_EXPERT, **json.loads(config_json)})
+    keep = set(WanTransformer3DModel._keep_in_fp32_modules or ())  # as from_pretrained(torch_dtype=) leaves them
+    for name, param in expert.named_parameters():
+        if not keep & set(name.split(".")):
+            param.data = param.data.to(dtype)
+    install_lora_slots(expert, max_rank)
+
+    def slots(module: torch.nn.Module) -> int:
+        return sum(b.numel() * b.element_size() for m in module.modules() if isinstance(m, (LoraLinear, LoraNorm))
+                   for b in m.buffers(recurse=False))
+
+    whole, blocks = slots(expert), [slots(b) for b in expert.blocks]
+    return whole, whole - sum(blocks), max(blocks)
+
+
 def model_parts(dtype_bytes: int = 2, fp8: bool = False, bucket: str = DEFAULT_BUCKET, expert_config=None,
                 text_config=None, batch: int = 2, mb: ModelBytes | None = None) -> dict[str, int]:
     """Device bytes of each part for one shape bucket ("WxHxF"): the weights at their storage precision and
@@ -186,7 +226,7 @@ def model_parts(dtype_bytes: int = 2, fp8: bool = False, bucket: str = DEFAULT_B
         "text_encoder": mb.text_encoder, "text_stem": mb.text_stem, "text_block": mb.text_block, "vae": mb.vae,
         "text_workspace": mb.text_ws(batch), "vae_encode_workspace": mb.vae_ws("encode", w, h),
         "loop_workspace": mb.loop_ws(tokens, batch), "vae_decode_workspace": mb.vae_ws("decode", w, h),
-        "overhead": mb.overhead, "n_blocks": mb.n_blocks,
+        "overhead": mb.overhead, "lora_cache": mb.lora_cache, "n_blocks": mb.n_blocks,
     }
 
 
@@ -231,7 +271,7 @@ def phase_bytes(mb: ModelBytes, tier: str, opts: Options = Options(), tokens: in
     te_kept = mb.text_encoder if opts.text_encoder == "resident" else 0
     te_text = te_kept or mb.text_stem + opts.blocks_in_flight(mb.n_text_blocks) * mb.text_block
     vae_kept = mb.vae if opts.vae_resident else 0
-    base = mb.overhead
+    base = mb.overhead + mb.lora_cache
     return {
         "load": load + te_kept + vae_kept + base,
         "text": idle + te_text + mb.text_ws(2) + vae_kept + base,
@@ -317,6 +357,8 @@ class MemoryPlan:
             out = {"expert stem": p["expert_stem"], f"expert blocks ({n} in flight)": n * p["expert_block"]}
         out["text_encoder"] = p["text_encoder"] if o.text_encoder == "resident" else 0
         out["vae"] = p["vae"] if o.vae_resident else 0
+        if p.get("lora_cache"):
+            out["lora_cache"] = p["lora_cache"]
         out["loop_workspace"] = self.phases["loop"] - sum(out.values()) - p["overhead"]
         out["overhead"] = p["overhead"]
         return out
