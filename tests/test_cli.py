@@ -71,3 +71,13 @@ def test_each_setting_has_one_definition_env_flag_and_readme_entry():
     settings = Settings.from_env({"WANRT_WARMUP": "640x640x81,256x256x16", "WANRT_FP8": "0"}, memory="offload")
     assert settings.warmup == ("640x640x81", "256x256x16") and settings.fp8 is False and settings.memory == "offload"
     assert Settings.from_env(settings.to_env()) == settings  # what workers receive is what the API was given
+
+
+def test_serving_defaults_keep_graphs_and_autotune_opt_in():
+    """CUDA graphs (a multi-GB private pool per shape, recaptured on every swap) and max-autotune (longer than a
+    job per bucket) are measured opt-ins for the 14B experts, not defaults; blocks are compiled once and reused."""
+    from wanrt.config import Settings
+
+    s = Settings.from_env({})
+    assert (s.cudagraphs, s.autotune, s.compile_scope) == (False, False, "blocks")
+    assert Settings.from_env({"WANRT_CUDAGRAPHS": "1", "WANRT_AUTOTUNE": "1"}).cudagraphs is True

@@ -57,6 +57,22 @@ def test_warm_up_times_each_bucket_and_the_worker_reports_it(tmp_path, tiny_pipe
     settings = Settings(data_dir=tmp_path, warmup=("64x64x5",))
     paths = DataPaths(tmp_path).ensure()
     store = SqliteJobStore(paths.db)
-    Worker(settings, "w", store=store, pipeline=tiny_pipeline).run(poll_s=0.01, max_jobs=0)
+    from wanrt.runtime.backends.eager import EagerBackend
+    from wanrt.runtime.pipeline import WanI2VPipeline
+
+    seen = []  # (expert, batch) of every denoising call: warm-up must compile what requests will run
+
+    class Recording(EagerBackend):
+        def denoise(self, expert, latent_input, *args):
+            seen.append((expert, latent_input.shape[0]))
+            return super().denoise(expert, latent_input, *args)
+
+    pipeline = WanI2VPipeline(tiny_pipeline.model, Recording(tiny_pipeline.model))
+    Worker(settings, "w", store=store, pipeline=pipeline).run(poll_s=0.01, max_jobs=0)
+    assert set(seen) == {("high", 2), ("low", 2), ("high", 1), ("low", 1)}  # both experts, with and without CFG
     (report,) = store.workers()
     assert list(report["warmup_s"]) == ["64x64x5"] and report["warmup_s"]["64x64x5"] > 0
+    from wanrt.api.routes import metrics_text
+
+    line = next(x for x in metrics_text(store, None, 0.0).splitlines() if x.startswith("wanrt_worker_warmup_seconds{"))
+    assert 'bucket="64x64x5"' in line and float(line.split()[-1]) == report["warmup_s"]["64x64x5"]
