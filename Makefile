@@ -47,8 +47,10 @@ doctor: install
 
 # GPU proof (benchmarks/gpu_proof.py). `make wheelhouse` runs where pip reaches PyPI: wheels/ gets what a CUDA
 # host with its own torch (transformers, accelerate, peft, safetensors, pillow, numpy, httpx...) lacks, at the
-# versions installed here, plus wanrt itself; the proof installs them offline there. Fails over 64 MiB.
-WHEELHOUSE_PKGS := diffusers av ftfy wcwidth torchao importlib-metadata
+# versions installed here unless pinned, plus wanrt itself; the proof installs them all offline there and refuses
+# a wheels/ that lacks one. Pinned for the host's torch 2.11, whatever this machine has: torchao 0.18.0 (a
+# release that supports it) and nvidia-cudnn-frontend (attn=cudnn_fp8). 54.9 MiB in all; fails over 64 MiB.
+WHEELHOUSE_PKGS := diffusers av ftfy wcwidth torchao==0.18.0 nvidia-cudnn-frontend==1.32.0 importlib-metadata
 .PHONY: wheelhouse gpu-proof
 wheelhouse:
 	rm -rf wheels && mkdir -p wheels

@@ -43,6 +43,7 @@ CONFIGS = [  # (name, backend, options) in the order the switches are added
     ("+fp8", "compiled", dict(fp8=True, compile=False, cudagraphs=False)),
     ("+fp8 +compile", "compiled", dict(fp8=True, compile=True, cudagraphs=False)),
     ("+fp8 +compile +cudagraphs", "compiled", dict(fp8=True, compile=True, cudagraphs=True)),
+    ("bf16 +compile", "compiled", dict(fp8=False, compile=True, cudagraphs=False)),  # the default with --no-fp8
     ("bf16 +compile +cudagraphs", "compiled", dict(fp8=False, compile=True, cudagraphs=True)),
     ("tensorrt", "tensorrt", {}),  # only with --artifacts and an importable TensorRT
 ]

@@ -7,26 +7,33 @@ stage, in separate processes, what the README claims about full-size WAN 2.2 I2V
     python benchmarks/gpu_proof.py --stage 3         # one stage alone (after the install, or --no-install)
     python benchmarks/gpu_proof.py --dry-run --out /tmp/proof   # CPU, tiny model: plumbing and schema
 
-Without --stage the script first runs `pip install --no-index --no-deps --target <site> wheels/*.whl` and puts
-<site> first on PYTHONPATH for the stage processes (torch, transformers, accelerate, ... are the host's).
+Without --stage the script first runs `pip install --no-index --no-deps --target <site> wheels/*.whl` (every
+wheel there; it refuses a wheels/ that lacks one of the Makefile's WHEELHOUSE_PKGS or wanrt) and puts <site> first
+on PYTHONPATH for the stage processes (torch, transformers, accelerate, ... are the host's).
 Stages (each its own process, each bounded to a few minutes at full size on an H100; one warm run):
   1 probe: versions; for Wan's self-attention (B=2, 40 heads, head dim 128, 33,600 tokens, bf16) the attention
     report (wanrt.runtime.attention.kernel_report: which kernels can run it, which one PyTorch picks, what
     attn=auto resolves to) and flash / cuDNN / efficient / cuDNN FP8 timings (FP8: per-tensor scales,
     quantisation included, with its PSNR against BF16 attention); one FFN-shaped linear (33,600x5120 @
     5120x13824) in BF16 vs FP8 (torch._scaled_mm, row-wise scales; and our Fp8Linear, activation
-    quantisation included); `pytest -m gpu` on the test files that have GPU tests.
+    quantisation included); the VAE decode's bf16 vs fp32 frame PSNR (benchmarks/bench_vae.py on --vae-model,
+    default --model; vae_dtype=auto's 40 dB gate: only real weights give the figure that matters);
+    `pytest -m gpu` on the test files that have GPU tests.
   2 default preset: diffusers' pipeline (BF16) and our eager backend (BF16; writes the reference latents)
-  3 default preset: FP8 + torch.compile + CUDA graphs (the serving default)
-  4 default preset: BF16 + torch.compile + CUDA graphs
-  5 fast preset (4 steps, cfg 1): eager (its reference), diffusers, FP8 + compile + CUDA graphs
-  6 memory modes, default preset, eager BF16: resident vs offload (one expert at a time): seconds per
-    swap, peak memory, the plan's prediction, and whether offload's latents equal resident's
+  3 default preset, the serving default: FP8 + torch.compile (Settings: no CUDA graphs, no autotune); then the
+    same with CUDA graphs, opt-in (--cudagraphs), a row of its own marked opt_in
+  4 default preset: BF16 + torch.compile (the serving default with --no-fp8)
+  5 fast preset (4 steps, cfg 1): eager (its reference), diffusers, FP8 + compile
+  6 memory modes, default preset: eager BF16 resident vs offload (one expert at a time) on one loaded model,
+    and the compiled backend (FP8 + compile) under offload as the runtime builds it (build_runtime; its own
+    process on the GPU): seconds per swap, peak memory, the plan's prediction, latents against eager resident's
   7 cold start: a fresh `wanrt generate --backend compiled` process to its first MP4 (compile included)
 Rows of stages 2-5 come from benchmarks/bench_e2e.py, one process per row.
 
-Results: benchmarks/results/gpu_<gpu>_<yyyymmdd>.json (or --out), appended by every stage, then a
-README-ready table (.md, same name) and a chart (.png, when matplotlib imports). Schema (version 1):
+Results: benchmarks/results/gpu_<gpu>_<yyyymmdd>.json (or --out), appended by every stage, then regenerated
+from it: a README-ready table (.md, same name), a chart (.png, when matplotlib imports) and the block between
+<!-- gpu-proof:start --> and <!-- gpu-proof:end --> in README.md (--readme; a dry run writes a copy of README.md
+in --out instead, never the tracked file). Schema (version 1):
   top level: schema (1), gpu (device name), torch, cuda (null on CPU), cudnn (null on CPU), dry_run,
     model, probe (stage 1's findings, absent until it runs), rows (list)
   per row: stage (int), preset, config, total_s, text, vae_encode, denoise_high, denoise_low, vae_decode,
@@ -35,7 +42,8 @@ README-ready table (.md, same name) and a chart (.png, when matplotlib imports).
     included; cold start: imports + load), peak_allocated_gb, peak_reserved_gb, vs_diffusers (diffusers'
     total / ours without the MP4 encode, same preset, any stage), latent_cos, psnr_db (vs our eager BF16
     reference of the same preset); null where not applicable or not measured. Optional extras: error,
-    fp8_layers, load_s, swap_s, plan_need_gb, plan_mode, bit_identical, host_copies, note.
+    fp8_layers, load_s, swap_s, plan_need_gb, plan_mode, bit_identical, host_copies, opt_in (a configuration
+    the server does not run unless asked), note.
 A dry run runs every stage on the tiny model on the CPU (no wheel install; GPU-only measurements null;
 compiled rows without torch.compile, which takes minutes on CPU; rows in the stage's process).
 """
@@ -44,8 +52,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -67,10 +77,23 @@ ROW_FIELDS = ("stage", "preset", "config", "total_s", "text", "vae_encode", "den
 TOP_FIELDS = ("schema", "gpu", "torch", "cuda", "cudnn", "rows")
 STAGE_KEYS = {"text": "text_encode_s", "vae_encode": "vae_encode_s", "denoise_high": "denoise_high_s",
               "denoise_low": "denoise_low_s", "vae_decode": "vae_decode_s", "mp4": "mp4_encode_s"}
-FP8_COMPILED = "+fp8 +compile +cudagraphs"
-BF16_COMPILED = "bf16 +compile +cudagraphs"
-STAGE_NAMES = {1: "probe", 2: "default: diffusers + eager", 3: "default: FP8 + compile", 4: "default: BF16 + compile",
-               5: "fast preset", 6: "memory modes", 7: "cold start"}
+FP8_COMPILED = "+fp8 +compile"  # the serving default (Settings: fp8 and compile on, cudagraphs and autotune off)
+FP8_GRAPHS = "+fp8 +compile +cudagraphs"
+BF16_COMPILED = "bf16 +compile"  # the serving default with --no-fp8
+OPT_IN = {FP8_GRAPHS}  # measured, never the headline: the server runs them only when asked
+# stages 2-5: (preset key, bench_e2e configuration, warm-up runs) in table order (the eager reference runs first)
+E2E_PLAN = {
+    2: [("default", "diffusers", 1), ("default", "eager", 1)],
+    3: [("default", FP8_COMPILED, 1), ("default", FP8_GRAPHS, 1)],
+    4: [("default", BF16_COMPILED, 1)],
+    5: [("fast", "diffusers", 0), ("fast", "eager", 0), ("fast", FP8_COMPILED, 1)],
+}
+MEMORY_EAGER = ("resident", "offload")  # stage 6, on one loaded model; then MEMORY_COMPILED, built by the runtime
+MEMORY_COMPILED = f"offload (compiled {FP8_COMPILED})"
+VAE_MIN_PSNR_DB = 40.0  # vae_dtype=auto's gate: bf16 decode frames against fp32 (src/wanrt/runtime/vae.py)
+README_START, README_END = "<!-- gpu-proof:start -->", "<!-- gpu-proof:end -->"
+STAGE_NAMES = {1: "probe", 2: "default: diffusers + eager", 3: "default: FP8 + compile (+ CUDA graphs, opt-in)",
+               4: "default: BF16 + compile", 5: "fast preset", 6: "memory modes", 7: "cold start"}
 STAGE_TIMEOUT_S = 900  # a safety net per stage process; each is designed for < 8 minutes at full size
 ROW_TIMEOUT_S = 480
 
@@ -87,6 +110,10 @@ class Ctx:
         self.repeats = 1
         self.row_timeout = ROW_TIMEOUT_S
         self.date = args.date
+        self.vae_model = "tiny" if self.dry else (args.vae_model or args.model)
+        # a dry run rewrites a copy of the README (tests never touch tracked files)
+        self.readme_src = Path(args.readme) if args.readme else ROOT / "README.md"
+        self.readme = Path(args.readme) if args.readme else (self.out / "README.md" if self.dry else self.readme_src)
 
     def e2e_row(self, stage: int, preset_key: str, config: str, warmup: int = 1) -> dict:
         """A bench_e2e row: in its own process on the GPU, in this one in a dry run (CPU, FP8 on copies).
@@ -97,8 +124,8 @@ class Ctx:
             row = bench_e2e.run_row(self.model, self.device, preset, config, self.repeats, warmup, self.ref_dir,
                                     compile_off=True)
         else:
-            row = bench_e2e.spawn_row(self.model, self.device, preset, config, self.repeats, warmup, self.ref_dir,
-                                      timeout=self.row_timeout)
+            row = bench_e2e.spawn_row(self.model, self.device, preset, config, self.repeats, warmup,
+                                      self.ref_dir, timeout=self.row_timeout)
         return from_e2e(stage, row, self.dry)
 
 
@@ -121,8 +148,10 @@ def from_e2e(stage: int, e2e: dict, dry: bool = False) -> dict:
     for extra in ("error", "fp8_layers", "load_s"):
         if e2e.get(extra) is not None:
             row[extra] = e2e[extra]
+    if e2e.get("config") in OPT_IN:
+        row["opt_in"] = True
     if dry and "compile" in (e2e.get("config") or ""):
-        row["note"] = "dry run: torch.compile off"
+        row["note"] = "dry run: torch.compile off" + (" (and CUDA graphs)" if "cudagraphs" in e2e["config"] else "")
     return row
 
 
@@ -136,7 +165,8 @@ def stage_probe(ctx: Ctx) -> tuple[list[dict], dict]:
     if ctx.dry or not torch.cuda.is_available():
         # the report's plumbing at Wan's shapes on the CPU (allocated, never written: no pages touched)
         probe.update(attention=attention.kernel_report(**attention.WAN_SELF_ATTENTION, device="cpu"),
-                     sdpa_default=None, sdpa=None, fp8_linear=None, pytest_gpu=None, note="dry run: no GPU")
+                     sdpa_default=None, sdpa=None, fp8_linear=None, vae=_probe_vae(ctx), pytest_gpu=None,
+                     note="dry run: no GPU")
         return [], probe
     dev = torch.device("cuda")
     free, total = torch.cuda.mem_get_info(dev)
@@ -145,6 +175,7 @@ def stage_probe(ctx: Ctx) -> tuple[list[dict], dict]:
     probe["attention"] = attention.kernel_report(**attention.WAN_SELF_ATTENTION, device=dev)
     probe["sdpa_default"], probe["sdpa"] = _probe_sdpa(dev)
     probe["fp8_linear"] = _probe_fp8_linear(dev)
+    probe["vae"] = _probe_vae(ctx)
     probe["pytest_gpu"] = _pytest_gpu()
     return [], probe
 
@@ -153,7 +184,8 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     out = {}
-    for name in ("torch", "diffusers", "transformers", "accelerate", "torchao", "av", "ftfy", "numpy", "wanrt"):
+    for name in ("torch", "diffusers", "transformers", "accelerate", "torchao", "nvidia-cudnn-frontend", "av", "ftfy",
+                 "numpy", "wanrt"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -280,6 +312,28 @@ def _probe_fp8_linear(dev) -> dict:
     return out
 
 
+def _probe_vae(ctx: Ctx) -> dict:
+    """benchmarks/bench_vae.py on --vae-model: decode seconds in fp32 and bf16 (on CUDA also bf16 without
+    channels_last_3d) and each one's frame PSNR against fp32, the figure vae_dtype=auto is gated on."""
+    import bench_vae
+
+    out = ctx.out / f"vae_{Path(ctx.vae_model).name}_{ctx.device}_{ctx.date}.json"
+    argv = ["--model", ctx.vae_model, "--device", ctx.device, "--out", str(out), "--repeats", "2"]
+    if ctx.dry:  # seconds on two cores; 128x128x17 gives about the same PSNR
+        argv += ["--width", "64", "--height", "64", "--frames", "9", "--repeats", "1"]
+    try:
+        report = bench_vae.main(argv)
+    except Exception as e:  # a missing checkpoint or diffusers says why; the probe goes on
+        return {"model": ctx.vae_model, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    decode = report["decode"]
+    psnr = {name: r["psnr_vs_fp32_db"] for name, r in decode.items() if name != "fp32"}
+    return {"model": ctx.vae_model, "real_weights": ctx.vae_model not in ("tiny", "random-full"),
+            "size": report["size"], "latents": report["latents"], "gate_db": VAE_MIN_PSNR_DB,
+            "psnr_db": psnr, "passes": psnr["bf16"] >= VAE_MIN_PSNR_DB,
+            "decode_s": {name: r["median_s"] for name, r in decode.items()}, "auto_format": report["auto_format"],
+            "report": str(out)}
+
+
 def _pytest_gpu() -> dict:
     """`pytest -m gpu` on the test files that carry GPU tests (the others need the CPU suite's extras)."""
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in p.read_text())
@@ -294,33 +348,33 @@ def _pytest_gpu() -> dict:
         return {"files": files, "returncode": None, "summary": "timed out after 300 s"}
 
 
-def stage_default_reference(ctx: Ctx):
-    # eager first: it writes the reference latents every other row of this preset compares against
-    eager = ctx.e2e_row(2, "default", "eager")
-    return [ctx.e2e_row(2, "default", "diffusers"), eager], None
-
-
-def stage_fp8_compile(ctx: Ctx):
-    return [ctx.e2e_row(3, "default", FP8_COMPILED)], None
-
-
-def stage_bf16_compile(ctx: Ctx):
-    return [ctx.e2e_row(4, "default", BF16_COMPILED)], None
-
-
-def stage_fast(ctx: Ctx):
-    eager = ctx.e2e_row(5, "fast", "eager", warmup=0)
-    return [ctx.e2e_row(5, "fast", "diffusers", warmup=0), eager, ctx.e2e_row(5, "fast", FP8_COMPILED)], None
+def stage_e2e(ctx: Ctx, n: int):
+    """Stages 2-5: E2E_PLAN's rows, each a bench_e2e row."""
+    plan = E2E_PLAN[n]
+    # the eager reference first: every other row of its preset compares against the latents it writes
+    order = sorted(plan, key=lambda p: p[1] != bench_e2e.REFERENCE_CONFIG)
+    done = {p: ctx.e2e_row(n, *p) for p in order}
+    return [done[p] for p in plan], None
 
 
 def stage_memory(ctx: Ctx):
-    """Resident vs offload on one loaded model, eager backend: the same request, timed and measured."""
+    """Eager BF16 resident vs offload on one loaded model (the same request, timed and measured), then the
+    compiled backend under offload as the runtime builds it. That row runs first, in a process of its own on
+    the GPU: the GPU and the host RAM are its alone (the eager offload row pins two BF16 experts, ~57 GB, which
+    the pinned-memory cache would keep)."""
+    compiled, latents = compiled_offload_row(ctx) if ctx.dry else _spawn_compiled_offload_row(ctx)
+    rows, reference = _eager_memory_rows(ctx)
+    if latents is not None and reference is not None:
+        _compare(compiled, latents, reference)
+    return rows + [compiled], None
+
+
+def _eager_memory_rows(ctx: Ctx):
+    """MEMORY_EAGER's rows and the resident row's latents (every memory row's reference)."""
     import torch
-    from PIL import Image
 
     from wanrt.config import Settings
     from wanrt.model.loading import load_model
-    from wanrt.params import GenerateParams
     from wanrt.runtime.backends.eager import EagerBackend
     from wanrt.runtime.memory import ExpertSwapper, OffloadingBackend, estimate_plan
     from wanrt.runtime.pipeline import WanI2VPipeline
@@ -328,14 +382,11 @@ def stage_memory(ctx: Ctx):
     settings = Settings(model=ctx.model, device=ctx.device)
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     cuda = device.startswith("cuda")
-    preset = ctx.presets["default"]
-    params = GenerateParams(prompt=bench_e2e.PROMPT, **PRESETS[preset])
-    image = Image.open(bench_e2e.IMAGE)
     dtype_name = str(dtype).replace("torch.", "")
     model = load_model(ctx.model, device, dtype)
     rows, reference = [], None
-    for mode in ("resident", "offload"):
-        row = empty_row(6, preset, f"{mode} (eager {dtype_name})")
+    for mode in MEMORY_EAGER:
+        row = empty_row(6, ctx.presets["default"], f"{mode} (eager {dtype_name})")
         try:
             backend, swapper = EagerBackend(model), None
             if mode == "offload":
@@ -353,44 +404,124 @@ def stage_memory(ctx: Ctx):
             row["plan_mode"] = mode
             pipe = WanI2VPipeline(model, backend, device=device, dtype=dtype)
             # offload: a second request shows the steady state (the first expert prefetched during the decode)
-            n = 2 if mode == "offload" and not ctx.dry else 1
-            t_warm = time.perf_counter()
-            for i in range(n):
-                if i == n - 1:
-                    row["warmup_s"] = time.perf_counter() - t_warm
-                result = pipe.generate(params, image, ctx.out / f"memory_{mode}.mp4", keep_latents=True)
-            (ctx.out / f"memory_{mode}.mp4").unlink(missing_ok=True)
-            row["total_s"] = result.timings["total_s"]
-            for key, src in STAGE_KEYS.items():
-                row[key] = result.timings.get(src)
-            if cuda:
-                row["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                row["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
-            latents = result.latents.float().cpu()
-            if reference is None:
-                reference = latents
-            row["latent_cos"] = torch.nn.functional.cosine_similarity(latents.flatten(), reference.flatten(), dim=0).item()
-            row["bit_identical"] = bool(torch.equal(latents, reference))
-            if swapper is not None:
-                swaps = []
-                for name in ("low", "high"):  # one expert in (the other dropped), synchronised
-                    t0 = time.perf_counter()
-                    swapper.ensure(name)
-                    if cuda:
-                        torch.cuda.synchronize()
-                    swaps.append(time.perf_counter() - t0)
-                row["swap_s"] = statistics.mean(swaps)
-                row["host_copies"] = swapper.copies["host"]
-            loop_s = (row["denoise_high"] or 0) + (row["denoise_low"] or 0)
-            if loop_s:
-                row["loop_tflops"] = flop_model.request_flops(arch=bench_e2e.arch_of(model), **PRESETS[preset])["total"] / loop_s / 1e12
-                _peak_pct(row, device)
+            latents = _measure(ctx, row, pipe, swapper, 2 if mode == "offload" and not ctx.dry else 1)
+            reference = latents if reference is None else reference
+            _compare(row, latents, reference)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             if cuda:
                 torch.cuda.empty_cache()
         rows.append(row)
-    return rows, None
+    return rows, reference
+
+
+def compiled_offload_row(ctx: Ctx):
+    """The serving default's backend (compiled: FP8 + compile) under memory=offload, built by build_runtime as
+    the worker builds it (the model loads on the host, each linear is quantised on the device, the tier's
+    swapper pins the FP8 experts): the path that used to crash. (row, latents or None)."""
+    import torch
+
+    from wanrt.config import Settings
+    from wanrt.runtime.factory import build_runtime
+
+    settings = Settings(model=ctx.model, device=ctx.device, backend="compiled", memory="offload", compile=not ctx.dry)
+    row, latents = empty_row(6, ctx.presets["default"], MEMORY_COMPILED), None
+    try:
+        t0 = time.perf_counter()
+        pipe = build_runtime(settings)
+        row["load_s"] = time.perf_counter() - t0  # host load + per-layer FP8 quantisation + pinned host copies
+        backend = pipe.backend
+        if pipe.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            row["plan_need_gb"] = backend.plan.need_bytes / 2**30
+            row["plan_phases_gb"] = {k: round(v / 2**30, 2) for k, v in backend.plan.phases.items()}
+        row["plan_mode"] = "offload" if backend.tier == "swap" else backend.tier
+        row["fp8_layers"] = bench_e2e.fp8_layer_count(*pipe.model.experts.values(),
+                                                      *getattr(backend.inner, "experts", {}).values())
+        # the first request compiles (and swaps); the second is the steady state
+        latents = _measure(ctx, row, pipe, backend.swapper, 1 if ctx.dry else 2)
+        if ctx.dry:
+            row["note"] = "dry run: torch.compile off"
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return row, latents
+
+
+def _spawn_compiled_offload_row(ctx: Ctx):
+    """compiled_offload_row in a fresh process of this script (`--memory-row`): its row and latents come back
+    as files."""
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, str(HERE), "--memory-row", tmp, "--out", str(ctx.out), "--model", ctx.model,
+               "--device", ctx.device, "--date", ctx.date] + (["--dry-run"] if ctx.dry else [])
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=ctx.row_timeout)
+        except subprocess.TimeoutExpired:
+            r = None
+        row_file, latents_file = Path(tmp) / "row.json", Path(tmp) / "latents.pt"
+        if r is None or r.returncode != 0 or not row_file.is_file():
+            row = empty_row(6, ctx.presets["default"], MEMORY_COMPILED)
+            row["error"] = (f"timed out after {ctx.row_timeout} s" if r is None
+                            else f"row process exited {r.returncode}: {r.stderr[-600:]}")
+            return row, None
+        latents = torch.load(latents_file, weights_only=True) if latents_file.is_file() else None
+        return json.loads(row_file.read_text()), latents
+
+
+def _measure(ctx: Ctx, row: dict, pipe, swapper, requests: int):
+    """`requests` default requests on `pipe`, the last one timed (the ones before it are the warm-up): stage
+    seconds, peak memory since the caller's reset, the loop's TFLOP/s and one synchronised swap of each expert.
+    Returns the last request's latents (float32, CPU)."""
+    import torch
+    from PIL import Image
+
+    from wanrt.params import GenerateParams
+
+    preset = ctx.presets["default"]
+    params = GenerateParams(prompt=bench_e2e.PROMPT, **PRESETS[preset])
+    image = Image.open(bench_e2e.IMAGE)
+    video = ctx.out / "memory.mp4"
+    t_warm = time.perf_counter()
+    for i in range(requests):
+        if i == requests - 1:
+            row["warmup_s"] = time.perf_counter() - t_warm
+        result = pipe.generate(params, image, video, keep_latents=True)
+    video.unlink(missing_ok=True)
+    row["total_s"] = result.timings["total_s"]
+    for key, src in STAGE_KEYS.items():
+        row[key] = result.timings.get(src)
+    cuda = pipe.device.type == "cuda"
+    if cuda:
+        row["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        row["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
+    if swapper is not None:
+        swaps = []
+        for name in ("low", "high"):  # one expert in (the other dropped), synchronised
+            t0 = time.perf_counter()
+            swapper.ensure(name)
+            if cuda:
+                torch.cuda.synchronize()
+            swaps.append(time.perf_counter() - t0)
+        row["swap_s"] = statistics.mean(swaps)
+        row["host_copies"] = swapper.copies["host"]
+    loop_s = (row["denoise_high"] or 0) + (row["denoise_low"] or 0)
+    if loop_s:
+        flop = flop_model.request_flops(arch=bench_e2e.arch_of(pipe.model), **PRESETS[preset])["total"]
+        row["loop_tflops"] = flop / loop_s / 1e12
+        _peak_pct(row, str(pipe.device))
+    return result.latents.float().cpu()
+
+
+def _compare(row: dict, latents, reference) -> None:
+    import torch
+
+    row["latent_cos"] = torch.nn.functional.cosine_similarity(latents.flatten(), reference.flatten(), dim=0).item()
+    row["bit_identical"] = bool(torch.equal(latents, reference))
 
 
 def _peak_pct(row: dict, device: str) -> None:
@@ -403,8 +534,8 @@ def _peak_pct(row: dict, device: str) -> None:
 
 
 def stage_cold_start(ctx: Ctx):
-    """Process start to the first MP4. GPU: `wanrt generate --backend compiled` (the serving default; the
-    compile happens inside the first request). Dry run: a bench_e2e row process (eager), since the CLI
+    """Process start to the first MP4. GPU: `wanrt generate --backend compiled` with the Settings defaults (the
+    serving default: FP8 + compile, no CUDA graphs; the compile happens inside the first request). Dry run: a bench_e2e row process (eager), since the CLI
     refuses sizes under 256 and the tiny VAE needs ~40 s at 256x256 on two CPU cores."""
     preset = ctx.presets["default"]
     if ctx.dry:
@@ -425,12 +556,12 @@ def stage_cold_start(ctx: Ctx):
         row["warmup_s"] = cold["seconds"] - timings["total_s"]  # imports + model load before the request
     if cold["returncode"] != 0:
         row["error"] = f"exit {cold['returncode']}: {cold['stderr_tail']}"
-    row["note"] = "FP8 + compile + CUDA graphs; the compile happens inside the first request"
+    row["note"] = "FP8 + compile (the serving default, no CUDA graphs); the compile happens inside the first request"
     return [row], None
 
 
-STAGES = {1: stage_probe, 2: stage_default_reference, 3: stage_fp8_compile, 4: stage_bf16_compile,
-          5: stage_fast, 6: stage_memory, 7: stage_cold_start}
+STAGES = {1: stage_probe, **{n: functools.partial(stage_e2e, n=n) for n in E2E_PLAN}, 6: stage_memory,
+          7: stage_cold_start}
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -506,7 +637,8 @@ def markdown(doc: dict) -> str:
                          + " |" * 15)
             continue
         vs = r.get("vs_diffusers")
-        cells = [r["stage"], r["preset"], r["config"], _fmt(r["total_s"]), _fmt(r["text"]), _fmt(r["vae_encode"]),
+        config = r["config"] + (" (opt-in)" if r.get("opt_in") else "")
+        cells = [r["stage"], r["preset"], config, _fmt(r["total_s"]), _fmt(r["text"]), _fmt(r["vae_encode"]),
                  _fmt(r["denoise_high"]), _fmt(r["denoise_low"]), _fmt(r["vae_decode"]), _fmt(r["mp4"]),
                  _fmt(r["loop_tflops"], 1), _fmt(r["pct_bf16_peak"], 1), _fmt(r["pct_fp8_peak"], 1),
                  _fmt(r["warmup_s"], 1), _fmt(r["peak_allocated_gb"], 1), _fmt(r["peak_reserved_gb"], 1),
@@ -529,6 +661,16 @@ def markdown(doc: dict) -> str:
         lines += ["", f"FFN linear 33,600x5120 @ 5120x13824: BF16 {f['bf16']['tflops']:.0f} TFLOP/s"
                   + (f", FP8 scaled_mm {f['fp8_scaled_mm']['tflops']:.0f} TFLOP/s ({f['fp8_scaled_mm']['speedup']:.2f}x), "
                      f"Fp8Linear {f['fp8_linear_module']['speedup']:.2f}x" if "fp8_scaled_mm" in f else f", FP8: {f.get('fp8_error')}")]
+    vae = (probe or {}).get("vae")
+    if vae and "psnr_db" in vae:
+        size = vae["size"]
+        lines += ["", f"VAE decode ({vae['model']}{'' if vae['real_weights'] else ', random weights'}, "
+                      f"{size['width']}x{size['height']}x{size['frames']}): bf16 vs fp32 frame PSNR "
+                      + ", ".join(f"{k} {v:.1f} dB" for k, v in vae["psnr_db"].items())
+                      + f" (gate {vae['gate_db']:.0f} dB: {'passes' if vae['passes'] else 'fails'}); decode s "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in vae["decode_s"].items())]
+    elif vae:
+        lines += ["", f"VAE decode ({vae['model']}): {vae.get('error')}"]
     if probe and probe.get("pytest_gpu"):
         lines += ["", f"pytest -m gpu: {probe['pytest_gpu'].get('summary')}"]
     return "\n".join(lines) + "\n"
@@ -556,7 +698,42 @@ def chart(doc: dict, path: Path) -> bool:
     return True
 
 
-def write_results(path: Path, doc: dict) -> None:
+def replace_block(text: str, block: str) -> str | None:
+    """`text` with what lies between README_START and README_END replaced by `block`; the rest unchanged.
+    None when the markers are missing."""
+    start = text.find(README_START)
+    end = text.find(README_END, start) if start >= 0 else -1
+    if end < 0:
+        return None
+    return text[:start + len(README_START)] + "\n" + block.strip("\n") + "\n" + text[end:]
+
+
+def readme_block(doc: dict, path: Path, readme: Path, charted: bool) -> str:
+    """The README's GPU block: the table and notes of markdown(), linked to the JSON, and the chart."""
+    def rel(p: Path) -> str:
+        return Path(os.path.relpath(p.resolve(), readme.resolve().parent)).as_posix()
+
+    lines = [f"Measured by `python benchmarks/gpu_proof.py`, regenerated from [{path.name}]({rel(path)}) after each "
+             "stage:", "", markdown(doc).rstrip("\n")]
+    if charted:
+        lines += ["", f"![GPU proof: seconds per row]({rel(path.with_suffix('.png'))})"]
+    return "\n".join(lines)
+
+
+def update_readme(src: Path, dst: Path, block: str) -> bool:
+    """Write `src` to `dst` with its GPU block replaced (bytes outside the markers unchanged); False, and
+    nothing written, when `src` has no markers."""
+    text = replace_block(src.read_bytes().decode("utf-8"), block)
+    if text is None:
+        print(f"{src} has no {README_START} ... {README_END} block: README not updated", file=sys.stderr)
+        return False
+    dst.write_bytes(text.encode("utf-8"))
+    return True
+
+
+def write_results(path: Path, doc: dict, readme: Path | None = None, readme_src: Path | None = None) -> None:
+    """The JSON, then what is regenerated from it: the .md table, the .png chart and the README block
+    (`readme`, rewritten from `readme_src`, default `readme` itself)."""
     add_vs_diffusers(doc["rows"])
     problems = validate(doc)
     if problems:
@@ -566,7 +743,9 @@ def write_results(path: Path, doc: dict) -> None:
     tmp.write_text(json.dumps(doc, indent=2, default=str))
     tmp.replace(path)
     path.with_suffix(".md").write_text(markdown(doc))
-    chart(doc, path.with_suffix(".png"))
+    charted = chart(doc, path.with_suffix(".png"))
+    if readme is not None:
+        update_readme(readme_src or readme, readme, readme_block(doc, path, readme, charted))
 
 
 def run_stage(ctx: Ctx, n: int) -> Path:
@@ -577,23 +756,51 @@ def run_stage(ctx: Ctx, n: int) -> Path:
     doc["rows"] = [r for r in doc["rows"] if r["stage"] != n] + rows  # a stage run again replaces its rows
     if probe is not None:
         doc["probe"] = probe
-    write_results(path, doc)
+    write_results(path, doc, ctx.readme, ctx.readme_src)
     print(f"stage {n} ({STAGE_NAMES[n]}): {len(rows)} rows in {time.perf_counter() - t0:.1f} s -> {path}", flush=True)
     return path
 
 
 # --------------------------------------------------------------------------------------------- orchestration
+def wheelhouse_packages(makefile: Path = ROOT / "Makefile") -> list[str]:
+    """The Makefile's WHEELHOUSE_PKGS (`name` or `name==version`): what `make wheelhouse` downloads."""
+    for line in makefile.read_text().splitlines():
+        if line.startswith("WHEELHOUSE_PKGS"):
+            return line.split("=", 1)[1].split()
+    raise ValueError(f"no WHEELHOUSE_PKGS in {makefile}")
+
+
+def missing_wheels(files: list[Path], wanted: list[str]) -> list[str]:
+    """The packages of `wanted` (`name` or `name==version`) that none of these wheel files is."""
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    have = {(norm(p.name.split("-")[0]), p.name.split("-")[1]) for p in files}
+    missing = []
+    for spec in wanted:
+        name, _, version = spec.partition("==")
+        if not any(n == norm(name) and version in ("", v) for n, v in have):
+            missing.append(spec)
+    return missing
+
+
 def install_wheels(wheels: Path, site: Path) -> None:
-    files = sorted(str(p) for p in Path(wheels).glob("*.whl"))
+    """Every wheel in `wheels` (what `make wheelhouse` put there) into `site`; refuses a wheelhouse that lacks
+    one of the Makefile's packages or wanrt (made before a package or a pin was added)."""
+    files = sorted(Path(wheels).glob("*.whl"))
     if not files:
         raise SystemExit(f"no wheels in {wheels}: run `make wheelhouse` where pip can reach PyPI, copy wheels/ here")
+    missing = missing_wheels(files, [*wheelhouse_packages(), "wanrt"])
+    if missing:
+        raise SystemExit(f"{wheels} lacks {', '.join(missing)}: run `make wheelhouse` again, copy wheels/ here")
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade",
-           "--target", str(site), *files]
+           "--target", str(site), *map(str, files)]
     subprocess.run(cmd, check=True)
     print(f"installed {len(files)} wheels into {site}", flush=True)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", type=int, choices=sorted(STAGES), help="run this stage here (no install)")
     ap.add_argument("--stages", default="1,2,3,4,5,6,7", help="stages the orchestrator runs, in order")
@@ -606,9 +813,22 @@ def main(argv=None) -> int:
     ap.add_argument("--no-install", action="store_true", help="use the packages already importable")
     ap.add_argument("--stage-timeout", type=float, default=STAGE_TIMEOUT_S)
     ap.add_argument("--date", default=datetime.date.today().strftime("%Y%m%d"), help="the results file's date")
+    ap.add_argument("--readme", default=None,
+                    help="the README whose GPU block is rewritten (default: README.md; a dry run: a copy in --out)")
+    ap.add_argument("--vae-model", default=None,
+                    help="stage 1's VAE PSNR on this model (default --model): a diffusers dir gives the real figure")
+    ap.add_argument("--memory-row", default=None, help=argparse.SUPPRESS)  # internal: stage 6's compiled row, here
     args = ap.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
+    if args.memory_row:
+        import torch
+
+        row, latents = compiled_offload_row(Ctx(args))
+        if latents is not None:
+            torch.save(latents, Path(args.memory_row) / "latents.pt")
+        (Path(args.memory_row) / "row.json").write_text(json.dumps(row, default=str))
+        return 0
     if args.stage:
         run_stage(Ctx(args), args.stage)
         return 0
@@ -621,6 +841,7 @@ def main(argv=None) -> int:
     for n in (int(s) for s in args.stages.split(",")):
         cmd = [sys.executable, str(HERE), "--stage", str(n), "--out", args.out, "--model", args.model,
                "--device", args.device, "--date", args.date] + (["--dry-run"] if args.dry_run else [])
+        cmd += [f"--{k.replace('_', '-')}={v}" for k in ("readme", "vae_model") if (v := getattr(args, k))]
         print(f"== stage {n}: {STAGE_NAMES[n]}", flush=True)
         try:
             r = subprocess.run(cmd, env=env, timeout=args.stage_timeout)
