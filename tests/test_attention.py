@@ -30,20 +30,69 @@ def test_resolve_named_kernels_and_auto_on_cpu():
         resolve("magic", "cpu")
 
 
-def test_auto_prefers_cudnn_on_hopper_only(monkeypatch):
-    """The decision, with the GPU faked: Hopper with cuDNN attention -> cuDNN first, PyTorch's kernels behind it;
-    Ampere, or Hopper where cuDNN cannot run the head dim -> PyTorch's own choice."""
+def test_auto_measures_cudnn_and_flash_on_hopper_only(monkeypatch):
+    """The decision, with the GPU faked: Hopper where cuDNN and flash run -> cuDNN first until measured, both
+    measured per shape; cuDNN alone where flash cannot run; Ampere, or Hopper where cuDNN cannot run the head
+    dim -> PyTorch's own choice."""
+    runs = {"cudnn": (True, ""), "flash": (True, "")}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(attention, "_cudnn_runs", lambda *a: (True, ""))
+    monkeypatch.setattr(attention, "_kernel_runs", lambda name, *a: runs[name])
     plan = resolve("auto", "cuda")
     assert plan.kernel == "cudnn" and plan.backends[0] == "CUDNN_ATTENTION" and "Hopper" in plan.reason
+    assert plan.measure == ("cudnn", "flash") and "measures faster" in plan.reason
     assert plan.priority == attention._has_set_priority() and set(plan.backends) <= set(attention._AUTO_ORDER)
-    monkeypatch.setattr(attention, "_cudnn_runs", lambda *a: (False, "head dim 256 unsupported"))
+    runs["flash"] = (False, "no flash here")
     plan = resolve("auto", "cuda")
-    assert plan.kernel == "sdpa" and "head dim 256 unsupported" in plan.reason
+    assert plan.kernel == "cudnn" and plan.measure == () and plan.backends[0] == "CUDNN_ATTENTION"
+    runs["cudnn"] = (False, "head dim 256 unsupported")
+    plan = resolve("auto", "cuda")
+    assert plan.kernel == "sdpa" and "head dim 256 unsupported" in plan.reason and plan.measure == ()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     plan = resolve("auto", "cuda")
     assert plan.kernel == "sdpa" and "SM 8.0 is not Hopper" in plan.reason
+
+
+def test_chooser_picks_the_faster_kernel():
+    """choose_kernel with injected timings: the faster wins, a tie goes to the first candidate (cuDNN), a kernel
+    that cannot run is left out, and nothing timed leaves the first candidate."""
+    assert attention.choose_kernel(("cudnn", "flash"), {"cudnn": 0.2, "flash": 0.1}.get).kernel == "flash"
+    m = attention.choose_kernel(("cudnn", "flash"), {"cudnn": 0.1, "flash": 0.2}.get)
+    assert (m.kernel, m.ms) == ("cudnn", {"cudnn": 100.0, "flash": 200.0})
+    assert attention.choose_kernel(("cudnn", "flash"), lambda k: 0.1).kernel == "cudnn"
+
+    def no_flash(name):
+        if name == "flash":
+            raise RuntimeError("No available kernel.\nmore")
+        return 0.3
+
+    m = attention.choose_kernel(("flash", "cudnn"), no_flash)
+    assert (m.kernel, m.ms, m.note) == ("cudnn", {"cudnn": 300.0}, "flash: No available kernel.")
+    m = attention.choose_kernel(("cudnn", "flash"), lambda k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError()))
+    assert (m.kernel, m.ms) == ("cudnn", {}) and "OutOfMemoryError" in m.note
+
+
+def test_measured_plan_times_each_shape_once(monkeypatch):
+    """The plan auto gets on Hopper, timed once per process and shape (the cache), the faster kernel first."""
+    monkeypatch.setattr(attention, "_MEASURED", {})
+    plan = AttentionPlan("auto", "cudnn", attention._AUTO_ORDER, priority=True, measure=("cudnn", "flash"))
+    calls = []
+
+    def timer(name):
+        calls.append(name)
+        return {"cudnn": 0.012, "flash": 0.010}[name]
+
+    got, m = attention.measured_plan(plan, 2, 40, 1024, 128, torch.bfloat16, "cpu", timer=timer)
+    assert got.kernel == "flash" and got.backends[0] == "FLASH_ATTENTION" and got.measure == () and got.priority
+    assert set(got.backends) == set(attention._AUTO_ORDER) and "flash 10.00 ms" in got.reason
+    assert m.ms == {"cudnn": 12.0, "flash": 10.0} and calls == ["cudnn", "flash"]
+    again, _ = attention.measured_plan(plan, 2, 40, 1024, 128, torch.bfloat16, "cpu", timer=timer)
+    assert again == got and calls == ["cudnn", "flash"]  # cached
+    attention.measured_plan(plan, 1, 40, 1024, 128, torch.bfloat16, "cpu", timer=timer)  # another shape: timed
+    assert len(calls) == 4
+    single = AttentionPlan("auto", "cudnn", ("CUDNN_ATTENTION",), measure=("cudnn", "flash"))  # torch < 2.6
+    assert attention.measured_plan(single, 2, 40, 1024, 128, torch.bfloat16, "cpu")[0].backends == ("FLASH_ATTENTION",)
+    fixed = resolve("math", "cpu")
+    assert attention.measured_plan(fixed, 2, 40, 1024, 128, torch.bfloat16, "cpu", timer=None) == (fixed, None)
 
 
 def test_plan_contexts_choose_what_they_say():
@@ -145,12 +194,34 @@ def test_fp8_processor_matches_the_expert(tiny_model, emulated):
     assert cosine(got, ref) > 0.999 and not torch.equal(got, ref)
 
 
+def test_processors_read_fused_projections(tiny_model, emulated):
+    """Fused Q/K/V (one to_qkv GEMM, diffusers' fused path) through the FP8 processor gives what the unfused expert
+    gives through it; the row views left under the old names are not called."""
+    unfused = copy.deepcopy(tiny_model.transformer_high)
+    fused = copy.deepcopy(unfused)
+    assert len(attention.fuse_projections(fused)) == 2 * len(fused.blocks)
+    for expert in (unfused, fused):
+        attention.install_fp8_attention(expert)
+    attn = fused.blocks[0].attn1
+    assert attn.fused_projections and isinstance(attn.processor, attention.Fp8SelfAttnProcessor)
+    called = []
+    for name in ("to_q", "to_k", "to_v"):
+        getattr(attn, name).register_forward_pre_hook(lambda *a: called.append(a))
+    torch.manual_seed(0)
+    x, t, ctx = torch.randn(2, 36, 3, 8, 8), torch.tensor([900.0, 900.0]), torch.randn(2, 16, 32)
+    with torch.inference_mode():
+        want = unfused(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]
+        got = fused(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]
+    assert torch.allclose(got, want, atol=1e-5) and not called
+
+
 @pytest.mark.gpu
 def test_kernel_report_and_auto_on_the_gpu():
     r = attention.kernel_report(**attention.WAN_SELF_ATTENTION, device="cuda")
     assert r["chosen"] in ("flash", "efficient", "cudnn") and r["kernels"]["math"]["available"]
-    if r["capability"][0] == 9 and r["kernels"]["cudnn"]["available"]:  # Hopper
-        assert r["auto"]["kernel"] == "cudnn"
+    if r["capability"][0] == 9 and r["kernels"]["cudnn"]["available"]:  # Hopper: cuDNN or flash, measured
+        assert r["auto"]["kernel"] in ("cudnn", "flash") and r["auto"]["measured_ms"]
+        assert min(r["auto"]["measured_ms"], key=r["auto"]["measured_ms"].get) == r["auto"]["kernel"]
 
 
 @pytest.mark.gpu

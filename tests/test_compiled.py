@@ -9,7 +9,7 @@ import torch
 
 from wanrt.params import GenerateParams
 from wanrt.runtime.backends.compiled import CompiledBackend
-from wanrt.runtime.fp8 import Fp8Linear, fp8_gemm_supported, swap_fp8_linears
+from wanrt.runtime.fp8 import Fp8Linear, Fp8LinearRows, LinearRows, fp8_gemm_supported, swap_fp8_linears
 from wanrt.runtime.pipeline import WanI2VPipeline
 
 P = GenerateParams(prompt="a cat", width=64, height=64, frames=9, steps=4)
@@ -78,13 +78,14 @@ def test_fp8_backend_holds_the_quality_guard(tiny_model, image64):
 def test_attention_switch_and_no_fp8_equal_eager(tiny_model, image64):
     ref = WanI2VPipeline(tiny_model).generate(P, image64, None).latents
     for attn in ("math", "sdpa"):
-        got = WanI2VPipeline(tiny_model, CompiledBackend(tiny_model, fp8=False, attn=attn, compile=False)).generate(
+        model = copy_model(tiny_model)  # without FP8 the projections are fused in the caller's experts
+        got = WanI2VPipeline(model, CompiledBackend(model, fp8=False, attn=attn, compile=False)).generate(
             P, image64, None).latents
         assert (got - ref).abs().max() < 1e-4
     with pytest.raises(ValueError):
         CompiledBackend(tiny_model, attn="magic")
     # the default: auto, resolved where the backend runs (PyTorch's own choice off Hopper) and reported
-    d = CompiledBackend(tiny_model, fp8=False, compile=False).describe()
+    d = CompiledBackend(copy_model(tiny_model), fp8=False, compile=False).describe()
     assert (d["attention_requested"], d["attention"]) == ("auto", "sdpa") and "cpu" in d["attention_reason"]
 
 
@@ -122,7 +123,8 @@ def test_blocks_scope_compiles_blocks_in_place(tiny_model):
     names = [n for n, _ in model.transformer_high.named_modules()]
     backend = CompiledBackend(model, fp8=False, compile=True)
     expert = backend.experts["high"]
-    assert expert is model.transformer_high and [n for n, _ in expert.named_modules()] == names
+    # the old names stay (row views of the fused projections), the fused layers come in beside them
+    assert expert is model.transformer_high and set(names) < {n for n, _ in expert.named_modules()}
     assert all(b._compiled_call_impl is not None for b in expert.blocks) and expert._compiled_call_impl is None
     d = backend.describe()
     assert (d["compile_scope"], d["compile_mode"], d["cudagraphs"]) == ("blocks", "default", False)
@@ -265,3 +267,149 @@ def test_factory_offload_quantises_in_place_through_the_swapper(tiny_model, imag
     ref = WanI2VPipeline(tiny_model).generate(P, image64, None).latents
     got = pipe.generate(P, image64, None).latents
     assert cosine(ref, got) > 0.999
+
+
+def _denoise_all(backend, batch=2):
+    torch.manual_seed(0)
+    x, t, ctx = torch.randn(batch, 36, 3, 8, 8), torch.full((batch,), 900.0), torch.randn(batch, 16, 32)
+    return torch.cat([backend.denoise(e, x, t, ctx) for e in ("high", "low")])
+
+
+def test_fused_projections_match_unfused(tiny_model):
+    """fuse_qkv (the default): one to_qkv (self-attention) and one to_kv (cross-attention) linear per block, in FP8
+    where the parts were, the parts left as row views that hold nothing and are not called; the same numbers as
+    the unfused experts, with and without FP8 (emulated here), and the switch reported."""
+    for fp8 in (False, True):
+        fused = CompiledBackend(copy_model(tiny_model), fp8=fp8, compile=False)
+        plain = CompiledBackend(copy_model(tiny_model), fp8=fp8, compile=False, fuse_qkv=False)
+        expert = fused.experts["high"]
+        a1, a2 = expert.blocks[0].attn1, expert.blocks[0].attn2
+        layer, rows = (Fp8Linear, Fp8LinearRows) if fp8 else (torch.nn.Linear, LinearRows)
+        assert type(a1.to_qkv) is layer and type(a2.to_kv) is layer and type(a2.to_q) is layer
+        assert all(type(m) is rows for m in (a1.to_q, a1.to_k, a1.to_v, a2.to_k, a2.to_v))
+        assert (a1.to_qkv.out_features, a2.to_kv.out_features) == (96, 64) and a1.fused_projections
+        keys = set(expert.state_dict())
+        assert "blocks.0.attn1.to_qkv.bias" in keys and not [k for k in keys if ".attn1.to_q." in k or ".to_k." in k]
+        assert not hasattr(plain.experts["high"].blocks[0].attn1, "to_qkv")
+        called = []
+        for m in (a1.to_q, a1.to_k, a1.to_v, a2.to_k, a2.to_v):
+            m.register_forward_pre_hook(lambda module, args, called=called: called.append(module))
+        got, want = _denoise_all(fused), _denoise_all(plain)
+        assert not called
+        assert torch.allclose(got, want, atol=1e-5), (fp8, (got - want).abs().max())
+        d, dp = fused.describe(), plain.describe()
+        assert d["fuse_qkv"] and d["fused_projections"] == {"high": 4, "low": 4} and d["fp8_impl"] == "wanrt"
+        assert not dp["fuse_qkv"] and "fused_projections" not in dp
+        # fp8_layers: the checkpoint's linears in FP8, a fused layer counting its parts
+        assert d["fp8_layers"] == dp["fp8_layers"] == ({"high": 20, "low": 20} if fp8 else {})
+
+
+def _lora_runs(tiny_model, lora_dir, compile=False, fuse_qkv=True):
+    """(base, with the LoRA, cleared) through a backend whose LoRA slots are installed after it was built."""
+    from wanrt.runtime.lora import LoraLinear, LoraSlotGroup
+
+    backend = CompiledBackend(copy_model(tiny_model), fp8=True, compile=compile, fuse_qkv=fuse_qkv)
+    group = LoraSlotGroup.install(backend.experts, max_rank=8, lora_dir=lora_dir)
+    q = group.slots["high"].modules["blocks.0.attn1.to_q"]
+    assert isinstance(q, LoraLinear) and isinstance(q.base, Fp8Linear)
+    base = _denoise_all(backend)
+    group.apply_request(None, [{"name": "style", "strength": 0.8}])
+    lora = _denoise_all(backend)
+    assert not (fuse_qkv and backend.experts["high"].blocks[0].attn1.fused_projections)  # wrapped parts run alone
+    group.apply_request(None, [])
+    return base, lora, _denoise_all(backend)
+
+
+@pytest.fixture
+def fused_lora_dir(tiny_model, tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_fixtures import as_format, random_lora
+
+    targets = ["blocks.0.attn1.to_q", "blocks.0.attn1.to_v", "blocks.1.attn2.to_k", "blocks.1.attn1.to_out.0"]
+    lora = as_format(random_lora(tiny_model.transformer_high, rank=4, seed=3, alpha=2.0, targets=targets), "comfy")
+    save_file(lora, str(tmp_path / "style.safetensors"))
+    return tmp_path
+
+
+def test_lora_slots_on_fused_projections(tiny_model, fused_lora_dir):
+    """LoRA slots installed after the backend fused its projections (as the runtime factory installs them) find
+    `attn1.to_q` by name: with a LoRA loaded the wrapped parts run one by one, the same numbers as the unfused
+    experts with the same LoRA; cleared, the output is the backend's own again."""
+    fused, plain = (_lora_runs(tiny_model, fused_lora_dir, fuse_qkv=f) for f in (True, False))
+    for base, lora, cleared in (fused, plain):
+        assert torch.equal(cleared, base) and (lora - base).abs().max() > 1e-3
+    assert torch.allclose(fused[1], plain[1], atol=1e-5) and torch.allclose(fused[0], plain[0], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lora_slots_on_fused_projections_compiled(tiny_model, fused_lora_dir, one_compile_thread):
+    """The same through Inductor (the row views traced in the block graph; Inductor's fp32 may round an e4m3 step
+    differently, hence cosines)."""
+    eager, compiled = (_lora_runs(tiny_model, fused_lora_dir, compile=c) for c in (False, True))
+    for a, b in zip(eager, compiled, strict=True):
+        assert cosine(a, b) > 0.9999, cosine(a, b)
+
+
+def test_fp8_impl_switch_refuses_torchao_without_its_gpu(tiny_model):
+    """fp8_impl=torchao needs CUDA SM >= 8.9 and torchao: refused clearly here, before any weight is touched."""
+    with pytest.raises(ValueError, match=r"fp8_impl=torchao needs a CUDA GPU with FP8 tensor cores .*device here is "
+                                         r"cpu: use fp8_impl=wanrt"):
+        CompiledBackend(tiny_model, fp8_impl="torchao", compile=False)
+    with pytest.raises(ValueError, match="fp8_impl must be one of wanrt, torchao, not 'magic'"):
+        CompiledBackend(tiny_model, fp8_impl="magic")
+    assert isinstance(tiny_model.transformer_high.blocks[0].attn1.to_q, torch.nn.Linear)
+    assert not hasattr(tiny_model.transformer_high.blocks[0].attn1, "to_qkv")
+    assert CompiledBackend(tiny_model, compile=False, fuse_qkv=False).describe()["fp8_impl"] == "wanrt"
+
+
+@pytest.mark.gpu
+def test_torchao_fp8_matches_ours_on_gpu(tiny_model):
+    pytest.importorskip("torchao")
+    if not fp8_gemm_supported(torch.device("cuda")):
+        pytest.skip("this GPU has no FP8 tensor cores (needs compute capability 8.9+)")
+
+    def on_gpu():
+        high, low = (copy.deepcopy(m).cuda().bfloat16() for m in (tiny_model.transformer_high, tiny_model.transformer_low))
+        return SimpleNamespace(transformer_high=high, transformer_low=low, experts={"high": high, "low": low})
+
+    ao = CompiledBackend(on_gpu(), device="cuda", fp8_impl="torchao", compile=False)
+    ours = CompiledBackend(on_gpu(), device="cuda", compile=False)
+    d = ao.describe()
+    assert (d["fp8"], d["fp8_impl"], d["fp8_layers"]) == ("torchao", "torchao", {"high": 20, "low": 20})
+    x, t = torch.randn(2, 36, 3, 8, 8, device="cuda", dtype=torch.bfloat16), torch.full((2,), 900.0, device="cuda")
+    ctx = torch.randn(2, 16, 32, device="cuda", dtype=torch.bfloat16)
+    assert cosine(ao.denoise("high", x, t, ctx), ours.denoise("high", x, t, ctx)) > 0.999
+
+
+@pytest.mark.gpu
+def test_auto_attention_is_measured_per_shape_on_hopper(tiny_model):
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("attn=auto measures on Hopper only")
+    high, low = (copy.deepcopy(m).cuda().bfloat16() for m in (tiny_model.transformer_high, tiny_model.transformer_low))
+    model = SimpleNamespace(transformer_high=high, transformer_low=low, experts={"high": high, "low": low})
+    backend = CompiledBackend(model, device="cuda", fp8=False, compile=False)
+    if not backend.attention.measure:
+        pytest.skip(f"auto measures nothing here: {backend.attention.reason}")
+    x, t = torch.randn(2, 36, 3, 8, 8, device="cuda", dtype=torch.bfloat16), torch.full((2,), 900.0, device="cuda")
+    ctx = torch.randn(2, 16, 32, device="cuda", dtype=torch.bfloat16)
+    for expert in ("high", "low", "high"):
+        backend.denoise(expert, x, t, ctx)
+    (entry,) = backend.describe()["attention_measured"].values()  # one shape: measured once
+    assert entry["kernel"] in ("cudnn", "flash") and entry["ms"] and min(entry["ms"], key=entry["ms"].get) == entry["kernel"]
+
+
+def test_factory_fuses_projections_unless_loras_are_served(tmp_path):
+    """The runtime factory passes fuse_qkv through, and turns it off where LoRA slots will wrap each projection
+    (fused, a LoRA'd part runs unfused anyway and the fused layer would carry idle slot buffers)."""
+    from wanrt.config import Settings
+    from wanrt.runtime.factory import build_runtime
+
+    base = dict(device="cpu", backend="compiled", compile=False)
+    plain = build_runtime(Settings(**base)).backend.describe()
+    assert plain["fuse_qkv"] and plain["fused_projections"] == {"high": 4, "low": 4}  # 2 blocks x (attn1, attn2)
+    served = build_runtime(Settings(**base, lora_dir=str(tmp_path), max_lora_rank=4))
+    d = served.backend.describe()
+    assert not d["fuse_qkv"] and served.loras is not None
+    assert not any(hasattr(m, "to_qkv") for m in served.backend.inner.experts["high"].modules())
+    assert not build_runtime(Settings(**base, fuse_qkv=False)).backend.describe()["fuse_qkv"]

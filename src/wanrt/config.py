@@ -39,7 +39,13 @@ class Settings:
     backend: str = setting("eager", "eager (the reference), compiled (the switches below) or tensorrt", cli=RUN,
                            choices=("eager", "compiled", "tensorrt"))
     fp8: bool = setting(True, "compiled: FP8 e4m3 linears (scaled_mm on SM >= 8.9, emulated elsewhere)", _bool, RUN)
-    attn: str = setting("auto", "compiled: attention kernel (auto = cuDNN on Hopper, PyTorch's choice elsewhere; "
+    fp8_impl: str = setting("wanrt", "compiled: the FP8 recipe: wanrt (ours, every device) or torchao "
+                            "(Float8DynamicActivationFloat8WeightConfig PerRow; SM >= 8.9, resident tier only)", cli=RUN,
+                            choices=("wanrt", "torchao"))
+    fuse_qkv: bool = setting(True, "compiled: Q/K/V projections fused into one GEMM before FP8 (off where LoRAs are "
+                             "served: the slots wrap each projection)", _bool, RUN)
+    attn: str = setting("auto", "compiled: attention kernel (auto = on Hopper the faster of cuDNN and flash, measured "
+                        "once per shape; PyTorch's choice elsewhere; "
                         "cudnn_fp8 = FP8 attention through cudnn-frontend, refused unless it passes its PSNR check)",
                         cli=RUN, choices=("auto", "sdpa", "flash", "efficient", "cudnn", "math", "cudnn_fp8"))
     compile: bool = setting(True, "compiled: torch.compile per shape bucket", _bool, RUN)

@@ -5,9 +5,11 @@ FP8 attention through cuDNN (`cudnn_fp8`).
   `sdpa_kernel`, with the reasons PyTorch gives when one cannot) and the one PyTorch would choose
   (`torch._fused_sdp_choice`, what F.scaled_dot_product_attention dispatches on). On the CPU the choice is
   PyTorch's CPU flash kernel or math; efficient and cuDNN are CUDA kernels and are reported unavailable there.
-- `resolve`: `auto` is cuDNN attention on Hopper (SM 9.x) when PyTorch can run it at the model's head dim,
-  first in priority with PyTorch's other kernels behind it as fallbacks; elsewhere PyTorch's own choice.
-  A named kernel (`flash`, `efficient`, `cudnn`, `math`) is that kernel alone, as before.
+- `resolve`: `auto` on Hopper (SM 9.x), where PyTorch can run cuDNN attention at the model's head dim, is cuDNN or
+  flash attention, whichever measures faster: `measured_plan` times both once per process and attention shape
+  (a few calls at the real shape, on the first denoise of each shape bucket) and puts the faster first in
+  priority, PyTorch's other kernels behind it as fallbacks. Elsewhere `auto` is PyTorch's own choice. A named
+  kernel (`flash`, `efficient`, `cudnn`, `math`) is that kernel alone, as before.
 - `cudnn_fp8`: Q, K and V quantised to e4m3 with one scale per tensor, cuDNN's FP8 flash attention
   (nvidia-cudnn-frontend's `sdpa_fp8`), the output in e4m3 at V's scale (a convex combination of V rows
   cannot exceed V's amax) and dequantised to BF16. `torch.ops.wanrt.cudnn_fp8_sdpa` holds it: a custom op with
@@ -16,20 +18,26 @@ FP8 attention through cuDNN (`cudnn_fp8`).
   the experts' self-attention uses it (cross-attention to 512 text tokens is ~1.5% of the FLOPs).
   `build_fp8_attention` refuses without a GPU that has FP8 attention or without cudnn-frontend, and refuses
   when the op's PSNR against BF16 attention on the same Q/K/V is below FP8_MIN_PSNR_DB.
+- `fuse_projections`: the experts' Q/K/V projections fused as diffusers' WanAttention.fuse_projections does
+  (self-attention to_qkv, cross-attention to_kv), with row views left under the old names for LoRA slots; the
+  processors here and in runtime/parallel.py read them through diffusers' `_get_qkv_projections`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import inspect
 import math
+import statistics
 import threading
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-from wanrt.runtime.fp8 import FP8, FP8_MAX, _to_fp8
+from wanrt.runtime.fp8 import FP8, FP8_MAX, _to_fp8, fuse_linears, is_row_view, row_views
 
 KERNELS = {"sdpa": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
            "math": "MATH"}
@@ -40,6 +48,8 @@ FP8_MIN_PSNR_DB = 40.0
 FP8_CHECK_TOKENS = 33_600  # the gate runs one CFG half at Wan's length: P's rounding depends on it
 FP8_SCALE_S = 256.0  # softmax tiles are in [0, 1] (max 1 per row): x256 keeps them in e4m3's normal range
 _AUTO_ORDER = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+HOPPER_CANDIDATES = ("cudnn", "flash")  # what `auto` measures on Hopper (cuDNN first: it wins ties)
+MEASURE_ITERS = 3  # timed calls per kernel, after one warm-up: ~0.1 s each at Wan's 33,600 tokens
 
 
 # --------------------------------------------------------------------------------------------- which kernel
@@ -76,10 +86,11 @@ def can_run(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
 
 def kernel_report(batch: int = 2, heads: int = 40, tokens: int = 33_600, head_dim: int = 128,
                   dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda",
-                  kv_tokens: int | None = None) -> dict:
+                  kv_tokens: int | None = None, measure: bool = True) -> dict:
     """Which SDPA kernels can run this attention, which one PyTorch picks, and what `auto` and `cudnn_fp8`
     resolve to here. The tensors are allocated, never written (the choice reads shapes, strides, dtypes and
-    the device), so Wan's 2.6 GB of Q/K/V cost no pages on the CPU."""
+    the device), so Wan's 2.6 GB of Q/K/V cost no pages on the CPU. Where `auto` measures (Hopper), `measure`
+    runs (or reads, once per process) its timing at this self-attention shape: auto.measured_ms."""
     device = torch.device(device)
     q = torch.empty(batch, heads, tokens, head_dim, dtype=dtype, device=device)
     kv = q if kv_tokens is None else torch.empty(batch, heads, kv_tokens, head_dim, dtype=dtype, device=device)
@@ -87,12 +98,17 @@ def kernel_report(batch: int = 2, heads: int = 40, tokens: int = 33_600, head_di
     for name in ("flash", "efficient", "cudnn", "math"):
         ok, why = can_run(name, q, kv, kv)
         kernels[name] = {"available": ok} | ({} if ok else {"why_not": why[:400]})
+    chosen = chosen_kernel(q, kv, kv)
+    del q, kv  # a measurement allocates (and writes) its own
     plan = resolve("auto", device, heads=heads, head_dim=head_dim, dtype=dtype)
+    auto = {"kernel": plan.kernel, "reason": plan.reason}
+    if plan.measure and measure and kv_tokens is None:
+        plan, m = measured_plan(plan, batch, heads, tokens, head_dim, dtype, device)
+        auto = {"kernel": plan.kernel, "reason": plan.reason, "measured_ms": dict(m.ms)}
     out = {"shape": {"batch": batch, "heads": heads, "tokens": tokens, "kv_tokens": kv_tokens or tokens,
                      "head_dim": head_dim},
            "dtype": str(dtype).removeprefix("torch."), "device": str(device), "torch": torch.__version__,
-           "chosen": chosen_kernel(q, kv, kv), "kernels": kernels,
-           "auto": {"kernel": plan.kernel, "reason": plan.reason},
+           "chosen": chosen, "kernels": kernels, "auto": auto,
            "cudnn_fp8": fp8_unavailable(device) or "available (the PSNR gate runs when a backend is built)"}
     if device.type == "cpu":
         out["note"] = "CPU: PyTorch's own flash kernel or math; efficient and cuDNN attention are CUDA kernels"
@@ -106,13 +122,22 @@ def kernel_report(batch: int = 2, heads: int = 40, tokens: int = 33_600, head_di
 @dataclass(frozen=True)
 class AttentionPlan:
     """`requested`: the `attn` setting; `kernel`: what runs (auto resolved); `backends`: SDPBackend names for
-    `sdpa_kernel` (empty: PyTorch's choice); `priority`: they are an order of preference, not a restriction."""
+    `sdpa_kernel` (empty: PyTorch's choice); `priority`: they are an order of preference, not a restriction;
+    `measure`: kernels `measured_plan` times per attention shape before the first call (`kernel` until then)."""
 
     requested: str
     kernel: str
     backends: tuple[str, ...] = ()
     priority: bool = False
     reason: str = ""
+    measure: tuple[str, ...] = ()
+
+    def first(self, kernel: str, reason: str) -> "AttentionPlan":
+        """This plan with `kernel` first (the rest of auto's order behind it where priorities exist), measured."""
+        if not self.priority:  # torch < 2.6: the kernel alone
+            return dataclasses.replace(self, kernel=kernel, backends=(KERNELS[kernel],), reason=reason, measure=())
+        order = (KERNELS[kernel], *(b for b in _AUTO_ORDER if b != KERNELS[kernel]))
+        return dataclasses.replace(self, kernel=kernel, backends=order, reason=reason, measure=())
 
     def context(self):
         if not self.backends:
@@ -129,10 +154,10 @@ def _has_set_priority() -> bool:
     return "set_priority" in inspect.signature(sdpa_kernel).parameters
 
 
-def _cudnn_runs(device: torch.device, heads: int, head_dim: int, dtype: torch.dtype) -> tuple[bool, str]:
-    """Whether PyTorch's cuDNN attention runs the model's heads and head dim here (a short probe sequence)."""
+def _kernel_runs(name: str, device: torch.device, heads: int, head_dim: int, dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether PyTorch's kernel `name` runs the model's heads and head dim here (a short probe sequence)."""
     probe = torch.empty(1, heads, 256, head_dim, dtype=dtype, device=device)
-    return can_run("cudnn", probe, probe, probe)
+    return can_run(name, probe, probe, probe)
 
 
 def resolve(attn: str, device: str | torch.device, heads: int = 40, head_dim: int = 128,
@@ -152,13 +177,87 @@ def resolve(attn: str, device: str | torch.device, heads: int = 40, head_dim: in
     major, minor = torch.cuda.get_device_capability(device)
     if major != 9:
         return AttentionPlan(attn, "sdpa", reason=f"PyTorch's choice (SM {major}.{minor} is not Hopper)")
-    ok, why = _cudnn_runs(device, heads, head_dim, dtype)
+    ok, why = _kernel_runs("cudnn", device, heads, head_dim, dtype)
     if not ok:
         return AttentionPlan(attn, "sdpa", reason=f"PyTorch's choice (cuDNN attention cannot run here: {why[:200]})")
+    # Measured per shape when flash runs too (which wins depends on the cuDNN and torch builds and the shape).
+    measure = HOPPER_CANDIDATES if _kernel_runs("flash", device, heads, head_dim, dtype)[0] else ()
     if not _has_set_priority():  # torch < 2.6: cuDNN alone
-        return AttentionPlan(attn, "cudnn", ("CUDNN_ATTENTION",), reason="Hopper: cuDNN attention")
-    return AttentionPlan(attn, "cudnn", _AUTO_ORDER, priority=True,
-                         reason="Hopper: cuDNN attention first, PyTorch's other kernels behind it")
+        return AttentionPlan(attn, "cudnn", ("CUDNN_ATTENTION",), reason="Hopper: cuDNN attention", measure=measure)
+    reason = ("Hopper: cuDNN or flash attention, whichever measures faster at each shape (cuDNN until measured), "
+              "PyTorch's other kernels behind it") if measure else \
+        "Hopper: cuDNN attention first, PyTorch's other kernels behind it"
+    return AttentionPlan(attn, "cudnn", _AUTO_ORDER, priority=True, reason=reason, measure=measure)
+
+
+# --------------------------------------------------------------------------------------------- auto, measured
+@dataclass(frozen=True)
+class Measurement:
+    kernel: str  # the fastest (the first candidate when nothing could be timed)
+    ms: dict  # kernel -> median milliseconds of one call; kernels that could not run are absent
+    note: str = ""  # why candidates are missing
+
+
+def choose_kernel(candidates: tuple[str, ...], timer) -> Measurement:
+    """The fastest of `candidates` by `timer(name)` -> seconds of one call (a tie goes to the earlier one); a kernel
+    whose timer raises RuntimeError (cannot run at this shape, out of memory) is left out."""
+    ms, failed = {}, {}
+    for name in candidates:
+        try:
+            ms[name] = round(float(timer(name)) * 1e3, 3)
+        except RuntimeError as e:
+            failed[name] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    note = "; ".join(f"{k}: {v}" for k, v in failed.items())
+    if not ms:
+        return Measurement(candidates[0], {}, note)
+    return Measurement(min(ms, key=ms.get), ms, note)  # min keeps the first of equal times
+
+
+def time_sdpa(name: str, batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype, device,
+              iters: int = MEASURE_ITERS) -> float:
+    """Median seconds of one self-attention call by kernel `name` alone at this shape (CUDA events, after a warm-up
+    call that also builds cuDNN's plan). Q, K and V share one random tensor: the timing reads no values."""
+    from torch.nn.attention import sdpa_kernel
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    q = torch.randn(batch, heads, tokens, head_dim, dtype=dtype, device=device)
+    times = []
+    with sdpa_kernel([_sdp_backend(name)]):
+        sdpa(q, q, q)
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            sdpa(q, q, q)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+_MEASURED: dict[tuple, Measurement] = {}  # once per process and shape
+_MEASURED_LOCK = threading.Lock()
+
+
+def measured_plan(plan: AttentionPlan, batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype,
+                  device, timer=None) -> tuple[AttentionPlan, Measurement | None]:
+    """`plan` with the faster of its `measure` kernels first at this self-attention shape, and the measurement
+    (None for a plan that measures nothing). Timed once per process and shape (`timer(name)` -> seconds; default
+    time_sdpa at this shape, on `device`); later calls read the cache. Call it outside compiled regions and CUDA
+    graph capture."""
+    if not plan.measure:
+        return plan, None
+    key = (str(torch.device(device)), batch, heads, tokens, head_dim, str(dtype), plan.measure)
+    m = _MEASURED.get(key)
+    if m is None:
+        with _MEASURED_LOCK:
+            m = _MEASURED.get(key)
+            if m is None:
+                timer = timer or functools.partial(time_sdpa, batch=batch, heads=heads, tokens=tokens,
+                                                   head_dim=head_dim, dtype=dtype, device=device)
+                m = _MEASURED[key] = choose_kernel(plan.measure, timer)
+    times = ", ".join(f"{k} {v:.2f} ms" for k, v in m.ms.items())
+    reason = f"measured at {batch}x{heads}x{tokens}x{head_dim}: {times}" if m.ms else "not measured"
+    return plan.first(m.kernel, reason + (f" ({m.note})" if m.note else "")), m
 
 
 # --------------------------------------------------------------------------------------------- FP8 attention
@@ -345,7 +444,8 @@ def _apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freq
 # (self-attention: projections, q/k norms, heads, rotary embedding)
 def self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb=None):
     """(query, key, value) as (B, S, H, D), as diffusers' Wan processor feeds its attention call: shared by the
-    processors that replace only that call (FP8 attention here, Ulysses in runtime/parallel.py)."""
+    processors that replace only that call (FP8 attention here, Ulysses in runtime/parallel.py). Fused
+    projections (`fuse_projections`) run as one GEMM through `attn.to_qkv` while `attn.fused_projections`."""
     from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
     query, key, value = _get_qkv_projections(attn, hidden_states, None)
@@ -389,3 +489,76 @@ def install_fp8_attention(expert: torch.nn.Module) -> int:
                 module.set_processor(Fp8SelfAttnProcessor(module.processor))
             n += 1
     return n
+
+
+# --------------------------------------------------------------------------------------------- fused projections
+def _fusion_groups(attn) -> list[tuple[str, tuple[str, ...]]]:
+    """(fused name, parts) as diffusers 0.42's WanAttention.fuse_projections fuses them and its processor
+    (_get_qkv_projections, _get_added_kv_projections) reads them: self-attention Q/K/V into to_qkv;
+    cross-attention K/V into to_kv (Q reads other tokens); Wan 2.1's image K/V into to_added_kv."""
+    groups = [("to_kv", ("to_k", "to_v")) if attn.is_cross_attention else ("to_qkv", ("to_q", "to_k", "to_v"))]
+    if getattr(attn, "add_k_proj", None) is not None:
+        groups.append(("to_added_kv", ("add_k_proj", "add_v_proj")))
+    return groups
+
+
+def _is_wan_attention(module) -> bool:
+    from diffusers.models.transformers.transformer_wan import WanAttention
+
+    return isinstance(module, WanAttention)
+
+
+def fuse_projections(expert: torch.nn.Module, views: bool = True) -> list[torch.nn.Module]:
+    """Fuse the Q/K/V projections of every WanAttention of `expert`, in place, as diffusers' fuse_projections
+    (one GEMM where there were three; ours also fuses Fp8Linear parts, and frees them): the parts stay, under
+    their names, as row views of the fused layer (fp8.row_views), so LoRA slots still find `attn1.to_q`.
+    `views=False` leaves the parts out until `refresh_fused`, for a caller that quantises the fused layers first
+    (a view would keep each full-precision fused layer alive until then). Attention whose parts LoRA slots
+    already wrap, or that diffusers fused itself, is left alone. Returns the attention modules fused (now or
+    by an earlier call)."""
+    done = []
+    for attn in [m for m in expert.modules() if _is_wan_attention(m)]:
+        if getattr(attn, "_wanrt_fused", None):  # an earlier backend on the same model
+            done.append(attn)
+            continue
+        if getattr(attn, "fused_projections", False):
+            continue
+        groups = _fusion_groups(attn)
+        fused = [fuse_linears([getattr(attn, p) for p in parts]) for _, parts in groups]
+        if any(f is None for f in fused):
+            continue
+        attn._wanrt_fused = tuple((name, parts, tuple(getattr(attn, p).out_features for p in parts))
+                                  for name, parts in groups)
+        for (name, parts), layer in zip(groups, fused, strict=True):
+            setattr(attn, name, layer)
+            for part in parts:  # and its tensors with it
+                delattr(attn, part)
+        if views:
+            refresh_fused([attn])
+        attn.fused_projections = True
+        done.append(attn)
+    return done
+
+
+def refresh_fused(attns: list[torch.nn.Module]) -> None:
+    """The parts as row views of each fused layer as it is now (quantisation replaces it); a part that a LoRA slot
+    wraps keeps its view (inside its wrapper)."""
+    for attn in attns:
+        for name, parts, sizes in attn._wanrt_fused:
+            for part, view in zip(parts, row_views(getattr(attn, name), list(sizes)), strict=True):
+                current = getattr(attn, part, None)
+                if current is None or is_row_view(current):
+                    setattr(attn, part, view)
+
+
+def fused_attention(expert: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention modules of `expert` that fuse_projections fused."""
+    return [m for m in expert.modules() if getattr(m, "_wanrt_fused", None)]
+
+
+def sync_fused_projections(attns: list[torch.nn.Module]) -> None:
+    """diffusers' processor runs a fused layer while `fused_projections`: true while every part is still its bare
+    row view. LoRA slots installed afterwards wrap the parts (and the fused layer): the parts then run one by one,
+    with their side paths. Called before each forward (outside compiled regions; a change recompiles)."""
+    for attn in attns:
+        attn.fused_projections = all(is_row_view(getattr(attn, p)) for _, parts, _ in attn._wanrt_fused for p in parts)

@@ -10,17 +10,28 @@ GPUs without FP8 tensor cores (Ampere: the RTX 3080/3090, A100) run FP8 weights 
 is upcast to the activation dtype one layer at a time at compute time (one BF16 copy of the largest layer
 alive, never the expert), and the GEMM runs in BF16. Storage, host memory and PCIe bytes stay FP8's, which is
 what lets the 14 GB FP8 files users have fit a 32 GB host and a block stream. `fp8_mode(device)` picks.
+
+Fused projections (`fuse_linears`, used by runtime/attention.fuse_projections): layers reading the same input
+become one layer with their rows stacked (one GEMM instead of three), and each old layer a row view of it
+(`LinearRows`, `Fp8LinearRows`) holding no tensors of its own, so LoRA slots still find `attn1.to_q` by name.
+
+`quantize_torchao`: the same recipe (e4m3, per-row weight scales, per-token dynamic activation scales) through
+torchao's Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()): the compiled backend's
+`fp8_impl="torchao"`, CUDA SM >= 8.9 only; the CPU emulation stays ours.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-DEFAULT_INCLUDE = r"^blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)$|^blocks\.\d+\.ffn\.net\.(0\.proj|2)$"
+# to_qkv / to_kv: the fused projections (runtime/attention.fuse_projections)
+DEFAULT_INCLUDE = (r"^blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_qkv|to_kv|to_out\.0)$"
+                   r"|^blocks\.\d+\.ffn\.net\.(0\.proj|2)$")
 SCALE_SUFFIX = "weight_scale"
 
 
@@ -161,20 +172,32 @@ class Fp8Linear(torch.nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+def _quantizable(include: str):
+    """filter(module, name): a full-precision nn.Linear named by `include` (row views are their fused layer's)."""
+    pattern = re.compile(include)
+    return lambda m, name: (isinstance(m, torch.nn.Linear) and not isinstance(m, _Rows) and bool(pattern.search(name))
+                            and m.weight.dtype not in (FP8, torch.float8_e5m2))
+
+
 def swap_fp8_linears(expert: torch.nn.Module, emulate: bool, include: str = DEFAULT_INCLUDE,
                      use_fast_accum: bool = True, quantize_on: torch.device | str | None = None,
                      mode: str | None = None) -> int:
     """Replace the matching nn.Linear layers of `expert` by Fp8Linear, in place, where they are (each layer's
     BF16 weight is freed as soon as its FP8 copy exists; `quantize_on`, `mode`: see Fp8Linear). Layers that
-    are FP8 already (an FP8 checkpoint, `adopt_fp8_linears`) are left as they are."""
-    pattern = re.compile(include)
-    targets = [name for name, m in expert.named_modules() if isinstance(m, torch.nn.Linear) and pattern.search(name)
-               and m.weight.dtype not in (FP8, torch.float8_e5m2)]
+    are FP8 already (an FP8 checkpoint, `adopt_fp8_linears`) are left as they are. Returns how many of the
+    checkpoint's linears now run in FP8 (a fused layer counts its parts)."""
+    wanted = _quantizable(include)
+    targets = [name for name, m in expert.named_modules() if wanted(m, name)]
+    n = 0
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = expert.get_submodule(parent_name) if parent_name else expert
-        setattr(parent, child, Fp8Linear(getattr(parent, child), emulate, use_fast_accum, quantize_on, mode))
-    return len(targets)
+        old = getattr(parent, child)
+        new = Fp8Linear(old, emulate, use_fast_accum, quantize_on, mode)
+        new.fused_parts = getattr(old, "fused_parts", 1)
+        n += new.fused_parts
+        setattr(parent, child, new)
+    return n
 
 
 def adopt_fp8_linears(module: torch.nn.Module, mode: str = "weight_only", use_fast_accum: bool = True,
@@ -200,3 +223,142 @@ def set_fp8_mode(module: torch.nn.Module, mode: str) -> int:
     for m in layers:
         m.mode = mode
     return len(layers)
+
+
+# --------------------------------------------------------------------------------------------- fused layers
+def fuse_linears(layers: list[torch.nn.Module]) -> torch.nn.Module | None:
+    """One layer whose output is the layers' outputs side by side (their rows stacked), or None when they cannot
+    be fused: not all plain nn.Linear or all Fp8Linear (a LoRA slot already wraps one), other inputs, dtypes,
+    devices, modes or biases. Fp8Linear rows keep their bits: the scales are per output row, so stacking the
+    quantised rows is quantising the stacked weight. The parts' tensors are released with the parts."""
+    first = layers[0]
+    kind = type(first)
+    if kind not in (torch.nn.Linear, Fp8Linear) or any(type(m) is not kind for m in layers):
+        return None
+
+    def same(get) -> bool:
+        return all(get(m) == get(first) for m in layers)
+
+    w_of = (lambda m: m.weight_fp8) if kind is Fp8Linear else (lambda m: m.weight)
+    if not (same(lambda m: m.in_features) and same(lambda m: m.bias is None) and same(lambda m: w_of(m).dtype)
+            and same(lambda m: w_of(m).device)):
+        return None
+    with torch.no_grad():
+        bias = None if first.bias is None else torch.cat([m.bias.data for m in layers])
+        if kind is Fp8Linear:
+            if not (same(lambda m: m.mode) and same(lambda m: m.out_dtype) and same(lambda m: m.use_fast_accum)):
+                return None
+            # concatenated as bytes: cat kernels need not know e4m3
+            weight = torch.cat([m.weight_fp8.view(torch.uint8) for m in layers]).view(first.weight_fp8.dtype)
+            scale = torch.cat([m.weight_scale for m in layers])
+            fused = Fp8Linear.from_quantized(weight, scale, bias, first.out_dtype, first.mode, first.use_fast_accum)
+        else:
+            weight = torch.cat([m.weight.data for m in layers])
+            with torch.device("meta"):  # as diffusers' fuse_projections: no second allocation
+                fused = torch.nn.Linear(first.in_features, weight.shape[0], bias=bias is not None)
+            fused.weight = torch.nn.Parameter(weight, requires_grad=False)
+            if bias is not None:
+                fused.bias = torch.nn.Parameter(bias, requires_grad=False)
+    fused.fused_parts = len(layers)
+    return fused
+
+
+class _Rows:
+    """Rows [start, stop) of a fused layer, with no tensors of its own: the weights exist once, in the fused layer,
+    and follow it through .to(), an ExpertSwapper or block streaming. The fused layer is kept out of the module
+    tree here (a plain attribute), so state_dicts, byte counts and LoRA slots see it once, under its own name.
+    Its forward runs these rows alone: what the attention runs when a LoRA slot wraps this part."""
+
+    def _init_rows(self, fused: torch.nn.Module, start: int, stop: int) -> None:
+        torch.nn.Module.__init__(self)
+        object.__setattr__(self, "fused", fused)
+        self.rows = (start, stop)
+        self.in_features, self.out_features = fused.in_features, stop - start
+
+    def _slice(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[self.rows[0]:self.rows[1]]
+
+    def extra_repr(self) -> str:
+        return f"rows {self.rows[0]}:{self.rows[1]} of a fused {type(self.fused).__name__}"
+
+
+class LinearRows(_Rows, torch.nn.Linear):
+    """An nn.Linear that is rows of a fused nn.Linear (nn.Linear.forward on the sliced weight and bias)."""
+
+    def __init__(self, fused: torch.nn.Linear, start: int, stop: int):
+        self._init_rows(fused, start, stop)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._slice(self.fused.weight)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self._slice(self.fused.bias)
+
+
+class Fp8LinearRows(_Rows, Fp8Linear):
+    """An Fp8Linear that is rows of a fused Fp8Linear (row slices of a row-major weight stay contiguous, as
+    _scaled_mm wants); mode and fast accumulation are the fused layer's."""
+
+    def __init__(self, fused: Fp8Linear, start: int, stop: int):
+        self._init_rows(fused, start, stop)
+
+    weight_fp8 = property(lambda self: self._slice(self.fused.weight_fp8))
+    weight_scale = property(lambda self: self._slice(self.fused.weight_scale))
+    bias = property(lambda self: self._slice(self.fused.bias))
+    out_dtype = property(lambda self: self.fused.out_dtype)
+    mode = property(lambda self: self.fused.mode, lambda self, v: setattr(self.fused, "mode", v))
+    use_fast_accum = property(lambda self: self.fused.use_fast_accum,
+                              lambda self, v: setattr(self.fused, "use_fast_accum", v))
+
+
+def row_views(fused: torch.nn.Module, sizes: list[int]) -> list[torch.nn.Module]:
+    """The parts of a fused layer as row views, in order (`sizes`: their out_features)."""
+    cls = Fp8LinearRows if isinstance(fused, Fp8Linear) else LinearRows
+    return [cls(fused, a, b) for a, b in itertools.pairwise(itertools.accumulate(sizes, initial=0))]
+
+
+def is_row_view(module: torch.nn.Module) -> bool:
+    return isinstance(module, _Rows)
+
+
+# --------------------------------------------------------------------------------------------- torchao
+FP8_IMPLS = ("wanrt", "torchao")
+
+
+def torchao_unavailable(device, offload: bool = False) -> str | None:
+    """Why fp8_impl=torchao cannot run here (None when it can): a CUDA GPU with FP8 GEMMs, torchao importable, and
+    experts resident (torchao's weights are tensor subclasses; the swapper and block streams move plain tensors)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return (f"fp8_impl=torchao needs a CUDA GPU with FP8 tensor cores (SM 8.9+: Ada, Hopper); the device here is "
+                f"{device}: use fp8_impl=wanrt (its FP8 GEMM is emulated off the GPU)")
+    if not fp8_gemm_supported(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f"fp8_impl=torchao needs FP8 tensor cores (SM 8.9+); {torch.cuda.get_device_name(device)} is SM "
+                f"{major}.{minor}: use fp8_impl=wanrt (weight-only FP8 there)")
+    try:
+        import torchao.quantization  # noqa: F401
+    except ImportError as e:
+        return f"fp8_impl=torchao needs torchao >= 0.18 (`pip install torchao`), which does not import here ({e})"
+    if offload:
+        return "fp8_impl=torchao runs resident experts only (the offload and stream tiers move plain tensors)"
+    return None
+
+
+def quantize_torchao(expert: torch.nn.Module, include: str = DEFAULT_INCLUDE) -> int:
+    """torchao's FP8 (per-row weights, per-token dynamic activations) on the layers swap_fp8_linears would take,
+    in place. Returns how many of the checkpoint's linears now run in FP8 (a fused layer counts its parts)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    wanted, n = _quantizable(include), 0
+
+    def filter_fn(module, fqn) -> bool:
+        nonlocal n
+        ok = wanted(module, fqn)
+        n += getattr(module, "fused_parts", 1) if ok else 0
+        return ok
+
+    quantize_(expert, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=filter_fn)
+    return n

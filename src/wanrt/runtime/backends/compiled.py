@@ -1,9 +1,12 @@
 """The fast backend: FP8 linear layers, a chosen attention kernel, torch.compile per shape bucket, CUDA graphs.
 
 Every optimisation is a switch (gpt-fast style), applied in this order so the benchmark can show what each
-buys: `fp8` (e4m3 weights, per-output-channel scales, per-token dynamic activation scales), `attn`
-(wanrt.runtime.attention: `auto` = cuDNN attention on Hopper and PyTorch's choice elsewhere, a named SDPA kernel,
-or `cudnn_fp8`, FP8 self-attention behind a PSNR gate), `compile` (torch.compile, one graph per shape bucket,
+buys: `fuse_qkv` (each self-attention's Q/K/V projections, and each cross-attention's K/V, as one linear: one
+GEMM instead of three), `fp8` (e4m3 weights, per-output-channel scales, per-token dynamic activation scales;
+`fp8_impl`: ours, `wanrt`, or torchao's Float8DynamicActivationFloat8WeightConfig(PerRow), `torchao`, the same
+recipe, SM >= 8.9 only), `attn` (wanrt.runtime.attention: `auto` = on Hopper the faster of cuDNN and flash
+attention, measured per shape, and PyTorch's choice elsewhere, a named SDPA kernel, or `cudnn_fp8`, FP8
+self-attention behind a PSNR gate), `compile` (torch.compile, one graph per shape bucket,
 compiled at warm-up and counted), `compile_scope` (`blocks`: each transformer block compiled in place, so the 40
 identical blocks share one graph per shape and compile in seconds, as diffusers' compile_repeated_blocks;
 `model`: the whole expert in one graph), `autotune` (Inductor's max-autotune GEMM search: minutes per bucket),
@@ -19,6 +22,14 @@ wanrt.runtime.fp8. The backend is told its device and refuses experts that are n
 puts them (an expert left on the host would be quantised for emulation and run with host weights against
 device inputs). On the GPU path experts are quantised (and their blocks compiled) in place, never copied (a 14B
 expert is 28.6 GB).
+
+Fused projections and LoRA: the backend cannot know whether LoRA slots will be installed on its experts (the
+runtime factory installs them after building it), so the old projection names stay, as row views of the fused
+layer that hold no tensors (fp8.Fp8LinearRows). LoRA slots then wrap those views (and the fused layer), and
+before each forward `attention.sync_fused_projections` turns the fused path off wherever a view is wrapped:
+the parts run one by one with their side paths, the unfused model's FP8 GEMMs, without the fusion's gain. A
+runtime that serves LoRAs should pass fuse_qkv=False (no idle slots on the fused layers then). Under block
+streaming nothing is fused (the forward waits on transfers; a mapped expert's weights would be copied to RAM).
 """
 
 from __future__ import annotations
@@ -32,7 +43,15 @@ from dataclasses import dataclass, field
 import torch
 
 from wanrt.runtime import attention
-from wanrt.runtime.fp8 import adopt_fp8_linears, fp8_mode, set_fp8_mode, swap_fp8_linears
+from wanrt.runtime.fp8 import (
+    FP8_IMPLS,
+    adopt_fp8_linears,
+    fp8_mode,
+    quantize_torchao,
+    set_fp8_mode,
+    swap_fp8_linears,
+    torchao_unavailable,
+)
 
 log = logging.getLogger("wanrt.compiled")
 
@@ -149,12 +168,17 @@ def _uncompile_blocks(module: torch.nn.Module) -> None:
 
 @dataclass
 class CompiledStats:
-    fp8_layers: dict = field(default_factory=dict)
+    fp8_layers: dict = field(default_factory=dict)  # the checkpoint's linears now in FP8 (fused ones count parts)
     fp8_mode: str = "off"
+    fp8_impl: str = "wanrt"
     fast_accum: bool = False
+    fuse_qkv: bool = False
+    fuse_off: str = ""  # why fuse_qkv was asked for and not done
+    fused_projections: dict = field(default_factory=dict)  # expert -> attention modules whose projections are fused
     attention: str = "sdpa"  # the kernel that runs (`auto` resolved)
     attention_requested: str = "sdpa"
     attention_reason: str = ""
+    attention_measured: dict = field(default_factory=dict)  # auto on Hopper: "bB:tokens" -> kernel, ms per kernel
     fp8_attention_psnr_db: float | None = None  # cudnn_fp8: the gate's measurement
     fp8_attention_layers: int = 0
     compiled: bool = False
@@ -180,24 +204,35 @@ class CompiledBackend:
     weights they would capture). `streamed`: block streaming runs the experts (implies offload; no compile).
     `fast_accum`: _scaled_mm's fast FP8 accumulation. `compile_scope="blocks"` compiles the experts' blocks in
     place (module names unchanged, so LoRA slots installed later by name still find `blocks.N.attn1.to_q`): on
-    the CPU without FP8 that is the caller's model (pass a copy to keep an eager reference)."""
+    the CPU without FP8 that is the caller's model (pass a copy to keep an eager reference), and so is `fuse_qkv`
+    (the projections fused in place). `fp8_impl`: `wanrt` (Fp8Linear: scaled_mm, weight-only or emulated per
+    device) or `torchao` (refused, before any weight is touched, without a GPU of SM >= 8.9, torchao, or with
+    offload); an FP8 checkpoint's linears stay Fp8Linear either way."""
 
     name = "compiled"
 
     def __init__(self, model, device: str | torch.device | None = None, fp8: bool = True, attn: str = "auto",
                  compile: bool = True, compile_scope: str = "blocks", autotune: bool = False,
                  cudagraphs: bool = False, fast_accum: bool = True, offload: bool = False, streamed: bool = False,
-                 fp8_attention_min_psnr_db: float = attention.FP8_MIN_PSNR_DB):
+                 fp8_attention_min_psnr_db: float = attention.FP8_MIN_PSNR_DB, fuse_qkv: bool = True,
+                 fp8_impl: str = "wanrt"):
         if attn not in attention.CHOICES:
             raise ValueError(f"attn must be one of {', '.join(attention.CHOICES)}")
         if compile_scope not in SCOPES:
             raise ValueError(f"compile_scope must be one of {', '.join(SCOPES)}")
+        if fp8_impl not in FP8_IMPLS:
+            raise ValueError(f"fp8_impl must be one of {', '.join(FP8_IMPLS)}, not {fp8_impl!r}")
         device = torch.device(device) if device is not None else next(model.transformer_high.parameters()).device
         offload = offload or streamed
+        torchao = fp8 and fp8_impl == "torchao"
+        if torchao and (why := torchao_unavailable(device, offload)):
+            raise ValueError(why)
         self.device, self.offload = device, offload
-        self.stats = CompiledStats(attention_requested=attn)
+        self.stats = CompiledStats(attention_requested=attn, fp8_impl=fp8_impl)
         if compile and streamed:
             compile, self.stats.compile_off = False, "block streaming moves each block's weights around its forward"
+        if fuse_qkv and streamed:  # PCIe-bound there; and fusing mapped (mmap tier) weights would copy them to RAM
+            fuse_qkv, self.stats.fuse_off = False, "block streaming: the forward waits on transfers, not GEMMs"
         for name, module in model.experts.items():  # before any copy, quantisation or CUDA call
             if offload:
                 check_expert_device(name, module, torch.device("cpu"),
@@ -207,6 +242,9 @@ class CompiledBackend:
         high = model.transformer_high
         heads = getattr(getattr(high, "config", None), "num_attention_heads", 40)
         head_dim = getattr(getattr(high, "config", None), "attention_head_dim", 128)
+        patch = tuple(getattr(getattr(high, "config", None), "patch_size", (1, 2, 2)))
+        self._heads, self._head_dim, self._patch = heads, head_dim, patch
+        self._measured: dict[str, attention.AttentionPlan] = {}  # attn=auto on Hopper: per self-attention shape
         self.attention = attention.resolve(attn, device, heads=heads, head_dim=head_dim)
         self.stats.attention, self.stats.attention_reason = self.attention.kernel, self.attention.reason
         if attn == "cudnn_fp8":  # refused here (ValueError) before any weight is touched
@@ -217,23 +255,35 @@ class CompiledBackend:
         if compile:
             # torch < 2.5 guards on each block's identity: one cache entry per block and shape
             per_code = len(repeated_blocks(high)) if compile_scope == "blocks" and not _inlines_modules() else 1
-            patch = tuple(getattr(getattr(high, "config", None), "patch_size", (1, 2, 2)))
             needed = seed_shapes(compile_scope, patch=patch) * len(model.experts) * BATCH_SIZES * per_code
             self.stats.recompile_limit = raise_recompile_limit(needed + RECOMPILE_MARGIN)
             self.stats.compile_scope, self.stats.compile_mode = compile_scope, mode
         mode_fp8 = fp8_mode(device)
-        self.experts = {}
+        self.experts, self._fused = {}, {}
         for name, module in model.experts.items():
             # An FP8 checkpoint's linears are FP8 whatever `fp8` says: run them the way this device can.
             adopted = adopt_fp8_linears(module, mode_fp8, fast_accum) + set_fp8_mode(module, mode_fp8)
+            # CPU (tests, the tiny model): swap a copy, so the served model keeps its full-precision experts
+            # for the eager reference. Elsewhere in place: a 14B expert is 28.6 GB, a copy would double it.
+            if fp8 and device.type == "cpu" and not offload:
+                module = copy.deepcopy(module)
+            # Fused before quantising: the fused layer is quantised as one (per-row scales: the same bits as its
+            # parts quantised alone), and an FP8 checkpoint's parts are stacked as they are. The row views come
+            # after, so no full-precision fused layer outlives its quantisation.
+            fused = attention.fuse_projections(module, views=not fp8) if fuse_qkv else \
+                attention.fused_attention(module)  # fused by an earlier backend on this model: still synced
             if fp8:
-                # CPU (tests, the tiny model): swap a copy, so the served model keeps its full-precision experts
-                # for the eager reference. Elsewhere in place: a 14B expert is 28.6 GB, a copy would double it.
-                if device.type == "cpu" and not offload:
-                    module = copy.deepcopy(module)
-                self.stats.fp8_layers[name] = swap_fp8_linears(module, mode_fp8 == "emulate", use_fast_accum=fast_accum,
-                                                               quantize_on=device if offload else None, mode=mode_fp8)
-            if fp8 or adopted:
+                self.stats.fp8_layers[name] = quantize_torchao(module) if torchao else swap_fp8_linears(
+                    module, mode_fp8 == "emulate", use_fast_accum=fast_accum,
+                    quantize_on=device if offload else None, mode=mode_fp8)
+                attention.refresh_fused(fused)  # the row views onto the quantised layers
+            if fuse_qkv:
+                self.stats.fuse_qkv = True
+                self.stats.fused_projections[name] = len(fused)
+            self._fused[name] = fused
+            if torchao:
+                self.stats.fp8_mode, self.stats.fast_accum = "torchao", True  # its default mm_config: fast accum
+            elif fp8 or adopted:
                 self.stats.fp8_mode = {"emulate": "emulated"}.get(mode_fp8, mode_fp8)
                 self.stats.fast_accum = fast_accum and mode_fp8 == "scaled_mm"
             if attn == "cudnn_fp8":
@@ -253,11 +303,30 @@ class CompiledBackend:
             self.stats.cudagraphs = compile and graphs
             self.experts[name] = module
 
-    def _attention_context(self):
-        return self.attention.context()
+    def _attention_plan(self, latent_input: torch.Tensor) -> attention.AttentionPlan:
+        """The plan for this input's self-attention shape: `auto` on Hopper times its kernels at the first call of
+        each shape (once per process, before any compile or capture of it) and runs the faster."""
+        if not self.attention.measure:
+            return self.attention
+        b, _, f, h, w = latent_input.shape
+        pt, ph, pw = self._patch
+        key = f"b{b}:{(f // pt) * (h // ph) * (w // pw)}"
+        plan = self._measured.get(key)
+        if plan is None:
+            plan, m = attention.measured_plan(self.attention, b, self._heads, (f // pt) * (h // ph) * (w // pw),
+                                              self._head_dim, latent_input.dtype, latent_input.device)
+            self._measured[key] = plan
+            self.stats.attention_measured[key] = {"kernel": m.kernel, "ms": dict(m.ms)} | (
+                {"note": m.note} if m.note else {})
+            log.info("compiled backend: attn=auto for self-attention %s: %s (%s)", key, plan.kernel, plan.reason)
+        return plan
+
+    def _attention_context(self, latent_input: torch.Tensor):
+        return self._attention_plan(latent_input).context()
 
     def _forward(self, expert, latent_input, timestep, context):
-        with self._attention_context():
+        attention.sync_fused_projections(self._fused[expert])  # LoRA slots may wrap the fused parts by now
+        with self._attention_context(latent_input):
             return self.experts[expert](hidden_states=latent_input, timestep=timestep,
                                         encoder_hidden_states=context, return_dict=False)[0]
 
@@ -305,10 +374,17 @@ class CompiledBackend:
     def describe(self) -> dict:
         s = self.stats
         out = {"backend": "compiled", "device": str(self.device), "fp8": s.fp8_mode, "fp8_layers": s.fp8_layers,
-               "fp8_fast_accum": s.fast_accum, "attention": s.attention, "attention_requested": s.attention_requested,
+               "fp8_impl": s.fp8_impl, "fp8_fast_accum": s.fast_accum, "fuse_qkv": s.fuse_qkv,
+               "attention": s.attention, "attention_requested": s.attention_requested,
                "compiled": s.compiled, "cudagraphs": s.cudagraphs, "shape_buckets": len(s.shapes_seen)}
+        if s.fuse_qkv:
+            out["fused_projections"] = dict(s.fused_projections)
+        if s.fuse_off:
+            out["fuse_off"] = s.fuse_off
         if s.attention_reason:
             out["attention_reason"] = s.attention_reason
+        if s.attention_measured:
+            out["attention_measured"] = {k: dict(v) for k, v in s.attention_measured.items()}
         if s.fp8_attention_psnr_db is not None:
             out.update(fp8_attention_psnr_db=round(s.fp8_attention_psnr_db, 2),
                        fp8_attention_layers=s.fp8_attention_layers)
