@@ -44,6 +44,7 @@ CONFIGS = [  # (name, backend, options) in the order the switches are added
     ("+fp8 +compile", "compiled", dict(fp8=True, compile=True, cudagraphs=False)),
     ("+fp8 +compile +cudagraphs", "compiled", dict(fp8=True, compile=True, cudagraphs=True)),
     ("bf16 +compile", "compiled", dict(fp8=False, compile=True, cudagraphs=False)),  # the default with --no-fp8
+    ("+fp8(torchao) +compile", "compiled", dict(fp8=True, fp8_impl="torchao", compile=True, cudagraphs=False)),
     ("bf16 +compile +cudagraphs", "compiled", dict(fp8=False, compile=True, cudagraphs=True)),
     ("tensorrt", "tensorrt", {}),  # only with --artifacts and an importable TensorRT
 ]
@@ -350,6 +351,13 @@ def main(argv=None) -> int:
     configs = [c[0] for c in CONFIGS if not args.configs or c[0] in args.configs.split(",")]
     if not args.artifacts:
         configs = [c for c in configs if c != "tensorrt"]
+    from wanrt.runtime.fp8 import torchao_unavailable
+
+    if why := torchao_unavailable(device):  # a row that can only be refused is left out, and said so
+        skipped = [n for n, _, o in CONFIGS if o.get("fp8_impl") == "torchao" and n in configs]
+        configs = [c for c in configs if c not in skipped]
+        if skipped:
+            print(f"bench_e2e: leaving out {', '.join(skipped)}: {why}", file=sys.stderr)
     # the reference row first, so every other row has something to compare against; the table keeps CONFIGS order
     order = sorted(configs, key=lambda c: c != REFERENCE_CONFIG)
     rows = []

@@ -80,11 +80,12 @@ STAGE_KEYS = {"text": "text_encode_s", "vae_encode": "vae_encode_s", "denoise_hi
 FP8_COMPILED = "+fp8 +compile"  # the serving default (Settings: fp8 and compile on, cudagraphs and autotune off)
 FP8_GRAPHS = "+fp8 +compile +cudagraphs"
 BF16_COMPILED = "bf16 +compile"  # the serving default with --no-fp8
-OPT_IN = {FP8_GRAPHS}  # measured, never the headline: the server runs them only when asked
+FP8_TORCHAO = "+fp8(torchao) +compile"  # fp8_impl=torchao: the same recipe, kept if it measures faster
+OPT_IN = {FP8_GRAPHS, FP8_TORCHAO}  # measured, never the headline: the server runs them only when asked
 # stages 2-5: (preset key, bench_e2e configuration, warm-up runs) in table order (the eager reference runs first)
 E2E_PLAN = {
     2: [("default", "diffusers", 1), ("default", "eager", 1)],
-    3: [("default", FP8_COMPILED, 1), ("default", FP8_GRAPHS, 1)],
+    3: [("default", FP8_COMPILED, 1), ("default", FP8_GRAPHS, 1), ("default", FP8_TORCHAO, 1)],
     4: [("default", BF16_COMPILED, 1)],
     5: [("fast", "diffusers", 0), ("fast", "eager", 0), ("fast", FP8_COMPILED, 1)],
 }
@@ -309,7 +310,31 @@ def _probe_fp8_linear(dev) -> dict:
                                         "note": "activation quantisation + scaled_mm + bias"}
         except Exception as e:
             out["fp8_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        out["torchao"] = _probe_torchao_linear(lin, x, y_ref, out["bf16"]["ms"], flop)
     return out
+
+
+def _probe_torchao_linear(lin, x, y_ref, bf16_ms: float, flop: int) -> dict:
+    """fp8_impl=torchao on the same layer (Float8DynamicActivationFloat8WeightConfig, PerRow): the same recipe as
+    Fp8Linear, so speed at equal error decides which the compiled backend should default to."""
+    import copy
+
+    import torch
+
+    from wanrt.runtime.fp8 import quantize_torchao, torchao_unavailable
+
+    if why := torchao_unavailable(x.device, offload=False):
+        return {"error": why}
+    try:
+        layer = torch.nn.Sequential(copy.deepcopy(lin))
+        quantize_torchao(layer, include=".*")
+        s = _cuda_time(lambda: layer(x), warmup=3, reps=10)
+        y = layer(x)
+        return {"ms": s * 1e3, "tflops": flop / s / 1e12, "speedup": bf16_ms / (s * 1e3),
+                "cosine": torch.nn.functional.cosine_similarity(y.float().flatten(), y_ref.float().flatten(),
+                                                                dim=0).item()}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
 
 
 def _probe_vae(ctx: Ctx) -> dict:
@@ -351,6 +376,12 @@ def _pytest_gpu() -> dict:
 def stage_e2e(ctx: Ctx, n: int):
     """Stages 2-5: E2E_PLAN's rows, each a bench_e2e row."""
     plan = E2E_PLAN[n]
+    from wanrt.runtime.fp8 import torchao_unavailable
+
+    options = {name: opts for name, _, opts in bench_e2e.CONFIGS}
+    if why := torchao_unavailable(ctx.device):  # rows that could only be refused here are left out, and said so
+        print(f"stage {n}: leaving out {[c for _, c, _ in plan if options[c].get('fp8_impl') == 'torchao']}: {why}")
+        plan = [p for p in plan if options[p[1]].get("fp8_impl") != "torchao"]
     # the eager reference first: every other row of its preset compares against the latents it writes
     order = sorted(plan, key=lambda p: p[1] != bench_e2e.REFERENCE_CONFIG)
     done = {p: ctx.e2e_row(n, *p) for p in order}
@@ -660,7 +691,8 @@ def markdown(doc: dict) -> str:
         f = probe["fp8_linear"]
         lines += ["", f"FFN linear 33,600x5120 @ 5120x13824: BF16 {f['bf16']['tflops']:.0f} TFLOP/s"
                   + (f", FP8 scaled_mm {f['fp8_scaled_mm']['tflops']:.0f} TFLOP/s ({f['fp8_scaled_mm']['speedup']:.2f}x), "
-                     f"Fp8Linear {f['fp8_linear_module']['speedup']:.2f}x" if "fp8_scaled_mm" in f else f", FP8: {f.get('fp8_error')}")]
+                     f"Fp8Linear {f['fp8_linear_module']['speedup']:.2f}x" if "fp8_scaled_mm" in f else f", FP8: {f.get('fp8_error')}")
+             + (f", torchao {f['torchao']['speedup']:.2f}x" if "speedup" in f.get("torchao", {}) else "")]
     vae = (probe or {}).get("vae")
     if vae and "psnr_db" in vae:
         size = vae["size"]

@@ -129,7 +129,8 @@ def test_a_dry_stage_writes_its_rows_and_only_a_copy_of_the_readme(tmp_path):
     assert gpu_proof.E2E_PLAN[4] == [("default", gpu_proof.BF16_COMPILED, 1)]
     assert options[gpu_proof.BF16_COMPILED] == serving | {"fp8": False}
     graphs = [c for plan in gpu_proof.E2E_PLAN.values() for _, c, _ in plan if options[c].get("cudagraphs")]
-    assert graphs == [gpu_proof.FP8_GRAPHS] and gpu_proof.OPT_IN == {gpu_proof.FP8_GRAPHS}
+    assert graphs == [gpu_proof.FP8_GRAPHS] and gpu_proof.OPT_IN == {gpu_proof.FP8_GRAPHS, gpu_proof.FP8_TORCHAO}
+    assert options[gpu_proof.FP8_TORCHAO] == serving | {"fp8_impl": "torchao"}  # torchao vs ours, all else equal
 
     # the wheelhouse: the pins the GPU host needs, and the install refuses a wheels/ without them
     pkgs = gpu_proof.wheelhouse_packages()
