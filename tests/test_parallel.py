@@ -265,7 +265,8 @@ def test_rank_killed_mid_job_restarts_the_group_and_the_job_completes_once(tmp_p
 
 def test_group_worker_process_runs_a_job_and_stops_on_sigterm(tmp_path):
     """The `wanrt worker --gpus 0,1` entry (run_group_worker) in its own process, default factory: a job runs on
-    the group (CFG-parallel high-noise steps, Ulysses low-noise ones), SIGTERM stops every rank cleanly."""
+    the group (CFG-parallel high-noise steps, Ulysses low-noise ones), then one with a LoRA set, which the
+    follower loads too; SIGTERM stops every rank cleanly."""
     import subprocess
     import sys
 
@@ -277,17 +278,33 @@ def test_group_worker_process_runs_a_job_and_stops_on_sigterm(tmp_path):
     store = SqliteJobStore(paths.db)
     params = GenerateParams(prompt="a dog", width=64, height=64, frames=9, steps=4, cfg_high_noise=3.5,
                             cfg_low_noise=1.0)
-    job, _ = store.create(params.to_dict() | {"frames_generated": params.frames_generated})
-    make_image(64, 64).save(paths.inputs / f"{job.id}_input.png")
-    store._write("UPDATE jobs SET input_image=? WHERE id=?", (f"{job.id}_input.png", job.id))
+    from safetensors.torch import save_file
+
+    from wanrt.model.tiny import build_tiny_model
+
+    from lora_fixtures import TARGETS, as_format, random_lora
+
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    save_file(as_format(random_lora(build_tiny_model().transformer_high, rank=4, seed=1, targets=TARGETS), "peft"),
+              str(lora_dir / "style.safetensors"))
+    jobs = []
+    for loras in (None, [{"name": "style", "strength": 1.0, "expert": "both"}]):  # the second on the LoRA set
+        job, _ = store.create(params.to_dict() | {"frames_generated": params.frames_generated}
+                              | ({"loras": loras} if loras else {}))
+        make_image(64, 64).save(paths.inputs / f"{job.id}_input.png")
+        store._write("UPDATE jobs SET input_image=? WHERE id=?", (f"{job.id}_input.png", job.id))
+        jobs.append(job)
     code = ("import sys; from wanrt.config import Settings; from wanrt.jobs.group import run_group_worker; "
             f"sys.exit(run_group_worker(Settings(model='tiny', device='cpu', data_dir={str(tmp_path)!r}, "
-            "heartbeat_s=0.2), worker_id='cli-group', gpus=['0', '1']))")
+            f"heartbeat_s=0.2, lora_dir={str(lora_dir)!r}, max_lora_rank=8), worker_id='cli-group', gpus=['0', '1']))")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        done = _wait(lambda: store.get(job.id).status in ("completed", "error") and store.get(job.id), 60, "the job")
-        assert done.status == "completed", done.error
-        assert probe_mp4(done.video_path)["frames"] == 9
+        for job in jobs:
+            done = _wait(lambda j=job: store.get(j.id).status in ("completed", "error") and store.get(j.id), 60,
+                         "the job")
+            assert done.status == "completed", done.error
+            assert probe_mp4(done.video_path)["frames"] == 9
         ranks = _wait(lambda: [w for w in store.workers() if w["id"] == "cli-group"], 10, "the report")[0]
         assert ranks["backend"]["backend"] == "eager+parallel"
         proc.send_signal(signal.SIGTERM)
@@ -298,6 +315,58 @@ def test_group_worker_process_runs_a_job_and_stops_on_sigterm(tmp_path):
             proc.wait()
     assert proc.returncode == 0, out[-3000:]
     assert "released by rank 0" in out  # the follower left because rank 0 released it, not by a kill
+    assert "r1] INFO rank 1: loaded rank 0's LoRA set ['style']" in out  # the follower ran the LoRA job's set
     for rank in ranks["backend"]["parallel"]["ranks"]:
         with pytest.raises(ProcessLookupError):
             os.kill(rank["pid"], 0)
+
+
+def _lora_rank(rank, world, port, lora_dir, results):
+    """Every rank installs LoRA slots as the factory does and wires them as wanrt.jobs.group does; rank 0 runs
+    the same request single-process and through the group, with a LoRA set, then without."""
+    import torch.distributed as dist
+
+    from wanrt.runtime.lora import LoraSlotGroup
+    from wanrt.runtime.parallel import ParallelBackend, tiny_heads_runtime
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    pipe = tiny_heads_runtime(Settings(device="cpu"), heads=HEADS)
+    inner = pipe.backend
+    pipe.loras = LoraSlotGroup.install(pipe.model.experts, 8, lora_dir=lora_dir)
+    group = ParallelBackend(inner, device="cpu")
+    group.loras = pipe.loras
+    if rank:
+        group.follow()
+    else:
+        pipe.loras.on_apply = group.send_loras
+        params = GenerateParams(prompt="a cat waving", width=64, height=64, frames=9, steps=3)
+        image, style = make_image(96, 64), [{"name": "style", "strength": 1.0, "expert": "both"}]
+        report = {}
+        for name, loras in (("style", style), ("base", None)):
+            pipe.backend = inner
+            ref = pipe.generate(params, image, None, loras=loras).latents
+            pipe.backend = group
+            got = pipe.generate(params, image, None, loras=loras).latents
+            report[name] = ((got - ref).abs().max().item(), ref)
+        report["lora_effect"] = (report["style"][1] - report["base"][1]).abs().max().item()
+        report = {k: v if k == "lora_effect" else v[0] for k, v in report.items()}
+        group.close()
+        results.put(report)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_serve_a_lora_set_like_one_process(tmp_path):
+    """Rank 0's LoRA set is loaded on every rank (each computes its share of the heads of every layer): the group
+    gives the single-process latents with the LoRA, and the base ones once it is cleared."""
+    from safetensors.torch import save_file
+
+    from wanrt.runtime.parallel import tiny_model_with_heads
+
+    from lora_fixtures import TARGETS, as_format, random_lora
+
+    high = tiny_model_with_heads(HEADS).transformer_high
+    save_file(as_format(random_lora(high, rank=4, seed=1, targets=TARGETS), "peft"), str(tmp_path / "style.safetensors"))
+    report = _run_ranks(2, _lora_rank, str(tmp_path))
+    assert report["lora_effect"] > 10 * TOL  # the LoRA changes the latents
+    assert report["style"] <= TOL and report["base"] <= TOL, report

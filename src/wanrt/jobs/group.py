@@ -246,6 +246,9 @@ def _rank_main(rank: int, world: int, port: int, settings, gpu: str, worker_id: 
         events.put(("config", rank, str(e)))
         os._exit(EXIT_CONFIG)
     pipeline.backend = backend
+    backend.loras = getattr(pipeline, "loras", None)  # the slots the factory installed on this rank's experts
+    if rank == 0 and backend.loras is not None:
+        backend.loras.on_apply = backend.send_loras
     if rank == 0:
         events.put(("ready", generation))
         _run_leader(settings, worker_id, pipeline, backend, alive)

@@ -892,6 +892,8 @@ class LoraSlotGroup:
         self._cond = threading.Condition()
         self._users = 0  # jobs running on the loaded set
         self._switching = 0  # jobs waiting to load another set
+        # after each successful apply_request(loras): a worker group's rank 0 sends the set to the other ranks
+        self.on_apply: Callable[[list[dict] | None], None] | None = None
 
     @classmethod
     def install(cls, experts: dict[str, torch.nn.Module], max_rank: int = DEFAULT_MAX_RANK,
@@ -928,6 +930,8 @@ class LoraSlotGroup:
         resolved = [(library.get(d["name"]), d.get("strength", 1.0), d.get("expert", "both")) for d in loras or []]
         actions = self.apply(resolved)
         self.loaded_key = request_key(loras)
+        if self.on_apply is not None:
+            self.on_apply(loras)
         return actions
 
     @contextlib.contextmanager

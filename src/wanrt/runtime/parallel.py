@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+from wanrt.lora_request import request_key
 from wanrt.runtime.attention import self_attention_qkv
 
 log = logging.getLogger("wanrt.parallel")
@@ -245,6 +246,7 @@ class ParallelBackend:
             half, i = divmod(self.rank, half_size)
             self._cfg = _Layout(f"cfg-2 x ulysses-{half_size}", halves[half], half_size, i, pairs[i], half)
         self.cfg_parallel = cfg_parallel  # rank 0 may turn it off later (benchmarks, tests); it sends its choice
+        self.loras = None  # this rank's LoraSlotGroup (set by wanrt.jobs.group): rank 0's sets are loaded here too
         self.generation = generation
         self._lock = threading.RLock()  # the sampling thread and the keep-alive thread share the group
         self._last_command = time.monotonic()
@@ -266,6 +268,13 @@ class ParallelBackend:
             for t in tensors:
                 dist.broadcast(t, src=0)
             return self._forward(expert, cfg, *tensors)
+
+    def send_loras(self, loras: list[dict] | None) -> None:
+        """Rank 0, once its slots hold a request's LoRA set (LoraSlotGroup.on_apply): every rank loads the same
+        set into its own slots before the next forward (each computes its share of every layer's heads)."""
+        with self._lock, self._fatal("loras"):
+            self._last_command = time.monotonic()
+            self._send({"cmd": "loras", "loras": loras or []})
 
     def after_loop(self) -> None:
         """Rank 0, after the last step: every rank's inner backend may prefetch (the offloading wrapper does)."""
@@ -315,6 +324,8 @@ class ParallelBackend:
                     return count
                 if header["cmd"] == "after_loop" and hasattr(self.inner, "after_loop"):
                     self.inner.after_loop()
+                if header["cmd"] == "loras":
+                    self._load_loras(header["loras"])
                 if header["cmd"] != "denoise":
                     continue  # ping, after_loop
                 tensors = [torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
@@ -323,6 +334,19 @@ class ParallelBackend:
                     dist.broadcast(t, src=0)
                 self._forward(header["expert"], header["cfg"], *tensors)
                 count += 1
+
+    def _load_loras(self, loras: list[dict]) -> None:
+        if self.loras is None:
+            if loras:  # rank 0 has slots and this rank has none: the group would compute a mix
+                raise RuntimeError(f"rank {self.rank} has no LoRA slots for rank 0's set")
+            return
+        key = request_key(loras)
+        if self.loras.loaded_key == key:
+            return
+        if self.loras.library is not None:
+            self.loras.library.rescan()  # a file rank 0 found since this rank's last look
+        self.loras.apply_request(None, loras)
+        log.info("rank %d: loaded rank 0's LoRA set %s", self.rank, [d["name"] for d in loras] or "(none)")
 
     # ---------------------------------------------------------------- every rank
     def _forward(self, expert: str, cfg: bool, latent_input: torch.Tensor, timestep: torch.Tensor,
