@@ -531,3 +531,29 @@ def test_queue_positions_follow_every_change_of_the_queue(store):
         assert positions() == positions() == expect()  # read twice: the second from memory on SQLite
         change()
         assert positions() == expect()
+
+
+# ---------------------------------------------------------------------- workers without LoRA slots
+def test_a_worker_without_lora_slots_leaves_lora_jobs_to_the_others(store):
+    """A LoRA job would fail on a worker without slots (invalid_lora) although another could run it: such a worker
+    takes the oldest job without a set, passes the LoRA jobs by without counting it against their affinity
+    bound, and leaves them queued, in order, for a worker with slots."""
+    a1, plain1, b1, plain2, a2 = _queue(store, "A-B-A")
+    no_slots = dict(serves_loras=False)
+    first = store.claim("plain", 30, **no_slots)
+    assert first.id == plain1 and store.complete(plain1, "plain", "/v.mp4", {})
+    assert store.claim("plain", 30, **no_slots).id == plain2
+    assert store.claim("plain", 30, **no_slots) is None  # only LoRA jobs are left: nothing for it
+    assert [store.get(j).status for j in (a1, b1, a2)] == ["queued"] * 3
+    assert [store.queue_position(store.get(j)) for j in (a1, b1, a2)] == [1, 2, 3]
+    # a worker with slots takes them in order, FIFO (nothing was counted as passed over)
+    assert _drain(store, KEY["B"], skip=0) == [a1, b1, a2]
+
+
+def test_a_worker_without_lora_slots_does_not_take_over_a_dead_workers_lora_job(store):
+    (lora_job,) = _queue(store, "A")
+    assert store.claim("w1", lease_s=0.2).id == lora_job  # its worker dies
+    time.sleep(0.3)
+    assert store.claim("plain", 30, serves_loras=False) is None
+    again = store.claim("w2", 30)
+    assert again.id == lora_job and again.worker_id == "w2" and again.attempts == 2

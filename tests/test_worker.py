@@ -40,6 +40,22 @@ def test_two_slots_run_jobs_at_the_same_time(tmp_path, tiny_pipeline):
     assert all(probe_mp4(j.video_path)["frames"] == 33 for j in jobs)
 
 
+def test_a_worker_without_lora_slots_runs_the_plain_job_and_leaves_the_lora_one(tmp_path, tiny_pipeline):
+    """In a fleet where only some workers have LoRA slots, one without them must not take (and fail as
+    invalid_lora) a LoRA job another could run: it runs the younger plain job and the LoRA job stays queued."""
+    settings = Settings(data_dir=tmp_path, heartbeat_s=0.2)
+    paths = DataPaths(tmp_path).ensure()
+    store = SqliteJobStore(paths.db)
+    lora_id = queue_job(paths, store)
+    store._write("UPDATE jobs SET params=json_set(params, '$.loras', json('[{\"name\": \"style\"}]')) WHERE id=?",
+                 (lora_id,))
+    plain_id = queue_job(paths, store)
+    Worker(settings, "w", store=store, pipeline=tiny_pipeline).run(poll_s=0.01, max_jobs=1)
+    assert store.get(plain_id).status == "completed"
+    lora_job = store.get(lora_id)
+    assert lora_job.status == "queued" and lora_job.attempts == 0 and store.queue_position(lora_job) == 1
+
+
 def test_failed_job_gets_error_type_and_worker_goes_on(tmp_path, tiny_pipeline):
     settings = Settings(data_dir=tmp_path, heartbeat_s=0.2)
     paths = DataPaths(tmp_path).ensure()

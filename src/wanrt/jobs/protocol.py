@@ -95,8 +95,12 @@ class JobStore(Protocol):
 
     # ------------------------------------------------------------------ worker side
     def claim(self, worker_id: str, lease_s: float, device: str | None = None, loaded_key: str | None = None,
-              affinity_skip: int = 0, affinity_wait_s: float = 60.0) -> Job | None:
+              affinity_skip: int = 0, affinity_wait_s: float = 60.0, serves_loras: bool = True) -> Job | None:
         """Take the oldest queued job, or one whose worker's lease ran out (up to MAX_ATTEMPTS), or None.
+
+        serves_loras False (a worker without LoRA slots): jobs with a LoRA set are left for the workers that have
+        them, never taken (they would fail there); the oldest job without one among the first CAPABLE_WINDOW
+        queued is taken instead, and nothing counts as passed over.
 
         LoRA affinity: with `loaded_key` (lora_request.request_key of the set the worker has loaded) and
         affinity_skip > 0, the queued job taken is the one lora_request.pick_next chooses (with `now`) from the

@@ -26,6 +26,7 @@ import time
 import uuid
 
 from wanrt.jobs.store import (
+    CAPABLE_WINDOW,
     MAX_ATTEMPTS,
     STATES,
     TERMINAL,
@@ -202,21 +203,26 @@ return out
 # caller reads the window again. Its stream entry (undelivered, or pending for a reader that has not taken it)
 # becomes this worker's pending entry (XCLAIM FORCE), so lease expiry and XACK work as for any claim; a worker
 # that reads the entry later finds the job taken ('busy'). ARGV: id, worker, device, lease_until, now,
-# max_attempts, skip, passed id... Returns {take's result, entry}.
+# max_attempts, skip (-1: passes not counted), passed id... Returns {take's result, entry}.
 _TAKE_PICK = """
 local id, skip, n = ARGV[1], tonumber(ARGV[7]), #ARGV - 7
+local counted = skip >= 0  -- skip -1: a worker without LoRA slots passing LoRA jobs by (not an affinity pass)
 local ahead = redis.call('ZRANGE', skey('queued'), 0, n)
 if #ahead ~= n + 1 or ahead[n + 1] ~= id then return {'moved', ''} end
 for i = 1, n do
   if ahead[i] ~= ARGV[7 + i] then return {'moved', ''} end
-  if (tonumber(redis.call('HGET', jkey(ahead[i]), 'passed_over') or '0') or 0) >= skip then return {'moved', ''} end
+  if counted and (tonumber(redis.call('HGET', jkey(ahead[i]), 'passed_over') or '0') or 0) >= skip then
+    return {'moved', ''}
+  end
 end
 local entry = redis.call('HGET', jkey(id), 'entry')
 if not entry or entry == '' or #redis.call('XRANGE', P .. ':queue', entry, entry) == 0 then return {'no_entry', ''} end
 local result = take(id, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 if result == 'ok' then
   redis.call('XCLAIM', P .. ':queue', 'workers', ARGV[2], 0, entry, 'FORCE', 'JUSTID')
-  for i = 1, n do redis.call('HINCRBY', jkey(ARGV[7 + i]), 'passed_over', 1) end
+  if counted then
+    for i = 1, n do redis.call('HINCRBY', jkey(ARGV[7 + i]), 'passed_over', 1) end
+  end
 end
 return {result, entry}
 """
@@ -676,14 +682,22 @@ class RedisJobStore:
     NEW_ENTRIES_PER_CLAIM = 16  # stream entries one claim reads past (jobs gone or taken out of order)
 
     def claim(self, worker_id: str, lease_s: float, device: str | None = None, loaded_key: str | None = None,
-              affinity_skip: int = 0, affinity_wait_s: float = 60.0) -> Job | None:
+              affinity_skip: int = 0, affinity_wait_s: float = 60.0, serves_loras: bool = True) -> Job | None:
         """Entries whose job's lease ran out (their worker died; or our own previous life's, found by
         release_orphans) first; then, with LoRA affinity, the job pick_next chooses from the queue's head
-        (_claim_pick); else new entries in stream order."""
-        candidates = self._orphans.pop(worker_id, []) + self._stale_entries(worker_id, lease_s)
+        (_claim_pick); else new entries in stream order. Without LoRA slots (serves_loras False): no LoRA job's
+        entry is taken, and the queued job is the oldest without a set, picked from the queue (_claim_plain)."""
+        orphans = self._orphans.pop(worker_id, [])
+        if not serves_loras:  # left pending: once idle for a lease, a worker with slots takes them over
+            orphans = [(e, f) for e, f in orphans if not self._has_loras((f or {}).get("id"))]
+        candidates = orphans + self._stale_entries(worker_id, lease_s, serves_loras=serves_loras)
         job = self._take_first(candidates, worker_id, lease_s, device)
         if job is not None or candidates:
             return job
+        if not serves_loras:
+            window = self._run("window", CAPABLE_WINDOW)
+            if any(self._params_have_loras(w[1]) for w in window):  # else the stream's order, as any worker
+                return self._claim_plain(worker_id, lease_s, device, window)
         if loaded_key is not None and affinity_skip > 0:
             job = self._claim_pick(worker_id, lease_s, device, loaded_key, affinity_skip, affinity_wait_s)
             if job is not None:
@@ -695,6 +709,9 @@ class RedisJobStore:
             # the entry of a job this process took out of order and still runs: not a new job (take would see
             # our own worker id and take it again)
             new = [(e, f) for e, f in new if self._entry.get((f or {}).get("id")) != e]
+            if not serves_loras:  # a LoRA job queued since the window was read: its entry stays pending, and
+                # once idle for a lease a worker with slots takes it over (_stale_entries)
+                new = [(e, f) for e, f in new if not self._has_loras((f or {}).get("id"))]
             job = self._take_first(new, worker_id, lease_s, device)
             if job is not None:
                 return job
@@ -740,7 +757,43 @@ class RedisJobStore:
                 return None
         return None
 
-    def _stale_entries(self, worker_id: str, lease_s: float, limit: int = 100) -> list:
+    @staticmethod
+    def _params_have_loras(params: str | None) -> bool:
+        return bool(params and (json.loads(params) or {}).get("loras"))
+
+    def _has_loras(self, job_id: str | None) -> bool:
+        return self._params_have_loras(self.r.hget(_key(job_id), "params") if job_id else None)
+
+    def _claim_plain(self, worker_id: str, lease_s: float, device: str | None, window: list,
+                     tries: int = 5) -> Job | None:
+        """A worker without LoRA slots, with LoRA jobs near the queue's head: the oldest queued job without a
+        set among the first CAPABLE_WINDOW (`window`, _WINDOW's reply), taken out of stream order as an affinity
+        pick is (_TAKE_PICK; its passes over LoRA jobs are not counted against their affinity bound)."""
+        for attempt in range(tries):
+            if attempt:
+                window = self._run("window", CAPABLE_WINDOW)
+            passed, chosen = [], None
+            for job_id, params, _, _, entry in window:
+                if self._params_have_loras(params):
+                    passed.append(job_id)
+                    continue
+                chosen = (job_id, entry)
+                break
+            if chosen is None or not chosen[1]:
+                return None
+            now = time.time()
+            result, entry = self._run("take_pick", chosen[0], worker_id, device or "", now + lease_s, now,
+                                      MAX_ATTEMPTS, -1, *passed)
+            if result == "ok":
+                self._entry[chosen[0]] = entry
+                return self.get(chosen[0], include_deleted=True)
+            if result in ("gone", "cancelled", "poison"):
+                self._ack(entry)
+            elif result == "no_entry":
+                return None
+        return None
+
+    def _stale_entries(self, worker_id: str, lease_s: float, limit: int = 100, serves_loras: bool = True) -> list:
         """Pending entries whose worker is gone: the job's lease has passed, or (read but never taken, the
         reader died in between) the entry has been idle for a lease. XCLAIM them to us."""
         stale = []
@@ -758,6 +811,8 @@ class RedisJobStore:
                 continue  # alive
             if status == "queued" and idle_ms < lease_s * 1000:
                 continue  # being taken by the worker that just read it
+            if not serves_loras and self._has_loras(job_id):
+                continue  # for a worker with LoRA slots
             claimed = self.r.xclaim(STREAM, GROUP, worker_id, 0, [entry_id])
             stale += [m for m in claimed if m and m[1]]
             if stale:

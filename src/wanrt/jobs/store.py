@@ -24,6 +24,8 @@ from pathlib import Path
 from wanrt.lora_request import pick_next
 
 MAX_ATTEMPTS = 3
+CAPABLE_WINDOW = 64  # queued jobs a worker without LoRA slots looks through for one it can run
+NO_LORAS = "COALESCE(json_array_length(params, '$.loras'), 0) = 0"  # a job without a LoRA set (SQL)
 TERMINAL = ("completed", "error", "cancelled")
 STATES = ("queued", "processing") + TERMINAL
 
@@ -510,7 +512,7 @@ class SqliteJobStore:
 
     # ------------------------------------------------------------------ worker side
     def claim(self, worker_id: str, lease_s: float, device: str | None = None, loaded_key: str | None = None,
-              affinity_skip: int = 0, affinity_wait_s: float = 60.0) -> Job | None:
+              affinity_skip: int = 0, affinity_wait_s: float = 60.0, serves_loras: bool = True) -> Job | None:
         """Atomically take the oldest queued job, or one whose worker's lease ran out. With `loaded_key` (the
         worker's loaded LoRA set) and affinity_skip > 0, the queued job is the one lora_request.pick_next
         chooses from the oldest affinity_skip + 1 (see affinity_window), in the same transaction."""
@@ -523,18 +525,23 @@ class SqliteJobStore:
                 "retryable=0, lease_until=NULL WHERE status='processing' AND deleted=0 AND lease_until<? AND cancel_requested=1",
                 (now, now))
             self._poison(conn, "status='processing' AND deleted=0 AND lease_until<? AND attempts>=?", (now, MAX_ATTEMPTS), now)
+            # a worker without LoRA slots skips LoRA jobs (among the first CAPABLE_WINDOW queued: bounded work)
+            plain = "" if serves_loras else f" AND {NO_LORAS}"
+            queued = ("SELECT seq, id, attempts, status FROM jobs WHERE status='queued' AND deleted=0 ORDER BY seq "
+                      "LIMIT 1") if serves_loras else (
+                f"SELECT * FROM (SELECT seq, id, attempts, status, params FROM jobs WHERE status='queued' AND "
+                f"deleted=0 ORDER BY seq LIMIT {CAPABLE_WINDOW}) WHERE {NO_LORAS} ORDER BY seq LIMIT 1")
             while True:
                 # two index lookups, not one OR (which would walk every finished job older than the queue)
                 rows = [r for r in (
-                    conn.execute("SELECT seq, id, attempts, status FROM jobs WHERE status='queued' AND deleted=0 "
-                                 "ORDER BY seq LIMIT 1").fetchone(),
+                    conn.execute(queued).fetchone(),
                     conn.execute("SELECT seq, id, attempts, status FROM jobs WHERE status='processing' AND deleted=0 "
-                                 "AND lease_until<? ORDER BY seq LIMIT 1", (now,)).fetchone()) if r is not None]
+                                 f"AND lease_until<?{plain} ORDER BY seq LIMIT 1", (now,)).fetchone()) if r is not None]
                 if not rows:
                     return None
                 row = min(rows, key=lambda r: r["seq"])
                 passed: list[str] = []
-                if loaded_key is not None and affinity_skip > 0 and row["status"] == "queued":
+                if serves_loras and loaded_key is not None and affinity_skip > 0 and row["status"] == "queued":
                     row, passed = self._affinity_pick(conn, loaded_key, affinity_skip, affinity_wait_s, now)
                 if row["attempts"] < MAX_ATTEMPTS:
                     break

@@ -127,9 +127,12 @@ class Worker:
 
     def _affinity(self, pipeline) -> dict:
         """LoRA-set affinity for the claim: prefer a queued job whose set is the loaded one (no swap), within the
-        fairness bound (lora_affinity_skip older jobs passed over at most, none that waited lora_affinity_wait_s)."""
+        fairness bound (lora_affinity_skip older jobs passed over at most, none that waited lora_affinity_wait_s).
+        A worker without LoRA slots claims only jobs without a set (one with a set would fail here)."""
         loras = getattr(pipeline, "loras", None)
-        if loras is None or self.settings.lora_affinity_skip <= 0:
+        if loras is None:  # no slots: LoRA jobs stay queued for the workers that have them
+            return {"serves_loras": False}
+        if self.settings.lora_affinity_skip <= 0:
             return {}
         return dict(loaded_key=loras.loaded_key, affinity_skip=self.settings.lora_affinity_skip,
                     affinity_wait_s=self.settings.lora_affinity_wait_s)
