@@ -732,30 +732,20 @@ class RedisJobStore:
         return None
 
     def _claim_pick(self, worker_id: str, lease_s: float, device: str | None, loaded_key: str, skip: int,
-                    wait_s: float, tries: int = 5) -> Job | None:
-        """The queued job pick_next chooses (store.affinity_window of the zset's head), taken by _TAKE_PICK, which
-        re-checks the window. None: the choice is the head (the caller reads the stream in order), or the queue
-        kept moving under us, or the job predates stored entries."""
-        for _ in range(tries):
+                    wait_s: float) -> Job | None:
+        """The queued job pick_next chooses (store.affinity_window of the zset's head). None: the choice is the
+        head (the caller reads the stream in order), or as _pick."""
+
+        def choose(raw: list) -> tuple[str, str, list[str]] | None:
             window = affinity_window([{"id": i, "params": json.loads(params) if params else {},
                                        "created_at": float(created) if created else 0.0, "passed_over": int(passed),
-                                       "entry": entry}
-                                      for i, params, created, passed, entry in self._run("window", skip + 1)], skip)
-            now = time.time()
-            chosen = pick_next(window, loaded_key, skip, wait_s, now)
-            if chosen is None or chosen is window[0] or not chosen["entry"]:
+                                       "entry": entry} for i, params, created, passed, entry in raw], skip)
+            chosen = pick_next(window, loaded_key, skip, wait_s, time.time())
+            if chosen is None or chosen is window[0]:
                 return None
-            passed = [w["id"] for w in window[: next(i for i, w in enumerate(window) if w is chosen)]]
-            result, entry = self._run("take_pick", chosen["id"], worker_id, device or "", now + lease_s, now,
-                                      MAX_ATTEMPTS, skip, *passed)
-            if result == "ok":
-                self._entry[chosen["id"]] = entry
-                return self.get(chosen["id"], include_deleted=True)
-            if result in ("gone", "cancelled", "poison"):  # its entry has nothing left to run
-                self._ack(entry)
-            elif result == "no_entry":
-                return None
-        return None
+            return chosen["id"], chosen["entry"], [w["id"] for w in window[: window.index(chosen)]]
+
+        return self._pick(worker_id, lease_s, device, skip + 1, skip, choose)
 
     @staticmethod
     def _params_have_loras(params: str | None) -> bool:
@@ -764,30 +754,39 @@ class RedisJobStore:
     def _has_loras(self, job_id: str | None) -> bool:
         return self._params_have_loras(self.r.hget(_key(job_id), "params") if job_id else None)
 
-    def _claim_plain(self, worker_id: str, lease_s: float, device: str | None, window: list,
-                     tries: int = 5) -> Job | None:
+    def _claim_plain(self, worker_id: str, lease_s: float, device: str | None, window: list) -> Job | None:
         """A worker without LoRA slots, with LoRA jobs near the queue's head: the oldest queued job without a
-        set among the first CAPABLE_WINDOW (`window`, _WINDOW's reply), taken out of stream order as an affinity
-        pick is (_TAKE_PICK; its passes over LoRA jobs are not counted against their affinity bound)."""
+        set among the first CAPABLE_WINDOW (`window`, _WINDOW's reply), its passes over LoRA jobs not counted
+        against their affinity bound (skip -1)."""
+
+        def choose(raw: list) -> tuple[str, str, list[str]] | None:
+            for i, (job_id, params, _, _, entry) in enumerate(raw):
+                if not self._params_have_loras(params):
+                    return job_id, entry, [w[0] for w in raw[:i]]
+            return None
+
+        return self._pick(worker_id, lease_s, device, CAPABLE_WINDOW, -1, choose, window)
+
+    def _pick(self, worker_id: str, lease_s: float, device: str | None, size: int, skip: int, choose,
+              window: list | None = None, tries: int = 5) -> Job | None:
+        """A job `choose(window)` picks out of stream order from the queue's first `size` (_WINDOW; `window`: a
+        reply already read) as (id, entry, ids passed over), taken by _TAKE_PICK, which re-checks that the queue
+        still starts with the passed jobs (else the window is read again). None: nothing chosen, the job predates
+        stored entries, or the queue kept moving under us."""
         for attempt in range(tries):
-            if attempt:
-                window = self._run("window", CAPABLE_WINDOW)
-            passed, chosen = [], None
-            for job_id, params, _, _, entry in window:
-                if self._params_have_loras(params):
-                    passed.append(job_id)
-                    continue
-                chosen = (job_id, entry)
-                break
-            if chosen is None or not chosen[1]:
+            if window is None or attempt:
+                window = self._run("window", size)
+            picked = choose(window)
+            if picked is None or not picked[1]:
                 return None
+            job_id, _, passed = picked
             now = time.time()
-            result, entry = self._run("take_pick", chosen[0], worker_id, device or "", now + lease_s, now,
-                                      MAX_ATTEMPTS, -1, *passed)
+            result, entry = self._run("take_pick", job_id, worker_id, device or "", now + lease_s, now, MAX_ATTEMPTS,
+                                      skip, *passed)
             if result == "ok":
-                self._entry[chosen[0]] = entry
-                return self.get(chosen[0], include_deleted=True)
-            if result in ("gone", "cancelled", "poison"):
+                self._entry[job_id] = entry
+                return self.get(job_id, include_deleted=True)
+            if result in ("gone", "cancelled", "poison"):  # its entry has nothing left to run
                 self._ack(entry)
             elif result == "no_entry":
                 return None
