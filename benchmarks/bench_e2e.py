@@ -49,6 +49,18 @@ CONFIGS = [  # (name, backend, options) in the order the switches are added
     ("tensorrt", "tensorrt", {}),  # only with --artifacts and an importable TensorRT
 ]
 REFERENCE_CONFIG = "eager"
+
+
+def runnable(configs: list[str], device: str, who: str) -> list[str]:
+    """`configs` without the rows this device could only refuse (fp8_impl=torchao without its GPU or package),
+    saying which and why."""
+    from wanrt.runtime.fp8 import torchao_unavailable
+
+    why = torchao_unavailable(device)
+    skipped = [n for n, _, o in CONFIGS if why and o.get("fp8_impl") == "torchao" and n in configs]
+    if skipped:
+        print(f"{who}: leaving out {', '.join(skipped)}: {why}", file=sys.stderr)
+    return [c for c in configs if c not in skipped]
 GPU_PEAK_KEYS = {"H100": "H100 SXM", "H200": "H200"}
 
 
@@ -351,13 +363,7 @@ def main(argv=None) -> int:
     configs = [c[0] for c in CONFIGS if not args.configs or c[0] in args.configs.split(",")]
     if not args.artifacts:
         configs = [c for c in configs if c != "tensorrt"]
-    from wanrt.runtime.fp8 import torchao_unavailable
-
-    if why := torchao_unavailable(device):  # a row that can only be refused is left out, and said so
-        skipped = [n for n, _, o in CONFIGS if o.get("fp8_impl") == "torchao" and n in configs]
-        configs = [c for c in configs if c not in skipped]
-        if skipped:
-            print(f"bench_e2e: leaving out {', '.join(skipped)}: {why}", file=sys.stderr)
+    configs = runnable(configs, device, "bench_e2e")
     # the reference row first, so every other row has something to compare against; the table keeps CONFIGS order
     order = sorted(configs, key=lambda c: c != REFERENCE_CONFIG)
     rows = []

@@ -375,13 +375,8 @@ def _pytest_gpu() -> dict:
 
 def stage_e2e(ctx: Ctx, n: int):
     """Stages 2-5: E2E_PLAN's rows, each a bench_e2e row."""
-    plan = E2E_PLAN[n]
-    from wanrt.runtime.fp8 import torchao_unavailable
-
-    options = {name: opts for name, _, opts in bench_e2e.CONFIGS}
-    if why := torchao_unavailable(ctx.device):  # rows that could only be refused here are left out, and said so
-        print(f"stage {n}: leaving out {[c for _, c, _ in plan if options[c].get('fp8_impl') == 'torchao']}: {why}")
-        plan = [p for p in plan if options[p[1]].get("fp8_impl") != "torchao"]
+    kept = bench_e2e.runnable([c for _, c, _ in E2E_PLAN[n]], ctx.device, f"stage {n}")
+    plan = [p for p in E2E_PLAN[n] if p[1] in kept]
     # the eager reference first: every other row of its preset compares against the latents it writes
     order = sorted(plan, key=lambda p: p[1] != bench_e2e.REFERENCE_CONFIG)
     done = {p: ctx.e2e_row(n, *p) for p in order}

@@ -78,7 +78,7 @@ _batches: dict[tuple, list[tuple[Any, asyncio.Future]]] = {}
 def run_batched(many, shared: tuple, item):
     """`many(*shared, items)` (one result per item, in order) in a store thread, once for every call with the
     same `many` and `shared` made in this turn of the event loop: under load, concurrent requests share one
-    thread hop (and, on Redis, one pipelined round trip) instead of one each. Nothing waits for a batch to
+    thread hop (and, on Redis, one script call) instead of one each. Nothing waits for a batch to
     fill: the batch goes at the loop's next turn, and several batches may be in flight at once (so a slow
     one holds up only its own requests). Awaitable."""
     loop = asyncio.get_running_loop()

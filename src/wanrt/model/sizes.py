@@ -136,6 +136,13 @@ def latent_tokens(frames: int, height: int, width: int, patch=(1, 2, 2)) -> int:
     return (f_lat // patch[0]) * (height // 8 // patch[1]) * (width // 8 // patch[2])
 
 
+def sequence_length(latent_shape, patch_size) -> int:
+    """Tokens after patchify of a (B, C, F, H, W) latent."""
+    _, _, f, h, w = latent_shape
+    pt, ph, pw = patch_size
+    return (f // pt) * (h // ph) * (w // pw)
+
+
 def bucket_tokens(bucket: str) -> int:
     """"WxHxF" (the warm-up bucket syntax) -> tokens."""
     w, h, f = (int(v) for v in bucket.lower().split("x"))

@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from wanrt.lora_request import request_key
+from wanrt.model.sizes import sequence_length
 from wanrt.runtime.attention import self_attention_qkv
 
 log = logging.getLogger("wanrt.parallel")
@@ -63,13 +64,6 @@ def check_group_size(heads: int, world: int) -> None:
             f"a worker group of {world} ranks cannot split {heads} attention heads (Ulysses gives each rank "
             f"heads/ranks of them); valid group sizes for this model: "
             f"{', '.join(map(str, valid_group_sizes(heads))) or 'none'}")
-
-
-def sequence_length(latent_shape, patch_size) -> int:
-    """Tokens after patchify of a (B, C, F, H, W) latent."""
-    _, _, f, h, w = latent_shape
-    pt, ph, pw = patch_size
-    return (f // pt) * (h // ph) * (w // pw)
 
 
 # ------------------------------------------------------------------------------------------------ sharding

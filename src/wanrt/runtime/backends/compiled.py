@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from wanrt.model.sizes import sequence_length
 from wanrt.runtime import attention
 from wanrt.runtime.fp8 import (
     FP8_IMPLS,
@@ -308,13 +309,12 @@ class CompiledBackend:
         each shape (once per process, before any compile or capture of it) and runs the faster."""
         if not self.attention.measure:
             return self.attention
-        b, _, f, h, w = latent_input.shape
-        pt, ph, pw = self._patch
-        key = f"b{b}:{(f // pt) * (h // ph) * (w // pw)}"
+        b, tokens = latent_input.shape[0], sequence_length(latent_input.shape, self._patch)
+        key = f"b{b}:{tokens}"
         plan = self._measured.get(key)
         if plan is None:
-            plan, m = attention.measured_plan(self.attention, b, self._heads, (f // pt) * (h // ph) * (w // pw),
-                                              self._head_dim, latent_input.dtype, latent_input.device)
+            plan, m = attention.measured_plan(self.attention, b, self._heads, tokens, self._head_dim,
+                                              latent_input.dtype, latent_input.device)
             self._measured[key] = plan
             self.stats.attention_measured[key] = {"kernel": m.kernel, "ms": dict(m.ms)} | (
                 {"note": m.note} if m.note else {})
