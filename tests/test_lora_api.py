@@ -6,6 +6,8 @@ naming the entry, the LoRAs used are echoed in /status and /debug/job, and a fil
 import base64
 import io
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -173,3 +175,31 @@ def test_metrics_count_lora_swaps_and_warmup(server):
     swaps = [line for line in body.splitlines() if line.startswith("wanrt_worker_lora_swaps_total{")]
     assert swaps and int(swaps[0].rsplit(" ", 1)[1]) >= 2  # the LoRA jobs above swapped sets on both experts
     assert any(line.startswith("wanrt_worker_lora_swap_seconds_total{") for line in body.splitlines())
+
+
+def test_queued_jobs_say_why_they_wait(tmp_path):
+    """A queued job no live worker can take says why in /status `waiting` (it stays queued: nothing accepted is
+    lost): no worker runs, or it asks for LoRAs and the only worker has no LoRA slots. Once a worker that can
+    take a job runs, that job starts; the LoRA job keeps waiting, with the reason."""
+    with WanrtServer(tmp_path / "data", workers=0) as srv, srv.client() as c:
+        plain = c.post("/generate", json={**TINY, "image_url": data_url()}).json()["job_id"]
+        lora = c.post("/generate", json={**TINY, "image_url": data_url(), "loras": [{"name": "style"}]})
+        assert lora.status_code == 200, lora.text  # no worker has reported: the name cannot be checked yet
+        lora = lora.json()["job_id"]
+        for job_id in (plain, lora):
+            body = c.get(f"/status/{job_id}").json()
+            assert body["status"] == "queued" and "no worker has reported" in body["waiting"], body
+        worker = subprocess.Popen([sys.executable, "-m", "wanrt.cli", "worker", "--worker-id", "plain"], env=srv.env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            done = srv.wait_status(plain)
+            assert done["status"] == "completed" and "waiting" not in done
+            body = c.get(f"/status/{lora}").json()
+            assert body["status"] == "queued" and body["queue_position"] == 1
+            assert "no live worker serves LoRAs" in body["waiting"] and "--lora-dir" in body["waiting"]
+            # and a new LoRA request is refused up front now that the workers have said what they serve
+            r = c.post("/generate", json={**TINY, "image_url": data_url(), "loras": [{"name": "style"}]})
+            assert r.status_code == 422 and "serves no LoRAs" in r.json()["detail"]
+        finally:
+            worker.terminate()
+            worker.wait(30)

@@ -91,7 +91,9 @@ def test_worker_runs_lora_jobs_refuses_unknown_and_publishes_its_library(tmp_pat
     assert failed.status == "error" and failed.error_type == "invalid_lora" and failed.retryable is False
     assert "unknown LoRA 'gone'" in failed.error
     assert store.get(plain).status == "completed"
-    listing, available = published_loras(store.workers(), now=store.workers()[0]["updated_at"])
+    report = store.workers()[0]
+    assert report["state"] == "stopped" and published_loras([report], now=report["updated_at"]) == ([], None)
+    listing, available = published_loras([report | {"state": "idle"}], now=report["updated_at"])  # as while it ran
     assert available == {"style", "motion"}
     assert {e["name"]: e["rank"] for e in listing} == {"motion": 8, "style": 4}
 

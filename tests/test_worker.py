@@ -1,6 +1,7 @@
 """The worker in-process on a real SQLite store: concurrency slots, error classification, lost jobs."""
 
 import threading
+import time
 
 from wanrt.config import Settings
 from wanrt.jobs.paths import DataPaths
@@ -92,3 +93,44 @@ def test_warm_up_times_each_bucket_and_the_worker_reports_it(tmp_path, tiny_pipe
 
     line = next(x for x in metrics_text(store, None, 0.0).splitlines() if x.startswith("wanrt_worker_warmup_seconds{"))
     assert 'bucket="64x64x5"' in line and float(line.split()[-1]) == report["warmup_s"]["64x64x5"]
+
+
+def test_an_idle_or_busy_worker_keeps_its_report_fresh(tmp_path, tiny_pipeline, monkeypatch):
+    """The API takes a worker whose last report is older than LIVE_REPORT_S (120 s) for gone: its LoRA library
+    leaves GET /loras, the API stops checking LoRA names, queued jobs say no worker runs. So a worker re-reports
+    (every REPORT_EVERY_S) while idle and while busy on a long job (saying which), and its last report, once
+    its slots end, is 'stopped' (never overwritten by a late re-send)."""
+    from wanrt.jobs import worker as worker_mod
+    from wanrt.lora_request import LIVE_REPORT_S, REPORT_EVERY_S
+
+    assert REPORT_EVERY_S * 3 <= LIVE_REPORT_S  # a couple of missed re-sends do not make a worker look gone
+    monkeypatch.setattr(worker_mod, "REPORT_EVERY_S", 0.1)
+    settings = Settings(data_dir=tmp_path, heartbeat_s=0.2)
+    paths = DataPaths(tmp_path).ensure()
+    store = SqliteJobStore(paths.db)
+    worker = Worker(settings, "w", store=store, pipeline=tiny_pipeline)
+    t = threading.Thread(target=worker.run, kwargs={"poll_s": 0.05, "max_jobs": 1})
+    t.start()
+
+    def report(until, timeout=60.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            reports = store.workers()
+            if reports and until(reports[0]):
+                return reports[0]
+            time.sleep(0.02)
+        raise AssertionError(f"no such report: {store.workers()}")
+
+    first = report(lambda w: w["state"] == "idle")
+    later = report(lambda w: w["updated_at"] >= first["updated_at"] + 0.25)  # idle, nothing happened: re-sent
+    assert later["state"] == "idle" and "job_id" not in later
+    job_id = queue_job(paths, store, frames=65, steps=4)
+    busy = report(lambda w: w["state"] == "busy")
+    assert busy["job_id"] == job_id
+    busy_later = report(lambda w: w["updated_at"] >= busy["updated_at"] + 0.25 or w["state"] != "busy")
+    assert busy_later["state"] == "busy" and busy_later["job_id"] == job_id, "the job ran out before a re-send"
+    t.join(120)
+    assert store.get(job_id).status == "completed"
+    stopped = store.workers()[0]
+    time.sleep(0.4)
+    assert stopped["state"] == "stopped" and store.workers()[0]["updated_at"] == stopped["updated_at"]

@@ -26,6 +26,7 @@ EXPERTS = ("high", "low", "both")
 DEFAULT_EXPERT = "both"
 _FIELDS = ("name", "strength", "expert")
 LIVE_REPORT_S = 120.0  # a worker whose last report is older is taken for gone
+REPORT_EVERY_S = LIVE_REPORT_S / 4  # workers re-report at least this often, idle or busy (a few missed: still live)
 _SHOWN_NAMES = 20  # unknown-name messages list at most this many available names
 
 
@@ -156,6 +157,16 @@ def pick_next(queued_jobs: Sequence[Any], loaded_key: str | None, max_skip: int,
     return head
 
 
+def live_workers(workers: Sequence[Mapping], now: float, max_age_s: float = LIVE_REPORT_S) -> list[Mapping]:
+    """The workers (`store.workers()` reports) that reported within max_age_s and have not said they stopped."""
+    return [w for w in workers if now - float(w.get("updated_at") or 0) <= max_age_s and w.get("state") != "stopped"]
+
+
+def serves_loras(worker: Mapping) -> bool:
+    """Whether a worker's report publishes a LoRA library (it runs with LoRA slots)."""
+    return isinstance(worker.get("loras"), Mapping) and isinstance(worker["loras"].get("library"), list)
+
+
 def published_loras(workers: Sequence[Mapping], now: float, max_age_s: float = LIVE_REPORT_S) -> tuple[list[dict], set[str] | None]:
     """What GET /loras lists and what parse_loras accepts, from the workers' reports (`store.workers()`, each
     with `updated_at` and, from a worker that serves LoRAs, `loras.library`: runtime LoraSlotGroup.describe()).
@@ -164,8 +175,7 @@ def published_loras(workers: Sequence[Mapping], now: float, max_age_s: float = L
     plus `workers`: how many live workers serve it). `available` is the names every live LoRA-serving worker can
     serve (a job may land on any of them); None when none has reported yet (the API then accepts any name and
     the worker refuses an unknown one)."""
-    live = [w for w in workers if now - float(w.get("updated_at") or 0) <= max_age_s
-            and isinstance(w.get("loras"), Mapping) and isinstance(w["loras"].get("library"), list)]
+    live = [w for w in live_workers(workers, now, max_age_s) if serves_loras(w)]
     if not live:
         return [], None
     listing: dict[str, dict] = {}

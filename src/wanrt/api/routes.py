@@ -53,7 +53,7 @@ from wanrt.jobs.paths import DataPaths
 from wanrt.jobs.protocol import JobStore
 from wanrt.jobs.store import STATES, TERMINAL, Job, QueueFull, WebhookDelivery
 from wanrt.jobs.webhooks import Target, WebhookRefused, parse_events, split_url
-from wanrt.lora_request import LIVE_REPORT_S, parse_loras, published_loras
+from wanrt.lora_request import LIVE_REPORT_S, live_workers, parse_loras, published_loras, serves_loras
 from wanrt.params import FIELDS_BY_NAME, GenerateParams, ParamError
 
 API_TITLE = "WAN 2.2-14B LoRAs Image-to-Video API"
@@ -287,16 +287,54 @@ def job_status(job: Job, paths: DataPaths, queue_position: int | None = None) ->
     return body
 
 
+def waiting_reason(job: Job, workers: list[dict], now: float) -> str | None:
+    """Why a queued job cannot start now, where the workers' reports say (None when some live worker can take
+    it): no worker is live, or it asks for LoRAs and no live worker has LoRA slots (those leave it queued)."""
+    live = live_workers(workers, now)
+    if not live:
+        return (f"no worker has reported in the last {LIVE_REPORT_S:.0f} s: the job starts when one runs "
+                f"(`wanrt worker` or `wanrt serve`)")
+    if job.params.get("loras") and not any(serves_loras(w) for w in live):
+        return ("no live worker serves LoRAs (each runs without --lora-dir / WANRT_LORA_DIR): the job starts when "
+                "one that does runs")
+    return None
+
+
+_WORKERS_MAX_AGE_S = 1.0  # /status re-reads the workers' reports at most this often (per store)
+_workers_read: dict[int, tuple[float, list[dict]]] = {}
+
+
+def _recent_workers(store: JobStore) -> list[dict]:
+    """store.workers(), at most one read per _WORKERS_MAX_AGE_S: /status under load must not read it per batch."""
+    at, workers = _workers_read.get(id(store), (-1e9, []))
+    if time.monotonic() - at > _WORKERS_MAX_AGE_S:
+        workers = store.workers()
+        _workers_read[id(store)] = (time.monotonic(), workers)
+    return workers
+
+
+def status_bodies(store: JobStore, paths: DataPaths, job_ids: list[str]) -> list[dict[str, Any] | None]:
+    """The /status bodies of several jobs (None for an unknown job): one store read for all and, when one is
+    queued, the workers' reports (for `waiting`)."""
+    found = store.get_with_positions(job_ids)
+    workers = _recent_workers(store) if any(job is not None and job.status == "queued" for job, _ in found) else []
+    now, out = time.time(), []
+    for job, position in found:
+        body = None if job is None else job_status(job, paths, position)
+        if body is not None and job.status == "queued" and (why := waiting_reason(job, workers, now)):
+            body["waiting"] = why
+        out.append(body)
+    return out
+
+
 def read_status(store: JobStore, paths: DataPaths, job_id: str) -> dict[str, Any] | None:
-    """The /status body (None for an unknown job), read in one thread hop: the job and its queue position."""
-    ((job, position),) = store.get_with_positions([job_id])
-    return None if job is None else job_status(job, paths, position)
+    """One job's /status body (None for an unknown job), read in one thread hop."""
+    return status_bodies(store, paths, [job_id])[0]
 
 
 def statuses_json(store: JobStore, paths: DataPaths, job_ids: list[str]) -> list[bytes | None]:
-    """The /status bodies of several jobs, encoded (None for an unknown job): one store read for all."""
-    return [None if job is None else _encode(job_status(job, paths, position))
-            for job, position in store.get_with_positions(job_ids)]
+    """The /status bodies of several jobs, encoded: what run_batched sends for the /status calls of one turn."""
+    return [None if body is None else _encode(body) for body in status_bodies(store, paths, job_ids)]
 
 
 # ------------------------------------------------------------------------------------------------ seed
@@ -406,8 +444,7 @@ def lora_catalog(workers: list[dict]) -> tuple[list[dict], set[str] | None, bool
     live workers have reported at all), from the workers' reports (store.workers())."""
     now = time.time()
     listing, available = published_loras(workers, now)
-    live = any(now - float(w.get("updated_at") or 0) <= LIVE_REPORT_S and w.get("state") != "stopped" for w in workers)
-    return listing, available, live
+    return listing, available, bool(live_workers(workers, now))
 
 
 def request_loras(workers: list[dict], raw: Any) -> list[dict]:

@@ -22,6 +22,7 @@ from wanrt.jobs import open_store
 from wanrt.jobs.paths import DataPaths
 from wanrt.jobs.protocol import JobStore
 from wanrt.jobs.store import Job
+from wanrt.lora_request import REPORT_EVERY_S
 from wanrt.params import GenerateParams, ParamError
 
 log = logging.getLogger("wanrt.worker")
@@ -47,6 +48,8 @@ class Worker:
         self._lock = threading.Lock()  # the slots' threads share the counter
         self.jobs_done = 0
         self.warmup_s: dict[str, float] = {}  # seconds per warm-up bucket (compiles included)
+        self._states: dict[str, tuple] = {}  # slot's worker id -> (pipeline, state, job id): what _keep_reporting re-sends
+        self._report_lock = threading.Lock()
 
     @property
     def pipeline(self):
@@ -67,25 +70,51 @@ class Worker:
         pipelines = [pipeline] + [self._clone_for_concurrency(pipeline) for _ in range(slots - 1)]
         threads = [threading.Thread(target=self._slot_loop, args=(p, poll_s, max_jobs, i), daemon=True)
                    for i, p in enumerate(pipelines)]
-        for t in threads:
+        done = threading.Event()  # the slots have ended: so do the re-sends
+        reporter = threading.Thread(target=self._keep_reporting, args=(REPORT_EVERY_S, done), daemon=True)
+        for t in (*threads, reporter):
             t.start()
         for t in threads:
             t.join()
+        done.set()
+        reporter.join(timeout=10)
 
-    def _report(self, worker_id: str, pipeline, state: str) -> None:
-        backend = pipeline.backend
-        info = {"state": state, "pid": os.getpid(), "device": str(pipeline.device), "dtype": str(pipeline.dtype),
-                "model": self.settings.model, "jobs_done": self.jobs_done, "warmup_s": self.warmup_s,
-                "backend": backend.describe() if hasattr(backend, "describe") else {"backend": getattr(backend, "name", "?")}}
+    def _report(self, worker_id: str, pipeline, state: str, job_id: str | None = None) -> bool:
+        """Publish this slot's state, backend, memory (capacity: the API's 422) and LoRA library (GET /loras, the
+        API's name checks). Re-sent every REPORT_EVERY_S by _keep_reporting: the API takes a worker whose report
+        is older than LIVE_REPORT_S for gone, and one that is idle, or busy on a long job, is not."""
+        with self._report_lock:  # a re-send never lands after (and over) a slot's newer report, 'stopped' included
+            self._states[worker_id] = (pipeline, state, job_id)
+            return self._send_report(worker_id)
+
+    def _send_report(self, worker_id: str) -> bool:
+        """Send a slot's last state with its backend, memory and LoRA library as they are now (under _report_lock)."""
         from wanrt.runtime.memory import worker_memory_info
 
-        info["memory"] = worker_memory_info(pipeline)  # tier, plan, capacity (the API's 422 reads it), projection
-        if getattr(pipeline, "loras", None) is not None:  # the library as this worker serves it: GET /loras and the API's checks
-            info["loras"] = pipeline.loras.describe()
+        pipeline, state, job_id = self._states[worker_id]
         try:
+            backend = pipeline.backend
+            info = {"state": state, "pid": os.getpid(), "device": str(pipeline.device), "dtype": str(pipeline.dtype),
+                    "model": self.settings.model, "jobs_done": self.jobs_done, "warmup_s": self.warmup_s,
+                    "backend": backend.describe() if hasattr(backend, "describe") else {"backend": getattr(backend, "name", "?")},
+                    "memory": worker_memory_info(pipeline)}  # tier, plan, capacity (the API's 422 reads it), projection
+            if job_id is not None:
+                info["job_id"] = job_id
+            if getattr(pipeline, "loras", None) is not None:
+                info["loras"] = pipeline.loras.describe()
             self.store.report_worker(worker_id, info)
-        except Exception:
+            return True
+        except Exception:  # a report read mid-update by a job's thread, or the store away: the next one is soon
             log.exception("could not report worker state")
+            return False
+
+    def _keep_reporting(self, every_s: float, done: threading.Event) -> None:
+        """Re-send each slot's last report every `every_s` until `done` (a slot's last report says 'stopped')."""
+        while not done.wait(every_s):
+            for worker_id in list(self._states):
+                with self._report_lock:
+                    if self._states[worker_id][1] != "stopped" and not done.is_set():
+                        self._send_report(worker_id)
 
     def _slot_loop(self, pipeline, poll_s: float, max_jobs: int | None, slot: int) -> None:
         worker_id = self.worker_id if slot == 0 else f"{self.worker_id}/{slot}"
@@ -96,7 +125,7 @@ class Worker:
         while not self.shutdown.is_set():
             with self._lock:
                 if max_jobs is not None and self.jobs_done >= max_jobs:
-                    return
+                    break
             job = self.store.claim(worker_id, self.settings.lease_s, device=str(pipeline.device), **self._affinity(pipeline))
             if job is None:
                 if slot == 0 and time.monotonic() - scanned >= self.settings.lora_rescan_s:
@@ -105,6 +134,7 @@ class Worker:
                         self._report(worker_id, pipeline, "idle")  # files added, changed or removed: publish them
                 self.shutdown.wait(poll_s)
                 continue
+            self._report(worker_id, pipeline, "busy", job.id)
             self.run_job(job, pipeline, worker_id)
             with self._lock:
                 self.jobs_done += 1

@@ -84,7 +84,8 @@ function resetPreview() {
 
 function show(status) {
   $("state").textContent = status.status + (status.stage ? ` (${status.stage})` : "") +
-    (status.queue_position ? ` – position ${status.queue_position}` : "");
+    (status.queue_position ? ` – position ${status.queue_position}` : "") +
+    (status.waiting ? ` – waiting: ${status.waiting}` : "");
   $("progress").value = status.progress || 0;
   if (status.preview_url) showPreview(status.preview_url, status.preview_step, status.preview_steps).catch(() => {});
   if (status.status === "completed") {
