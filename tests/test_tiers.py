@@ -344,6 +344,23 @@ def test_capacity_and_the_check_the_api_makes(mb):
     assert t.prepare(side, side, 9) is not None and t.tier in ("swap", "stream")
 
 
+def test_the_api_prices_a_request_against_live_workers_first():
+    """A killed worker's report lingers in the store: its bigger GPU must not keep a request the live workers
+    cannot run from being refused. With no worker live, the last reports of those that did not stop count."""
+    import time
+
+    from wanrt.api.routes import request_over_capacity
+
+    now = time.time()
+    p = GenerateParams(prompt="x", width=640, height=640, frames=81)  # 33,600 tokens
+    big = {"state": "idle", "updated_at": now - 600, "memory": {"capacity": {"max_tokens": 200_000}}}
+    small = {"state": "idle", "updated_at": now, "memory": {"capacity": {"max_tokens": 10_000}}}
+    assert "33600" in request_over_capacity([big, small], p)
+    assert request_over_capacity([big, small | {"updated_at": now - 600}], p) is None  # none live: both count
+    assert "33600" in request_over_capacity([big | {"state": "stopped"}, small | {"updated_at": now - 600}], p)
+    assert request_over_capacity([big | {"updated_at": now}, small], p) is None
+
+
 # ----------------------------------------------------------------------------------------------- FP8 storage
 def test_fp8_checkpoint_runs_weight_only_from_the_stream(tiny_fp8_files, image64):
     """An fp8_scaled checkpoint keeps its e4m3 weights (half the bytes on the host and over the bus); the

@@ -424,11 +424,13 @@ def _same_request(job: Job, fingerprint: str) -> Response[GenerateResponse]:
 
 
 def request_over_capacity(workers: list[dict], params: GenerateParams) -> str | None:
-    """The 422 detail when no live worker's GPU can run this request under any memory tier (the capacity workers
+    """The 422 detail when no worker's GPU can run this request under any memory tier (the capacity workers
     publish in their info, from runtime/memory.py; the API does not import the runtime, so the token count is
     repeated here); None when one can, or when no worker has published a limit."""
-    limits = [w["memory"]["capacity"] for w in workers
-              if w.get("state") != "stopped" and (w.get("memory") or {}).get("capacity")]
+    # the live workers' (a dead one's report lingers: a bigger GPU since replaced must not keep the limit up);
+    # with none live, the last reports of those that did not stop are the best guess of what will come back
+    reporting = live_workers(workers, time.time()) or [w for w in workers if w.get("state") != "stopped"]
+    limits = [w["memory"]["capacity"] for w in reporting if (w.get("memory") or {}).get("capacity")]
     if not limits or any(c.get("max_tokens") is None for c in limits):
         return None
     best = max(limits, key=lambda c: c["max_tokens"])
