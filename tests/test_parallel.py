@@ -150,6 +150,23 @@ def test_four_ranks_fp8():
 
 
 # ------------------------------------------------------------------------------------------------ start-up
+def test_compiled_backend_times_attention_with_this_ranks_share_of_the_heads():
+    """attn=auto times its kernels per self-attention shape; under Ulysses a rank attends over every token with
+    heads / degree heads (a different shape from the single-process one, where flash and cuDNN may rank apart)."""
+    from wanrt.runtime.backends.compiled import CompiledBackend
+    from wanrt.runtime.parallel import SeqShard, install, tiny_model_with_heads
+
+    model = tiny_model_with_heads(4)
+    backend = CompiledBackend(model, device="cpu", fp8=False, compile=False)
+    x = torch.randn(2, 36, 3, 8, 8)
+    assert backend.attention_shape("high", x) == (2, 4, 3 * 4 * 4)
+    shard = SeqShard()
+    install(model.transformer_high, shard)
+    assert backend.attention_shape("high", x) == (2, 4, 48)  # outside a parallel forward: degree 1
+    shard.degree = 2  # as ParallelBackend sets it around a forward
+    assert backend.attention_shape("high", x) == (2, 2, 48)
+
+
 def test_group_size_must_divide_the_heads():
     check_group_size(40, 8)
     assert valid_group_sizes(40) == [2, 4, 5, 8]

@@ -304,16 +304,24 @@ class CompiledBackend:
             self.stats.cudagraphs = compile and graphs
             self.experts[name] = module
 
-    def _attention_plan(self, latent_input: torch.Tensor) -> attention.AttentionPlan:
+    def attention_shape(self, expert: str, latent_input: torch.Tensor) -> tuple[int, int, int]:
+        """(batch, heads, tokens) of this input's self-attention as the kernel sees it: in a worker group
+        (runtime/parallel.py, Ulysses) each rank attends over every token with its share of the heads."""
+        module = self.experts[expert]
+        shard = getattr(getattr(module, "_orig_mod", module), "_wanrt_seq_shard", None)
+        degree = shard.degree if shard is not None else 1
+        return latent_input.shape[0], self._heads // degree, sequence_length(latent_input.shape, self._patch)
+
+    def _attention_plan(self, expert: str, latent_input: torch.Tensor) -> attention.AttentionPlan:
         """The plan for this input's self-attention shape: `auto` on Hopper times its kernels at the first call of
         each shape (once per process, before any compile or capture of it) and runs the faster."""
         if not self.attention.measure:
             return self.attention
-        b, tokens = latent_input.shape[0], sequence_length(latent_input.shape, self._patch)
-        key = f"b{b}:{tokens}"
+        b, heads, tokens = self.attention_shape(expert, latent_input)
+        key = f"b{b}:{tokens}" if heads == self._heads else f"b{b}:{tokens}:h{heads}"
         plan = self._measured.get(key)
         if plan is None:
-            plan, m = attention.measured_plan(self.attention, b, self._heads, tokens, self._head_dim,
+            plan, m = attention.measured_plan(self.attention, b, heads, tokens, self._head_dim,
                                               latent_input.dtype, latent_input.device)
             self._measured[key] = plan
             self.stats.attention_measured[key] = {"kernel": m.kernel, "ms": dict(m.ms)} | (
@@ -321,12 +329,9 @@ class CompiledBackend:
             log.info("compiled backend: attn=auto for self-attention %s: %s (%s)", key, plan.kernel, plan.reason)
         return plan
 
-    def _attention_context(self, latent_input: torch.Tensor):
-        return self._attention_plan(latent_input).context()
-
     def _forward(self, expert, latent_input, timestep, context):
         attention.sync_fused_projections(self._fused[expert])  # LoRA slots may wrap the fused parts by now
-        with self._attention_context(latent_input):
+        with self._attention_plan(expert, latent_input).context():
             return self.experts[expert](hidden_states=latent_input, timestep=timestep,
                                         encoder_hidden_states=context, return_dict=False)[0]
 
