@@ -218,10 +218,12 @@ def test_tensorrt_backend_matches_eager_on_gpu(tmp_path, tiny_model, image64):
     from wanrt.runtime.pipeline import WanI2VPipeline
 
     model = copy.deepcopy(tiny_model).to("cuda")
-    build(BuildOptions(model="tiny", precision="fp16", out=tmp_path / "a", profiles=("small",), device="cuda"),
-          log=lambda m: None)
-    p = GenerateParams(prompt="a cat", width=256, height=256, frames=17, steps=2)
-    ref = WanI2VPipeline(model, device="cuda").generate(p, image64, None).latents
+    build(BuildOptions(model="tiny", precision="fp16", out=tmp_path / "a", profiles=("small", "default"),
+                       device="cuda"), log=lambda m: None)
+    sizes = [GenerateParams(prompt="a cat", width=w, height=w, frames=17, steps=2) for w in (256, 528)]
+    refs = [WanI2VPipeline(model, device="cuda").generate(p, image64, None).latents for p in sizes]
     backend = make_backend("tensorrt", model, artifacts=str(tmp_path / "a"), device="cuda")
-    got = WanI2VPipeline(model, backend, device="cuda").generate(p, image64, None).latents
-    assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.999
+    for p, ref in zip(sizes, refs, strict=True):  # one engine per expert, its two optimization profiles
+        got = WanI2VPipeline(model, backend, device="cuda").generate(p, image64, None).latents
+        assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.999
+    assert backend.loads == 2

@@ -132,14 +132,59 @@ def fake_tensorrt(version: str) -> types.ModuleType:
 
         def build_serialized_network(self, network, config):
             trt.calls.append(("build_serialized_network", network.flags, frozenset(config.flags), config.profiles))
-            return memoryview(b"plan")
+            n = len(config.profiles)
+            return memoryview(b"plan" + (f":{n}".encode() if n != 1 else b""))
+
+    trt.ExecutionContextAllocationStrategy = enum.IntEnum(
+        "ExecutionContextAllocationStrategy", "STATIC ON_PROFILE_CHANGE USER_MANAGED", start=0)
+
+    class Context:
+        """Runs 'velocity' = the first 16 channels of hidden_states x (selected profile + 1), through the
+        addresses it was given (float32 CPU tensors), so a test sees which profile ran on which input."""
+
+        def __init__(self, engine, strategy):
+            self.engine, self.strategy, self.profile, self.shapes, self.addresses = engine, strategy, 0, {}, {}
+
+        def set_optimization_profile_async(self, index, stream):
+            trt.calls.append(("set_optimization_profile_async", index))
+            ok = 0 <= index < self.engine.num_optimization_profiles
+            self.profile = index if ok else self.profile
+            return ok
+
+        def set_input_shape(self, name, shape):
+            self.shapes[name] = tuple(shape)
+
+        def set_tensor_address(self, name, ptr):
+            self.addresses[name] = ptr
+
+        def get_tensor_shape(self, name):
+            b, _, f, h, w = self.shapes["hidden_states"]
+            return (b, 16, f, h, w)
+
+        def execute_async_v3(self, stream):
+            def view(name, shape):
+                n = int(np.prod(shape))
+                return np.ctypeslib.as_array((ctypes.c_float * n).from_address(self.addresses[name])).reshape(shape)
+
+            x = view("hidden_states", self.shapes["hidden_states"])
+            view("velocity", self.get_tensor_shape("velocity"))[:] = x[:, :16] * (self.profile + 1)
+            return True
 
     class Engine:
         def __init__(self, data):
             self.data = data
+            found = re.match(rb"plan:(\d+)", data)
+            self.num_optimization_profiles = int(found.group(1)) if found else 1
 
         def serialize(self):
             return memoryview(self.data + b"+refit")
+
+        def create_execution_context(self, strategy=trt.ExecutionContextAllocationStrategy.STATIC):
+            trt.calls.append(("create_execution_context", strategy))
+            return Context(self, strategy)
+
+        def get_tensor_dtype(self, name):
+            return trt.DataType.FLOAT
 
     class Runtime:
         def __init__(self, logger):
@@ -175,7 +220,7 @@ def fake_tensorrt(version: str) -> types.ModuleType:
                 trt.refit_bytes[name] = ctypes.string_at(w.ptr, w.size * ELEMENT_BYTES[w.dtype.name])
             return True
 
-    for cls in (Logger, Weights, OnnxParser, Builder, Runtime, Refitter):
+    for cls in (Logger, Weights, OnnxParser, Builder, Runtime, Refitter):  # Engine, Context: made by them
         setattr(trt, cls.__name__, cls)
     return trt
 
@@ -340,14 +385,14 @@ def test_build_exports_bf16_and_checks_disk_before_each_experts_engines(trt11, t
 
     monkeypatch.setattr(shutil, "disk_usage", disk_usage)
     out = tmp_path / "a"
-    with pytest.raises(tb.DiskSpaceError, match=r"2 engine\(s\) of about .* GB free in " + re.escape(str(out))):
+    with pytest.raises(tb.DiskSpaceError, match=r"1 engine\(s\) of about .* GB free in " + re.escape(str(out))):
         build(BuildOptions(model="tiny", precision="fp32", out=out, profiles=("small", "default")), log=lambda m: None)
     assert [c[0] for c in trt11.calls if c[0] != "parse_from_file"] == [
-        "disk_usage", "create_network", "set_memory_pool_limit", "build_serialized_network",
-        "create_network", "set_memory_pool_limit", "build_serialized_network", "disk_usage"]
-    assert {c[1] for c in built(trt11)} == {1 << int(trt11.NetworkDefinitionCreationFlag.STRONGLY_TYPED)}
+        "disk_usage", "create_network", "set_memory_pool_limit", "build_serialized_network", "disk_usage"]
+    [(_, flags, _, profiles)] = built(trt11)  # one engine for both profiles
+    assert flags == 1 << int(trt11.NetworkDefinitionCreationFlag.STRONGLY_TYPED) and len(profiles) == 2
     assert tb.onnx_precision(out / "high" / "expert.onnx") == "bf16"
-    assert (out / "high" / "engine_small.plan").is_file() and not (out / "low" / "engine_small.plan").exists()
+    assert (out / "high" / "engine.plan").is_file() and not (out / "low" / "engine.plan").exists()
 
 
 @pytest.mark.slow  # a whole `wanrt build` (ONNX export of the experts): the checks are unit-tested above
@@ -355,6 +400,31 @@ def test_build_fp8_with_tensorrt_stops_instead_of_making_bf16_engines(trt11, tmp
     with pytest.raises(ValueError, match="no FP8 Q/DQ"):
         build(BuildOptions(model="tiny", precision="fp8", out=tmp_path / "a", profiles=("small",)), log=lambda m: None)
     assert not built(trt11) and not (tmp_path / "a" / "manifest.json").exists()
+
+
+@pytest.mark.slow  # a whole `wanrt build` (ONNX export of the experts), then the runtime factory on its output
+def test_build_writes_one_engine_per_expert_and_the_runtime_serves_every_profile_from_it(trt11, tmp_path, image64):
+    """`wanrt build` -> manifest (profile -> file, -> optimization profile index) -> build_runtime(tensorrt): the
+    torch experts are released and the memory ledger counts the engines in their place; requests of two
+    profiles run on one engine file per expert."""
+    from wanrt.config import Settings
+    from wanrt.params import GenerateParams
+    from wanrt.runtime.factory import build_runtime
+    from wanrt.runtime.memory import tiered
+
+    out = tmp_path / "a"
+    manifest = build(BuildOptions(model="tiny", precision="fp32", out=out, profiles=("small", "default")),
+                     log=lambda m: None)
+    high = manifest["experts"]["high"]
+    assert high["engines"] == {"small": "high/engine.plan", "default": "high/engine.plan"}
+    assert high["engine_profiles"] == {"small": 0, "default": 1} and len(built(trt11)) == 2
+    pipe = build_runtime(Settings(device="cpu", backend="tensorrt", artifacts=str(out), warmup=""))
+    t = tiered(pipe.backend)
+    assert t.ledger.parts["expert_high"] == (out / "high" / "engine.plan").stat().st_size > 0
+    for side, frames in ((256, 17), (528, 17)):  # small (<= 512 px), then default
+        pipe.generate(GenerateParams(prompt="x", width=side, height=side, frames=frames, steps=2), image64, None)
+    assert [c[1] for c in trt11.calls if c[0] == "set_optimization_profile_async"] == [0, 0, 1, 1]  # per expert
+    assert t.inner.loads == 2 and t.inner.describe()["loaded"] == ["high/engine.plan", "low/engine.plan"]
 
 
 # ------------------------------------------------------------------------------------------------ 4. runtime
@@ -386,6 +456,63 @@ def test_tensorrt_backend_releases_the_torch_experts(trt11, tmp_path, tiny_model
         model.transformer_high(hidden_states=torch.zeros(1, 36, 1, 4, 4), timestep=torch.zeros(1),
                                encoder_hidden_states=torch.zeros(1, 512, 32))
     assert backend.describe()["torch_experts_released"]["experts"] == ["high", "low"]
+
+
+def _denoise(backend, frames: int, side: int) -> torch.Tensor:
+    x = torch.randn(2, 36, frames, side, side)
+    out = backend.denoise("high", x, torch.full((2,), 900.0), torch.zeros(2, 512, 32))
+    return out / x[:, :16]  # the fake context scales by (selected profile + 1)
+
+
+def test_one_engine_per_expert_switches_its_optimization_profile(trt11, tmp_path):
+    """An engine holds every resolution profile (the weights once): the backend loads each expert's file once,
+    makes one execution context (activation memory per profile in use) and selects the request's profile on
+    it only when it changes."""
+    from wanrt.runtime.backends.tensorrt import TensorRTBackend
+
+    experts = {}
+    for expert in ("high", "low"):
+        tb.build_engine(matmul_onnx(tmp_path / f"{expert}.onnx"), tmp_path / expert / "engine.plan",
+                        [tb.PROFILES["small"], tb.PROFILES["default"]], text_dim=32)
+        experts[expert] = {"engines": {"small": f"{expert}/engine.plan", "default": f"{expert}/engine.plan"},
+                           "engine_profiles": {"small": 0, "default": 1}}
+    manifest = {"experts": experts, "profiles": {"small": {}, "default": {}}}
+    backend = TensorRTBackend(tmp_path, manifest, device="cpu")
+    assert len(built(trt11)[0][3]) == 2  # two optimization profiles in one build
+    assert torch.allclose(_denoise(backend, 5, 32), torch.tensor(1.0))  # small: profile 0
+    assert torch.allclose(_denoise(backend, 21, 80), torch.tensor(2.0))  # default: profile 1, same engine
+    assert torch.allclose(_denoise(backend, 21, 80), torch.tensor(2.0))
+    assert torch.allclose(_denoise(backend, 5, 32), torch.tensor(1.0))
+    switches = [c[1] for c in trt11.calls if c[0] == "set_optimization_profile_async"]
+    assert switches == [0, 1, 0] and backend.loads == 1
+    assert [c[1] for c in trt11.calls if c[0] == "create_execution_context"] == [
+        trt11.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE]
+    d = backend.describe()
+    assert d["engine_files"]["high"] == ["high/engine.plan"] and d["loaded"] == ["high/engine.plan"]
+    assert backend.expert_bytes == {"high": len(b"plan:2"), "low": len(b"plan:2")}
+    experts["high"]["engine_profiles"]["default"] = 2  # a manifest that does not match its engine
+    with pytest.raises(RuntimeError, match="has 2 optimization profile"):
+        TensorRTBackend(tmp_path, manifest, device="cpu").denoise("high", torch.randn(2, 36, 21, 80, 80),
+                                                                  torch.zeros(2), torch.zeros(2, 512, 32))
+
+
+def test_engine_per_profile_artifacts_keep_one_file_per_expert_loaded(trt11, tmp_path):
+    """Artifacts built before (an engine file per profile, each holding the expert's weights) still run, but a
+    second file of the same expert replaces the first on the GPU instead of joining it (two A14B experts x three
+    profiles of BF16 engines is 170 GB)."""
+    from wanrt.runtime.backends.tensorrt import TensorRTBackend
+
+    (tmp_path / "high").mkdir()
+    for profile in ("small", "default"):
+        (tmp_path / "high" / f"engine_{profile}.plan").write_bytes(b"plan")
+    manifest = {"experts": {"high": {"engines": {p: f"high/engine_{p}.plan" for p in ("small", "default")}}},
+                "profiles": {"small": {}, "default": {}}}
+    backend = TensorRTBackend(tmp_path, manifest, device="cpu")
+    assert torch.allclose(_denoise(backend, 5, 32), torch.tensor(1.0))
+    assert torch.allclose(_denoise(backend, 21, 80), torch.tensor(1.0))  # its own file, profile 0
+    assert backend.describe()["loaded"] == ["high/engine_default.plan"] and backend.loads == 2
+    _denoise(backend, 5, 32)
+    assert backend.describe()["loaded"] == ["high/engine_small.plan"] and backend.loads == 3
 
 
 def test_tensorrt_backend_keeps_torch_experts_when_asked_or_when_engines_are_missing(trt11, tmp_path, tiny_model):

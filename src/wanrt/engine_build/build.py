@@ -24,7 +24,7 @@ from wanrt.runtime.artifacts import load_artifacts_into  # noqa: F401
 
 PRECISIONS = ("bf16", "fp16", "fp32", "fp8")
 # Engines are strongly typed: their precision is the ONNX's, so the ONNX for TensorRT is exported in it (by
-# engine precision below). fp32 weights get BF16 engines (an A14B expert in fp32 is 57 GB, per profile). FP8
+# engine precision below). fp32 weights get BF16 engines (an A14B expert in fp32 is 57 GB). FP8
 # engines need Q/DQ in the (BF16) ONNX, which build_engine checks for: our export has none, so the build stops
 # there rather than make BF16 engines under an fp8 label.
 ENGINE_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "bf16", "fp8": "fp8"}
@@ -170,17 +170,17 @@ def _build_expert(name: str, expert, model, opts: BuildOptions, out: Path, log, 
             log(f"{name}: ONNX {onnx_path.name} exported in {info['onnx_export_s']} s; onnxruntime parity "
                 + ", ".join(f"{p.shape}: max |d| {p.max_abs_error:.2e}" for p in parity))
         if engines:
-            # this expert's engines and the later experts' (same architecture, so the same size)
-            check_disk_space(onnx_path, out, len(opts.profiles) * experts_left)
+            # this expert's engine and the later experts' (same architecture, so the same size)
+            check_disk_space(onnx_path, out, experts_left)
             cfg = expert.config
-            info["engines"] = {}
-            for profile in opts.profiles:
-                engine = build_engine(onnx_path, folder / f"engine_{profile}.plan", PROFILES[profile],
-                                      precision=ENGINE_PRECISION[opts.precision],
-                                      timing_cache=out / "timing.cache", in_channels=cfg.in_channels,
-                                      text_len=model.max_sequence_length, text_dim=cfg.text_dim)
-                info["engines"][profile] = str(engine.relative_to(out))
-                log(f"{name}: TensorRT engine {engine.name}")
+            engine = build_engine(onnx_path, folder / "engine.plan", [PROFILES[p] for p in opts.profiles],
+                                  precision=ENGINE_PRECISION[opts.precision],
+                                  timing_cache=out / "timing.cache", in_channels=cfg.in_channels,
+                                  text_len=model.max_sequence_length, text_dim=cfg.text_dim)
+            # profile -> file and -> optimization profile index (a manifest from before has one file per profile)
+            info["engines"] = {p: str(engine.relative_to(out)) for p in opts.profiles}
+            info["engine_profiles"] = {p: i for i, p in enumerate(opts.profiles)}
+            log(f"{name}: TensorRT engine {engine.name} (profiles {', '.join(opts.profiles)})")
     return info
 
 

@@ -1,4 +1,6 @@
-"""ONNX -> TensorRT engines, one per expert per resolution profile (TensorRT 10 and 11 Python API).
+"""ONNX -> TensorRT engines, one per expert holding one optimization profile per resolution bucket (TensorRT 10
+and 11 Python API): the weights exist once, on disk and on the GPU (an engine per bucket repeated an A14B expert's
+28 GB of BF16 weights per bucket), and each profile still gets the tactics timed for its own shapes.
 
 Networks are strongly typed: the engine's precision is the ONNX's types (a BF16 or FP16 export, or FP8 as
 explicit Q/DQ with our scales), never builder flags. TensorRT 11 removed BuilderFlag.FP16/BF16/FP8 (deprecated
@@ -14,7 +16,7 @@ stops after the ONNX stage with that message.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -107,7 +109,7 @@ def onnx_bytes(onnx_path: Path) -> int:
 
 def check_disk_space(onnx_path: Path, out_dir: Path, n_engines: int) -> int:
     """Fail before building when `n_engines` engines of this ONNX will not fit in `out_dir` (an A14B expert's
-    engine is about 28 GB in BF16, per profile). Returns the bytes needed."""
+    engine is about 28 GB in BF16). Returns the bytes needed."""
     per_engine = onnx_bytes(onnx_path)
     need, free = per_engine * n_engines, shutil.disk_usage(out_dir).free
     if need > free:
@@ -118,10 +120,15 @@ def check_disk_space(onnx_path: Path, out_dir: Path, n_engines: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ TensorRT
-def build_engine(onnx_path: Path, engine_path: Path, profile: Profile, precision: str = "bf16",
+def build_engine(onnx_path: Path, engine_path: Path, profiles: Profile | Sequence[Profile], precision: str = "bf16",
                  timing_cache: Path | None = None, in_channels: int = 36, text_len: int = 512, text_dim: int = 4096,
                  workspace_gb: float = 16.0, refittable: bool = True) -> Path:
-    """`precision` is what the ONNX's types must give (checked first); it sets no builder flag."""
+    """One engine with an optimization profile per entry of `profiles`, in order (the runtime selects one by its
+    index: manifest `engine_profiles`). `precision` is what the ONNX's types must give (checked first); it sets no
+    builder flag."""
+    profiles = [profiles] if isinstance(profiles, Profile) else list(profiles)
+    if not profiles:
+        raise ValueError("build_engine needs at least one profile")
     ok, why = tensorrt_available()
     if not ok:
         raise TensorRTUnavailable(why)
@@ -146,14 +153,16 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: Profile, precision
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, ignore_mismatch=False)
 
-    opt_profile = builder.create_optimization_profile()
-    for name, (mn, op, mx) in profile.input_shapes(in_channels, text_len, text_dim).items():
-        opt_profile.set_shape(name, mn, op, mx)
-    config.add_optimization_profile(opt_profile)
+    for profile in profiles:
+        opt_profile = builder.create_optimization_profile()
+        for name, (mn, op, mx) in profile.input_shapes(in_channels, text_len, text_dim).items():
+            opt_profile.set_shape(name, mn, op, mx)
+        config.add_optimization_profile(opt_profile)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build {engine_path.name} for profile {profile.name}")
+        raise RuntimeError(f"TensorRT failed to build {engine_path.name} for profiles "
+                           f"{', '.join(p.name for p in profiles)}")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(bytes(serialized))
     if timing_cache is not None:

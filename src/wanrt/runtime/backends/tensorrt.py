@@ -1,8 +1,12 @@
-"""TensorRT backend: the engines `wanrt build` made, one per expert per shape profile (TensorRT 10 and 11 API).
+"""TensorRT backend: the engines `wanrt build` made, one per expert with an optimization profile per resolution
+bucket (TensorRT 10 and 11 API).
 
 Inputs and outputs stay torch CUDA tensors (addresses handed to the execution context), run on torch's
 current stream, so the pipeline around it is unchanged. The profile is chosen per request from the latent
-shape. Chosen only when `tensorrt` imports and artifacts with engines are given.
+shape and selected on the expert's one execution context (its activation memory follows the profile in use).
+Artifacts from before (an engine file per profile) still run, one file per expert on the GPU at a time: the
+others are dropped before another is loaded, as each holds the expert's weights again. Chosen only when
+`tensorrt` imports and artifacts with engines are given.
 
 The engines embed the experts' weights, so the torch experts are released once the engine files are found
 (`release_torch_experts`): an A14B expert is 28 GB in BF16, and an engine loaded beside both torch experts
@@ -68,20 +72,51 @@ class TensorRTBackend:
         if missing:
             raise FileNotFoundError(f"TensorRT engines listed in the manifest are missing: {', '.join(missing)}")
         self.profiles = list(manifest["profiles"])
-        self._loaded: dict[tuple[str, str], tuple] = {}
+        # profile -> optimization profile index within its engine file (absent: one file per profile, index 0)
+        self.profile_index = {name: info.get("engine_profiles", {}) for name, info in manifest["experts"].items()}
+        self._loaded: dict[str, list] = {}  # engine file -> [engine, execution context, selected profile index]
+        self.loads = 0  # engine deserializations (each reads and uploads a whole expert)
         # An expert without engines would still run in torch; the others' weights live in the engines.
         self.released = [] if model is None or keep_torch_experts else [n for n, f in self.engine_files.items() if f]
         self.released_bytes = release_torch_experts(model, self.released) if self.released else 0
 
+    @property
+    def expert_bytes(self) -> dict[str, int]:
+        """The device bytes each expert's engine holds (its largest file: one is loaded at a time), for the
+        memory ledger: the torch experts it replaces count 0 once released."""
+        return {e: max((self.artifacts / f).stat().st_size for f in files.values())
+                for e, files in self.engine_files.items() if files}
+
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+
     def _context(self, expert: str, profile: str):
-        key = (expert, profile)
-        if key not in self._loaded:
-            path = self.artifacts / self.engine_files[expert][profile]
-            engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        """(engine, context) for `expert` with `profile` selected: the engine file is loaded once (after this
+        expert's other file, from an engine-per-profile build, is dropped) and the profile switched on its
+        context only when it changes."""
+        path = self.engine_files[expert][profile]
+        index = int(self.profile_index[expert].get(profile, 0))
+        loaded = self._loaded.get(path)
+        if loaded is None:
+            for other in set(self.engine_files[expert].values()) - {path}:
+                self._loaded.pop(other, None)  # context, then engine, freed with the list: one copy of the weights
+            engine = self.runtime.deserialize_cuda_engine((self.artifacts / path).read_bytes())
             if engine is None:
-                raise RuntimeError(f"TensorRT could not load {path} (built for another GPU or TensorRT version?)")
-            self._loaded[key] = (engine, engine.create_execution_context())
-        return self._loaded[key]
+                raise RuntimeError(f"TensorRT could not load {self.artifacts / path} (built for another GPU or "
+                                   "TensorRT version?)")
+            self.loads += 1
+            if index >= engine.num_optimization_profiles:
+                raise RuntimeError(f"{self.artifacts / path} has {engine.num_optimization_profiles} optimization "
+                                   f"profile(s); the manifest puts {profile!r} at index {index}")
+            strategy = getattr(getattr(self.trt, "ExecutionContextAllocationStrategy", None), "ON_PROFILE_CHANGE", None)
+            ctx = engine.create_execution_context() if strategy is None else engine.create_execution_context(strategy)
+            loaded = self._loaded[path] = [engine, ctx, None]
+        engine, ctx, selected = loaded
+        if selected != index:
+            if not ctx.set_optimization_profile_async(index, self._stream()):
+                raise RuntimeError(f"TensorRT could not select profile {profile!r} (index {index}) of {path}")
+            loaded[2] = index
+        return engine, ctx
 
     @torch.inference_mode()
     def denoise(self, expert: str, latent_input: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -98,11 +133,12 @@ class TensorRTBackend:
         out = torch.empty(tuple(ctx.get_tensor_shape(out_name)), device=self.device,
                           dtype=_torch_dtype(self.trt, engine.get_tensor_dtype(out_name)))
         ctx.set_tensor_address(out_name, out.data_ptr())
-        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+        if not ctx.execute_async_v3(self._stream()):
             raise RuntimeError(f"TensorRT execution failed for the {expert}-noise expert ({profile} profile)")
         return out.to(latent_input.dtype)
 
     def describe(self) -> dict:
+        files = {e: sorted(set(f.values())) for e, f in self.engine_files.items()}
         return {"backend": "tensorrt", "engines": {e: sorted(p) for e, p in self.engine_files.items()},
-                "loaded": sorted(f"{e}/{p}" for e, p in self._loaded),
+                "engine_files": files, "loaded": sorted(self._loaded), "engine_loads": self.loads,
                 "torch_experts_released": {"experts": self.released, "gb": round(self.released_bytes / 1e9, 2)}}
