@@ -81,3 +81,49 @@ def test_serving_defaults_keep_graphs_and_autotune_opt_in():
     s = Settings.from_env({})
     assert (s.cudagraphs, s.autotune, s.compile_scope) == (False, False, "blocks")
     assert Settings.from_env({"WANRT_CUDAGRAPHS": "1", "WANRT_AUTOTUNE": "1"}).cudagraphs is True
+
+
+def test_the_same_seed_gives_the_same_mp4_bytes_in_another_process(tmp_path):
+    """`seed` is for reproducibility: two processes, same request, same bytes (noise from a CPU generator, no
+    kernel chosen by timing on the CPU); --deterministic keeps them; another seed changes them."""
+    def clip(name, *extra):
+        out = tmp_path / f"{name}.mp4"
+        r = wanrt("generate", "--image", str(ASSET), "--prompt", "a cat", "--width", "256", "--height", "256",
+                  "--frames", "16", "--steps", "2", "--out", str(out), *extra)
+        assert r.returncode == 0, r.stderr
+        return out.read_bytes()
+
+    first = clip("a", "--seed", "7")
+    assert clip("b", "--seed", "7", "--deterministic") == first
+    assert clip("c", "--seed", "8") != first
+
+
+DETERMINISTIC_CHECK = """
+import dataclasses, torch
+from wanrt.config import Settings
+from wanrt.runtime import attention
+from wanrt.runtime.factory import build_runtime
+from wanrt.runtime.vae import decode_format
+assert decode_format("cuda", "auto").cudnn_benchmark  # the default: kernels chosen by timing
+try:
+    build_runtime(Settings(device="cpu", backend="compiled", deterministic=True, autotune=True))
+    raise SystemExit("autotune was accepted")
+except ValueError as e:
+    assert "autotune" in str(e)
+pipe = build_runtime(Settings(device="cpu", backend="compiled", compile=False, deterministic=True))
+assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+fmt = decode_format("cuda", "auto")
+assert fmt.dtype == torch.bfloat16 and fmt.channels_last and not fmt.cudnn_benchmark
+backend = pipe.backend.inner
+backend.attention = dataclasses.replace(backend.attention, measure=attention.HOPPER_CANDIDATES)  # as on an H100
+x = torch.randn(2, 36, 3, 8, 8)
+assert backend._attention_plan("high", x) is backend.attention and not backend.stats.attention_measured
+print("ok")
+"""
+
+
+def test_deterministic_turns_off_every_choice_made_by_timing():
+    """--deterministic: no cudnn.benchmark in the bf16 VAE decode, attn=auto measures nothing, autotune refused,
+    torch's deterministic algorithms on (its own process: the switches are process-wide)."""
+    r = subprocess.run([sys.executable, "-c", DETERMINISTIC_CHECK], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

@@ -65,6 +65,10 @@ class Settings:
                                       _list, RUN)
     scheduler: str = setting("unipc", "sampler (unipc is upstream's)", cli=RUN, choices=("unipc", "euler"))
     artifacts: str | None = setting(None, "a `wanrt build` output dir: fused (and quantized) experts", cli=RUN)
+    deterministic: bool = setting(False, "same seed, settings, GPU and software -> the same MP4 bytes across processes: "
+                                  "no kernel chosen by timing (cudnn.benchmark in the VAE decode, attn=auto's "
+                                  "measurement, Inductor's benchmarking; refused with autotune), deterministic "
+                                  "cuDNN/cuBLAS algorithms; some speed is lost", _bool, RUN)
     vae_dtype: str = setting("auto", "VAE decode precision: auto = bf16 with channels_last_3d on CUDA, the model dtype "
                              "elsewhere", cli=RUN, choices=("auto", "bf16", "fp32"))
     # --- LoRAs per request ---

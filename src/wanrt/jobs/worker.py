@@ -96,6 +96,7 @@ class Worker:
             backend = pipeline.backend
             info = {"state": state, "pid": os.getpid(), "device": str(pipeline.device), "dtype": str(pipeline.dtype),
                     "model": self.settings.model, "jobs_done": self.jobs_done, "warmup_s": self.warmup_s,
+                    "deterministic": self.settings.deterministic,
                     "backend": backend.describe() if hasattr(backend, "describe") else {"backend": getattr(backend, "name", "?")},
                     "memory": worker_memory_info(pipeline)}  # tier, plan, capacity (the API's 422 reads it), projection
             if job_id is not None:

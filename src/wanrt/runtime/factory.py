@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 from wanrt.model.components import EULER_SCHEDULER_CONFIG
@@ -53,12 +54,31 @@ from wanrt.runtime.pipeline import WanI2VPipeline
 log = logging.getLogger("wanrt.memory")
 
 
+def make_deterministic() -> None:
+    """settings.deterministic, for this process: torch's own switches, which the runtime reads where it would
+    otherwise choose a kernel by timing (vae.decode_format: no cudnn.benchmark; the compiled backend: attn=auto
+    measures nothing). Call before the first cuBLAS call (the workspace setting is read then)."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic reductions
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns, runs
+    if hasattr(inductor_config, "deterministic"):  # no on-device benchmarking that changes numerics
+        inductor_config.deterministic = True
+
+
 def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | None = None,
                   ledger=None) -> WanI2VPipeline:
     """Model + memory plan + backend + pipeline for these settings. free_bytes / host_bytes: the budgets to plan
     for (default: asked from CUDA and the OS; on CPU unbounded). ledger: a DeviceLedger to count into."""
     import torch
 
+    if settings.deterministic:
+        if settings.autotune:
+            raise ValueError("deterministic and autotune do not go together: autotuning picks GEMM kernels by "
+                             "timing, and another process may pick others")
+        make_deterministic()
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     requested = normalize_tier(settings.memory)
     compiled, tensorrt = settings.backend == "compiled", settings.backend == "tensorrt"

@@ -23,7 +23,8 @@ the VAE's own dtype. Frame PSNR of bf16 against fp32 (uint8 frames): 42.3-43.3 d
 CPU (tests/test_vae_decode.py holds it above 40 dB); the real Wan 2.1 VAE's figure needs a GPU and its weights
 (benchmarks/bench_vae.py --model <dir> --device cuda): under 40 dB there, vae_dtype=fp32 is the way back.
 With cudnn.benchmark the kernels are chosen by timing, once per shape and process: bf16 frames are repeatable
-within a process, not guaranteed bit-identical across processes (fp32 is diffusers' decode, unchanged).
+within a process, not guaranteed bit-identical across processes (fp32 is diffusers' decode, unchanged), unless
+settings.deterministic turns cudnn.benchmark off (factory.make_deterministic; read here from torch's own switch).
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ def decode_format(device, vae_dtype: str = "auto", own_dtype: torch.dtype = torc
     else:
         raise ValueError(f"vae_dtype must be auto, bf16 or fp32, not {vae_dtype!r}")
     fast = cuda and dtype == torch.bfloat16
-    return DecodeFormat(dtype, channels_last=fast, cudnn_benchmark=fast)
+    # settings.deterministic (factory.make_deterministic) turns cudnn.benchmark's choice-by-timing off
+    return DecodeFormat(dtype, channels_last=fast, cudnn_benchmark=fast and not torch.backends.cudnn.deterministic)
 
 
 @contextlib.contextmanager

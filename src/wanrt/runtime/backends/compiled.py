@@ -248,6 +248,8 @@ class CompiledBackend:
         self._measured: dict[str, attention.AttentionPlan] = {}  # attn=auto on Hopper: per self-attention shape
         self.attention = attention.resolve(attn, device, heads=heads, head_dim=head_dim)
         self.stats.attention, self.stats.attention_reason = self.attention.kernel, self.attention.reason
+        if self.attention.measure and torch.are_deterministic_algorithms_enabled():
+            self.stats.attention_reason = f"{self.attention.kernel}: not measured (deterministic)"
         if attn == "cudnn_fp8":  # refused here (ValueError) before any weight is touched
             self.stats.fp8_attention_psnr_db = attention.build_fp8_attention(
                 device, fp8_attention_min_psnr_db, heads=heads, head_dim=head_dim)
@@ -315,7 +317,7 @@ class CompiledBackend:
     def _attention_plan(self, expert: str, latent_input: torch.Tensor) -> attention.AttentionPlan:
         """The plan for this input's self-attention shape: `auto` on Hopper times its kernels at the first call of
         each shape (once per process, before any compile or capture of it) and runs the faster."""
-        if not self.attention.measure:
+        if not self.attention.measure or torch.are_deterministic_algorithms_enabled():  # deterministic: no timing
             return self.attention
         b, heads, tokens = self.attention_shape(expert, latent_input)
         key = f"b{b}:{tokens}" if heads == self._heads else f"b{b}:{tokens}:h{heads}"
