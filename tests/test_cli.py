@@ -112,6 +112,7 @@ except ValueError as e:
     assert "autotune" in str(e)
 pipe = build_runtime(Settings(device="cpu", backend="compiled", compile=False, deterministic=True))
 assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+assert not torch.utils.deterministic.fill_uninitialized_memory  # no NaN fill of every output buffer
 fmt = decode_format("cuda", "auto")
 assert fmt.dtype == torch.bfloat16 and fmt.channels_last and not fmt.cudnn_benchmark
 backend = pipe.backend.inner

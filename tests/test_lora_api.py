@@ -194,7 +194,10 @@ def test_queued_jobs_say_why_they_wait(tmp_path):
         try:
             done = srv.wait_status(plain)
             assert done["status"] == "completed" and "waiting" not in done
-            body = c.get(f"/status/{lora}").json()
+            deadline = time.time() + 10  # /status re-reads the workers' reports at most once a second
+            while "no worker has reported" in (body := c.get(f"/status/{lora}").json())["waiting"] and \
+                    time.time() < deadline:
+                time.sleep(0.2)
             assert body["status"] == "queued" and body["queue_position"] == 1
             assert "no live worker serves LoRAs" in body["waiting"] and "--lora-dir" in body["waiting"]
             # and a new LoRA request is refused up front now that the workers have said what they serve

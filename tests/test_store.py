@@ -156,6 +156,29 @@ def test_worker_reports(store):
     assert workers[1]["backend"]["dynamo_graphs"] == 4 and workers[0]["updated_at"] > 0
 
 
+def test_expire_drops_worker_reports_not_refreshed_for_the_ttl(store):
+    """Worker ids are per process (host-pid): without pruning, every restart leaves a report behind, and /status
+    reads them all. A report refreshed within the TTL (and never one younger than LIVE_REPORT_S) stays."""
+    import json
+
+    from wanrt.lora_request import LIVE_REPORT_S
+
+    store.report_worker("live", {"state": "idle"})
+    store.report_worker("gone", {"state": "idle"})
+    store.report_worker("recent", {"state": "idle"})
+    old, recent = time.time() - 3 * LIVE_REPORT_S, time.time() - LIVE_REPORT_S / 2
+    if isinstance(store, SqliteJobStore):
+        store._write("UPDATE workers SET updated_at=? WHERE id='gone'", (old,))
+        store._write("UPDATE workers SET updated_at=? WHERE id='recent'", (recent,))
+    else:
+        store.r.hset("wanrt:workers", mapping={"gone": json.dumps({"state": "idle", "updated_at": old}),
+                                               "recent": json.dumps({"state": "idle", "updated_at": recent})})
+    store.expire(1.0)  # a short TTL still keeps what the API counts as live
+    assert [w["id"] for w in store.workers()] == ["live", "recent"]
+    store.expire(24 * 3600)
+    assert [w["id"] for w in store.workers()] == ["live", "recent"]
+
+
 # ---------------------------------------------------------------------- one protocol, bounded reads, new methods
 PROTOCOL_METHODS = sorted(n for n, v in vars(JobStore).items() if callable(v) and not n.startswith("_"))
 

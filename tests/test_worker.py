@@ -3,6 +3,8 @@
 import threading
 import time
 
+import pytest
+
 from wanrt.config import Settings
 from wanrt.jobs.paths import DataPaths
 from wanrt.jobs.store import SqliteJobStore
@@ -108,7 +110,21 @@ def test_an_idle_or_busy_worker_keeps_its_report_fresh(tmp_path, tiny_pipeline, 
     settings = Settings(data_dir=tmp_path, heartbeat_s=0.2)
     paths = DataPaths(tmp_path).ensure()
     store = SqliteJobStore(paths.db)
-    worker = Worker(settings, "w", store=store, pipeline=tiny_pipeline)
+    class Held:
+        """The tiny pipeline, whose generate waits for `go`: the test decides how long the job keeps it busy."""
+
+        def __init__(self, pipeline):
+            self._pipeline, self.go = pipeline, threading.Event()
+
+        def __getattr__(self, name):
+            return getattr(self._pipeline, name)
+
+        def generate(self, *args, **kwargs):
+            self.go.wait(60)
+            return self._pipeline.generate(*args, **kwargs)
+
+    held = Held(tiny_pipeline)
+    worker = Worker(settings, "w", store=store, pipeline=held)
     t = threading.Thread(target=worker.run, kwargs={"poll_s": 0.05, "max_jobs": 1})
     t.start()
 
@@ -124,13 +140,44 @@ def test_an_idle_or_busy_worker_keeps_its_report_fresh(tmp_path, tiny_pipeline, 
     first = report(lambda w: w["state"] == "idle")
     later = report(lambda w: w["updated_at"] >= first["updated_at"] + 0.25)  # idle, nothing happened: re-sent
     assert later["state"] == "idle" and "job_id" not in later
-    job_id = queue_job(paths, store, frames=65, steps=4)
+    job_id = queue_job(paths, store)
     busy = report(lambda w: w["state"] == "busy")
     assert busy["job_id"] == job_id
-    busy_later = report(lambda w: w["updated_at"] >= busy["updated_at"] + 0.25 or w["state"] != "busy")
-    assert busy_later["state"] == "busy" and busy_later["job_id"] == job_id, "the job ran out before a re-send"
+    busy_later = report(lambda w: w["updated_at"] >= busy["updated_at"] + 0.25)  # the job is held: re-sent
+    assert busy_later["state"] == "busy" and busy_later["job_id"] == job_id
+    held.go.set()
     t.join(120)
     assert store.get(job_id).status == "completed"
     stopped = store.workers()[0]
     time.sleep(0.4)
     assert stopped["state"] == "stopped" and store.workers()[0]["updated_at"] == stopped["updated_at"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # slot 1's, on purpose
+def test_a_claim_the_store_cannot_answer_is_retried_and_a_dead_slot_says_stopped(tmp_path, tiny_pipeline, monkeypatch):
+    """A store that fails a claim for a while (SQLite locked, Redis restarting) costs a retry, not the slot; a slot
+    whose loop dies anyway reports 'stopped' (else the reporter would re-send it as live for ever)."""
+    import sqlite3
+
+    class Flaky(SqliteJobStore):
+        claim_failures = 2
+
+        def claim(self, *args, **kwargs):
+            if self.claim_failures:
+                self.claim_failures -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return super().claim(*args, **kwargs)
+
+        def release_orphans(self, worker_id):
+            if worker_id.endswith("/1"):
+                raise RuntimeError("slot 1 cannot start")
+            return super().release_orphans(worker_id)
+
+    monkeypatch.setattr(Worker, "CLAIM_BACKOFF_S", (0.01, 0.05))
+    settings = Settings(data_dir=tmp_path, heartbeat_s=0.2, concurrency=2)
+    paths = DataPaths(tmp_path).ensure()
+    store = Flaky(paths.db)
+    job_id = queue_job(paths, store)
+    Worker(settings, "w", store=store, pipeline=tiny_pipeline).run(poll_s=0.01, max_jobs=1)
+    assert store.get(job_id).status == "completed" and store.claim_failures == 0
+    assert {w["id"]: w["state"] for w in store.workers()} == {"w": "stopped", "w/1": "stopped"}

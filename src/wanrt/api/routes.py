@@ -10,11 +10,13 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
 import time
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
@@ -56,6 +58,7 @@ from wanrt.jobs.webhooks import Target, WebhookRefused, parse_events, split_url
 from wanrt.lora_request import LIVE_REPORT_S, live_workers, parse_loras, published_loras, serves_loras
 from wanrt.params import FIELDS_BY_NAME, GenerateParams, ParamError
 
+log = logging.getLogger("wanrt.api")
 API_TITLE = "WAN 2.2-14B LoRAs Image-to-Video API"
 OPEN = {"open": True}
 MAX_OFFSET = 2**53  # larger offsets overflow SQLite's integers; no store holds that many jobs
@@ -301,15 +304,21 @@ def waiting_reason(job: Job, workers: list[dict], now: float) -> str | None:
 
 
 _WORKERS_MAX_AGE_S = 1.0  # /status re-reads the workers' reports at most this often (per store)
-_workers_read: dict[int, tuple[float, list[dict]]] = {}
+_workers_read: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # store -> (monotonic time, reports)
 
 
-def _recent_workers(store: JobStore) -> list[dict]:
-    """store.workers(), at most one read per _WORKERS_MAX_AGE_S: /status under load must not read it per batch."""
-    at, workers = _workers_read.get(id(store), (-1e9, []))
+def _recent_workers(store: JobStore) -> list[dict] | None:
+    """store.workers(), at most one read per _WORKERS_MAX_AGE_S (/status under load must not read it per batch);
+    None when the store could not answer (then /status says nothing of waiting rather than fail)."""
+    at, workers = _workers_read.get(store, (-1e9, None))
     if time.monotonic() - at > _WORKERS_MAX_AGE_S:
-        workers = store.workers()
-        _workers_read[id(store)] = (time.monotonic(), workers)
+        _workers_read[store] = (time.monotonic(), workers)  # the other store threads keep the last read meanwhile
+        try:
+            workers = store.workers()
+        except Exception as e:
+            log.warning("/status: could not read the workers' reports (%s: %s)", type(e).__name__, e)
+            workers = None
+        _workers_read[store] = (time.monotonic(), workers)
     return workers
 
 
@@ -317,11 +326,12 @@ def status_bodies(store: JobStore, paths: DataPaths, job_ids: list[str]) -> list
     """The /status bodies of several jobs (None for an unknown job): one store read for all and, when one is
     queued, the workers' reports (for `waiting`)."""
     found = store.get_with_positions(job_ids)
-    workers = _recent_workers(store) if any(job is not None and job.status == "queued" for job, _ in found) else []
+    workers = _recent_workers(store) if any(job is not None and job.status == "queued" for job, _ in found) else None
     now, out = time.time(), []
     for job, position in found:
         body = None if job is None else job_status(job, paths, position)
-        if body is not None and job.status == "queued" and (why := waiting_reason(job, workers, now)):
+        if body is not None and workers is not None and job.status == "queued" and \
+                (why := waiting_reason(job, workers, now)):
             body["waiting"] = why
         out.append(body)
     return out

@@ -83,7 +83,8 @@ class JobStore(Protocol):
 
     def expire(self, older_than_s: float) -> list[Job]:
         """Remove finished jobs older than the TTL (and deleted jobs whose worker died that long ago); returns
-        them so the caller deletes their files."""
+        them so the caller deletes their files. Worker reports not refreshed for the TTL (at least
+        lora_request.LIVE_REPORT_S) go too."""
         ...
 
     def wait_for_change(self, job_id: str, timeout: float) -> None:

@@ -38,7 +38,7 @@ from wanrt.jobs.store import (
     usage_bucket,
     usage_summary,
 )
-from wanrt.lora_request import pick_next
+from wanrt.lora_request import LIVE_REPORT_S, pick_next
 
 P = "wanrt"
 STREAM, GROUP = f"{P}:queue", "workers"
@@ -427,6 +427,21 @@ return 1
 """
 
 # Finished deliveries a TTL after their last attempt. ARGV: cutoff, limit. Returns how many were scanned.
+# Worker reports not refreshed since ARGV[1] (workers re-report every 30 s while they run): each report is one
+# JSON value with its updated_at; a report refreshed meanwhile stays (read and removed in one step)
+_EXPIRE_WORKERS = """
+local key, removed = P .. ':workers', 0
+local all = redis.call('HGETALL', key)
+for i = 1, #all, 2 do
+  local ok, info = pcall(cjson.decode, all[i + 1])
+  if not ok or type(info) ~= 'table' or (tonumber(info['updated_at']) or 0) < tonumber(ARGV[1]) then
+    redis.call('HDEL', key, all[i])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
 _EXPIRE_WEBHOOKS = """
 local done = P .. ':webhooks:done'
 local ids = redis.call('ZRANGEBYSCORE', done, '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
@@ -493,6 +508,7 @@ class RedisJobStore:
             ("heartbeat", _HEARTBEAT), ("delete", _DELETE), ("cancel", _CANCEL), ("release", _RELEASE),
             ("expire", _EXPIRE), ("migrate", _MIGRATE), ("usage", _USAGE), ("claim_webhooks", _CLAIM_WEBHOOKS),
             ("finish_webhook", _FINISH_WEBHOOK), ("expire_webhooks", _EXPIRE_WEBHOOKS), ("summaries", _SUMMARIES),
+            ("expire_workers", _EXPIRE_WORKERS),
             ("window", _WINDOW), ("take_pick", _TAKE_PICK), ("statuses", _STATUSES))}
         self._run("migrate", time.time())
         self._entry: dict[str, str] = {}  # job id -> stream entry id, for this process's running jobs
@@ -676,6 +692,7 @@ class RedisJobStore:
                 break
         while int(self._run("expire_webhooks", cutoff, self.EXPIRE_BATCH)) >= self.EXPIRE_BATCH:
             pass
+        self._run("expire_workers", time.time() - max(older_than_s, LIVE_REPORT_S))
         return out
 
     # ------------------------------------------------------------------ worker side

@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wanrt.lora_request import pick_next
+from wanrt.lora_request import LIVE_REPORT_S, pick_next
 
 MAX_ATTEMPTS = 3
 CAPABLE_WINDOW = 64  # queued jobs a worker without LoRA slots looks through for one it can run
@@ -508,6 +508,9 @@ class SqliteJobStore:
         # finished deliveries go a TTL after their last attempt (next_at is set to that time when they finish)
         self._write("DELETE FROM webhook_deliveries WHERE state IN ('delivered','failed','dropped') AND next_at < ?",
                     (cutoff,))
+        # worker reports not refreshed for that long (workers re-report every 30 s while they run): ids are per
+        # process, so restarts would pile them up, and /status reads them all
+        self._write("DELETE FROM workers WHERE updated_at < ?", (time.time() - max(older_than_s, LIVE_REPORT_S),))
         return out + [Job.from_row(r) for r in rows]
 
     # ------------------------------------------------------------------ worker side

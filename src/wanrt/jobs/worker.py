@@ -105,8 +105,8 @@ class Worker:
                 info["loras"] = pipeline.loras.describe()
             self.store.report_worker(worker_id, info)
             return True
-        except Exception:  # a report read mid-update by a job's thread, or the store away: the next one is soon
-            log.exception("could not report worker state")
+        except Exception as e:  # a report read mid-update by a job's thread, or the store away: the next one is soon
+            log.warning("%s: could not report its state (%s: %s)", worker_id, type(e).__name__, e)
             return False
 
     def _keep_reporting(self, every_s: float, done: threading.Event) -> None:
@@ -119,15 +119,32 @@ class Worker:
 
     def _slot_loop(self, pipeline, poll_s: float, max_jobs: int | None, slot: int) -> None:
         worker_id = self.worker_id if slot == 0 else f"{self.worker_id}/{slot}"
+        try:
+            self._claim_loop(pipeline, poll_s, max_jobs, slot, worker_id)
+        finally:  # also when the loop raised: a slot that is gone must not be re-reported as live
+            self._report(worker_id, pipeline, "stopped")
+
+    CLAIM_BACKOFF_S = (0.5, 10.0)  # first and longest wait after a claim the store could not answer
+
+    def _claim_loop(self, pipeline, poll_s: float, max_jobs: int | None, slot: int, worker_id: str) -> None:
         if slot:
             self.store.release_orphans(worker_id)
         self._report(worker_id, pipeline, "idle")
-        scanned = time.monotonic()
+        scanned, backoff = time.monotonic(), 0.0
         while not self.shutdown.is_set():
             with self._lock:
                 if max_jobs is not None and self.jobs_done >= max_jobs:
                     break
-            job = self.store.claim(worker_id, self.settings.lease_s, device=str(pipeline.device), **self._affinity(pipeline))
+            try:
+                job = self.store.claim(worker_id, self.settings.lease_s, device=str(pipeline.device),
+                                       **self._affinity(pipeline))
+            except Exception as e:  # the store away for a while (Redis restarting, SQLite locked): wait, retry
+                first, longest = self.CLAIM_BACKOFF_S
+                backoff = min(longest, backoff * 2 or first)
+                log.warning("%s: claim failed (%s: %s); retrying in %.1f s", worker_id, type(e).__name__, e, backoff)
+                self.shutdown.wait(backoff)
+                continue
+            backoff = 0.0
             if job is None:
                 if slot == 0 and time.monotonic() - scanned >= self.settings.lora_rescan_s:
                     scanned = time.monotonic()
@@ -140,7 +157,6 @@ class Worker:
             with self._lock:
                 self.jobs_done += 1
             self._report(worker_id, pipeline, "idle")
-        self._report(worker_id, pipeline, "stopped")
 
     @staticmethod
     def _clone_for_concurrency(pipeline):

@@ -61,11 +61,19 @@ def make_deterministic() -> None:
     import torch
     import torch._inductor.config as inductor_config
 
+    if torch.cuda.is_initialized() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        log.warning("deterministic: CUDA was used before the runtime was built; cuBLAS may keep its default "
+                    "workspace (set CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment)")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic reductions
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns, runs
+    # deterministic algorithms also fill every torch.empty with NaN: output buffers are written in full anyway
+    torch.utils.deterministic.fill_uninitialized_memory = False
     if hasattr(inductor_config, "deterministic"):  # no on-device benchmarking that changes numerics
         inductor_config.deterministic = True
+    else:
+        log.warning("deterministic: this torch %s has no Inductor deterministic mode: compiled kernels may still be "
+                    "chosen by timing (use compile=False or torch >= 2.8)", torch.__version__)
 
 
 def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | None = None,

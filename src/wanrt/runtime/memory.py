@@ -868,9 +868,9 @@ class TieredBackend:
         if self.on_inner is not None:
             self.on_inner(self.inner)
         if tier == "resident":  # as the surgery left them (the inner backend may run copies: it counts the model's)
-            replaced = getattr(self.inner, "expert_bytes", {})  # TensorRT: engines hold the released experts' weights
-            for name, module in model.experts.items():
-                self._place(f"expert_{name}", replaced.get(name, module_bytes(module)))
+            engines = getattr(self.inner, "expert_bytes", {})  # TensorRT: engines hold the (released) experts' weights
+            for name, module in model.experts.items():  # a released expert counts 0, a kept one its own bytes too
+                self._place(f"expert_{name}", engines.get(name, 0) + module_bytes(module))
         experts = {n: getattr(m, "_orig_mod", m) for n, m in model.experts.items()}
         if tier == "swap":
             self.swapper = ExpertSwapper(experts, device, log=self.log, ledger=self.ledger, part="expert")

@@ -15,6 +15,7 @@ would not fit an 80 GB card. `keep_torch_experts=True` keeps them (e.g. to compa
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -75,6 +76,9 @@ class TensorRTBackend:
         # profile -> optimization profile index within its engine file (absent: one file per profile, index 0)
         self.profile_index = {name: info.get("engine_profiles", {}) for name, info in manifest["experts"].items()}
         self._loaded: dict[str, list] = {}  # engine file -> [engine, execution context, selected profile index]
+        # Concurrency slots share this backend: a context's profile, shapes and addresses are set and enqueued as
+        # one step (the enqueue is asynchronous, so the lock is held for microseconds of host work)
+        self._lock = threading.Lock()
         self.loads = 0  # engine deserializations (each reads and uploads a whole expert)
         # An expert without engines would still run in torch; the others' weights live in the engines.
         self.released = [] if model is None or keep_torch_experts else [n for n, f in self.engine_files.items() if f]
@@ -98,8 +102,11 @@ class TensorRTBackend:
         index = int(self.profile_index[expert].get(profile, 0))
         loaded = self._loaded.get(path)
         if loaded is None:
-            for other in set(self.engine_files[expert].values()) - {path}:
-                self._loaded.pop(other, None)  # context, then engine, freed with the list: one copy of the weights
+            others = [f for f in set(self.engine_files[expert].values()) - {path} if f in self._loaded]
+            if others and self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # its last enqueue may still be running
+            for other in others:
+                self._loaded.pop(other)  # context, then engine, freed with the list: one copy of the weights
             engine = self.runtime.deserialize_cuda_engine((self.artifacts / path).read_bytes())
             if engine is None:
                 raise RuntimeError(f"TensorRT could not load {self.artifacts / path} (built for another GPU or "
@@ -108,9 +115,7 @@ class TensorRTBackend:
             if index >= engine.num_optimization_profiles:
                 raise RuntimeError(f"{self.artifacts / path} has {engine.num_optimization_profiles} optimization "
                                    f"profile(s); the manifest puts {profile!r} at index {index}")
-            strategy = getattr(getattr(self.trt, "ExecutionContextAllocationStrategy", None), "ON_PROFILE_CHANGE", None)
-            ctx = engine.create_execution_context() if strategy is None else engine.create_execution_context(strategy)
-            loaded = self._loaded[path] = [engine, ctx, None]
+            loaded = self._loaded[path] = [engine, self._new_context(engine), None]
         engine, ctx, selected = loaded
         if selected != index:
             if not ctx.set_optimization_profile_async(index, self._stream()):
@@ -118,23 +123,37 @@ class TensorRTBackend:
             loaded[2] = index
         return engine, ctx
 
+    def _new_context(self, engine):
+        """An execution context whose activation memory is allocated for the profile in use (ON_PROFILE_CHANGE,
+        TensorRT 10+), else TensorRT's default (sized for the largest profile)."""
+        strategy = getattr(getattr(self.trt, "ExecutionContextAllocationStrategy", None), "ON_PROFILE_CHANGE", None)
+        if strategy is not None:
+            try:
+                return engine.create_execution_context(strategy)
+            except TypeError:  # a binding without the strategy overload (IRuntimeConfig only)
+                pass
+        return engine.create_execution_context()
+
     @torch.inference_mode()
     def denoise(self, expert: str, latent_input: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         _, _, f, h, w = latent_input.shape
         profile = select_profile(f, h, w, self.profiles).name
-        engine, ctx = self._context(expert, profile)
-        feeds = {}
-        for name, tensor in zip(INPUT_NAMES, (latent_input, timestep, context), strict=True):
-            t = tensor.to(self.device, _torch_dtype(self.trt, engine.get_tensor_dtype(name))).contiguous()
-            ctx.set_input_shape(name, tuple(t.shape))
-            ctx.set_tensor_address(name, t.data_ptr())
-            feeds[name] = t  # keep alive until the stream has run
-        out_name = OUTPUT_NAMES[0]
-        out = torch.empty(tuple(ctx.get_tensor_shape(out_name)), device=self.device,
-                          dtype=_torch_dtype(self.trt, engine.get_tensor_dtype(out_name)))
-        ctx.set_tensor_address(out_name, out.data_ptr())
-        if not ctx.execute_async_v3(self._stream()):
-            raise RuntimeError(f"TensorRT execution failed for the {expert}-noise expert ({profile} profile)")
+        with self._lock:
+            engine, ctx = self._context(expert, profile)
+            feeds = {}
+            for name, tensor in zip(INPUT_NAMES, (latent_input, timestep, context), strict=True):
+                t = tensor.to(self.device, _torch_dtype(self.trt, engine.get_tensor_dtype(name))).contiguous()
+                if ctx.set_input_shape(name, tuple(t.shape)) is False:
+                    raise ValueError(f"{name} {tuple(t.shape)} is outside the {profile} profile of the {expert}-noise "
+                                     "engine (see the manifest's profiles)")
+                ctx.set_tensor_address(name, t.data_ptr())
+                feeds[name] = t  # keep alive until the stream has run
+            out_name = OUTPUT_NAMES[0]
+            out = torch.empty(tuple(ctx.get_tensor_shape(out_name)), device=self.device,
+                              dtype=_torch_dtype(self.trt, engine.get_tensor_dtype(out_name)))
+            ctx.set_tensor_address(out_name, out.data_ptr())
+            if not ctx.execute_async_v3(self._stream()):
+                raise RuntimeError(f"TensorRT execution failed for the {expert}-noise expert ({profile} profile)")
         return out.to(latent_input.dtype)
 
     def describe(self) -> dict:
