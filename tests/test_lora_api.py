@@ -189,6 +189,7 @@ def test_queued_jobs_say_why_they_wait(tmp_path):
         for job_id in (plain, lora):
             body = c.get(f"/status/{job_id}").json()
             assert body["status"] == "queued" and "no worker has reported" in body["waiting"], body
+        assert 'wanrt_workers_live{loras="no"} 0' in c.get("/metrics").text
         worker = subprocess.Popen([sys.executable, "-m", "wanrt.cli", "worker", "--worker-id", "plain"], env=srv.env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         try:
@@ -203,6 +204,9 @@ def test_queued_jobs_say_why_they_wait(tmp_path):
             # and a new LoRA request is refused up front now that the workers have said what they serve
             r = c.post("/generate", json={**TINY, "image_url": data_url(), "loras": [{"name": "style"}]})
             assert r.status_code == 422 and "serves no LoRAs" in r.json()["detail"]
+            metrics = c.get("/metrics").text  # what an alert on "jobs queued, nothing to run them" reads
+            assert 'wanrt_workers_live{loras="yes"} 0' in metrics and 'wanrt_workers_live{loras="no"} 1' in metrics
+            assert 'wanrt_worker_busy{worker="plain"' in metrics and "wanrt_worker_report_age_seconds{" in metrics
         finally:
             worker.terminate()
             worker.wait(30)

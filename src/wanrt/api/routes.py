@@ -847,6 +847,15 @@ def metrics_text(store: JobStore, dispatcher, started_at: float) -> str:
                   "# TYPE wanrt_webhook_attempts_total counter",
                   f'wanrt_webhook_attempts_total{{outcome="delivered"}} {dispatcher.sent}',
                   f'wanrt_webhook_attempts_total{{outcome="failed"}} {dispatcher.failed}']
+    now = time.time()
+    live = live_workers(workers, now)
+    lines += ["# HELP wanrt_workers_live Workers that reported in the last 120 s and have not stopped, by whether they "
+              "have LoRA slots (0 with jobs queued: nothing will run them).", "# TYPE wanrt_workers_live gauge",
+              f'wanrt_workers_live{{loras="yes"}} {sum(serves_loras(w) for w in live)}',
+              f'wanrt_workers_live{{loras="no"}} {sum(not serves_loras(w) for w in live)}',
+              "# HELP wanrt_worker_report_age_seconds Seconds since a worker's last report (re-sent every 30 s while "
+              "it runs).", "# TYPE wanrt_worker_report_age_seconds gauge",
+              "# HELP wanrt_worker_busy 1 while a worker runs a job.", "# TYPE wanrt_worker_busy gauge"]
     lines += ["# HELP wanrt_worker_jobs_done Jobs a worker has finished since it started.",
               "# TYPE wanrt_worker_jobs_done counter",
               "# HELP wanrt_worker_compiled_graphs torch.compile graphs a worker holds (a count that grows with"
@@ -862,6 +871,8 @@ def metrics_text(store: JobStore, dispatcher, started_at: float) -> str:
     for w in workers:
         label = f'worker="{w["id"]}",device="{w.get("device", "")}"'
         lines.append(f"wanrt_worker_jobs_done{{{label}}} {w.get('jobs_done', 0)}")
+        lines.append(f"wanrt_worker_report_age_seconds{{{label}}} {max(0.0, now - float(w.get('updated_at') or 0)):.1f}")
+        lines.append(f"wanrt_worker_busy{{{label}}} {1 if w.get('state') == 'busy' else 0}")
         backend = w.get("backend") or {}
         if "dynamo_graphs" in backend:
             lines.append(f"wanrt_worker_compiled_graphs{{{label}}} {backend['dynamo_graphs']}")
