@@ -15,16 +15,6 @@ def wanrt(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "wanrt.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_generate_writes_exact_frame_count(tmp_path):
-    out = tmp_path / "clip.mp4"
-    r = wanrt("generate", "--image", str(ASSET), "--prompt", "a cat turning its head", "--width", "256",
-              "--height", "256", "--frames", "18", "--fps", "12", "--steps", "2", "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["frames"] == 18 and summary["frames_generated"] == 21
-    assert probe_mp4(out) == {"frames": 18, "width": 256, "height": 256, "fps": 12.0, "codec": "h264", "pix_fmt": "yuv420p"}
-
-
 @pytest.mark.parametrize("flag,value,expected", [
     ("--steps", "30", "steps must be in 1-20"),
     ("--width", "300", "width must be divisible by 32"),
@@ -84,20 +74,26 @@ def test_serving_defaults_keep_graphs_and_autotune_opt_in():
     assert Settings.from_env({"WANRT_CUDAGRAPHS": "1", "WANRT_AUTOTUNE": "1"}).cudagraphs is True
 
 
-def test_the_same_seed_gives_the_same_mp4_bytes_in_another_process(tmp_path):
-    """`seed` is for reproducibility: two processes (run side by side), same request, same bytes (noise from a CPU
-    generator, no kernel chosen by timing on the CPU); --deterministic keeps them; another seed changes them."""
+def test_generate_writes_exact_frames_and_one_seed_gives_the_same_bytes_in_another_process(tmp_path):
+    """`wanrt generate` writes exactly the frames asked for (18 asked, 21 generated: 4k+1), and `seed` is for
+    reproducibility: two processes (side by side), same request, same bytes (noise from a CPU generator, no kernel
+    chosen by timing on the CPU); --deterministic keeps them; another seed changes them."""
     runs = {name: (tmp_path / f"{name}.mp4", extra) for name, extra in
             (("a", ("--seed", "7")), ("b", ("--seed", "7", "--deterministic")), ("c", ("--seed", "8")))}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one core each: side by side without oversubscribing
     procs = {name: subprocess.Popen([sys.executable, "-m", "wanrt.cli", "generate", "--image", str(ASSET), "--prompt",
-                                     "a cat", "--width", "256", "--height", "256", "--frames", "16", "--steps", "2",
-                                     "--out", str(out), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    env=env)
+                                     "a cat turning its head", "--width", "256", "--height", "256", "--frames", "18",
+                                     "--fps", "12", "--steps", "2", "--out", str(out), *extra],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
              for name, (out, extra) in runs.items()}
-    for proc in procs.values():
-        _, err = proc.communicate(timeout=300)
+    outputs = {}
+    for name, proc in procs.items():
+        outputs[name], err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()[-2000:]
+    summary = json.loads(outputs["a"].decode().strip().splitlines()[-1])
+    assert summary["frames"] == 18 and summary["frames_generated"] == 21 and summary["seed"] == 7
+    assert probe_mp4(runs["a"][0]) == {"frames": 18, "width": 256, "height": 256, "fps": 12.0, "codec": "h264",
+                                       "pix_fmt": "yuv420p"}
     a, b, c = (runs[n][0].read_bytes() for n in "abc")
     assert a == b and a != c
 
