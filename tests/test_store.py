@@ -179,6 +179,26 @@ def test_expire_drops_worker_reports_not_refreshed_for_the_ttl(store):
     assert [w["id"] for w in store.workers()] == ["live", "recent"]
 
 
+def test_worker_liveness_is_measured_on_the_stores_clock(store, monkeypatch):
+    """Scaled out, workers and API processes run on several hosts: a report's age is measured on the store's
+    clock (Redis TIME), so an API host whose clock runs 10 minutes ahead (or behind) still sees a worker that
+    reported a moment ago as live, and the one that went quiet as gone."""
+    from wanrt.lora_request import LIVE_REPORT_S, live_workers
+
+    if not isinstance(store, RedisJobStore):
+        pytest.skip("SQLite: the database file is local, one host's clock")
+    store.report_worker("fresh", {"state": "idle"})
+    real = time.time
+    for skew in (600.0, -600.0):
+        monkeypatch.setattr(time, "time", lambda skew=skew: real() + skew)
+        workers = store.workers()
+        assert [w["id"] for w in live_workers(workers, time.time())] == ["fresh"] and workers[0]["age_s"] < 5
+        assert store.metrics_snapshot()["workers"][0]["age_s"] < 5
+    monkeypatch.setattr(time, "time", real)
+    store.r.hset("wanrt:workers", "quiet", '{"state": "idle", "updated_at": %f}' % (real() - 2 * LIVE_REPORT_S))
+    assert [w["id"] for w in live_workers(store.workers(), real() - 3 * LIVE_REPORT_S)] == ["fresh"]
+
+
 # ---------------------------------------------------------------------- one protocol, bounded reads, new methods
 PROTOCOL_METHODS = sorted(n for n, v in vars(JobStore).items() if callable(v) and not n.startswith("_"))
 

@@ -157,9 +157,16 @@ def pick_next(queued_jobs: Sequence[Any], loaded_key: str | None, max_skip: int,
     return head
 
 
+def report_age(worker: Mapping, now: float) -> float:
+    """Seconds since a worker's report: the store's `age_s` (measured on the store's clock), else from
+    `updated_at` and this host's `now`."""
+    age = worker.get("age_s")
+    return float(age) if age is not None else now - float(worker.get("updated_at") or 0)
+
+
 def live_workers(workers: Sequence[Mapping], now: float, max_age_s: float = LIVE_REPORT_S) -> list[Mapping]:
     """The workers (`store.workers()` reports) that reported within max_age_s and have not said they stopped."""
-    return [w for w in workers if now - float(w.get("updated_at") or 0) <= max_age_s and w.get("state") != "stopped"]
+    return [w for w in workers if report_age(w, now) <= max_age_s and w.get("state") != "stopped"]
 
 
 def serves_loras(worker: Mapping) -> bool:

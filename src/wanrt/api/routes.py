@@ -55,7 +55,7 @@ from wanrt.jobs.paths import DataPaths
 from wanrt.jobs.protocol import JobStore
 from wanrt.jobs.store import STATES, TERMINAL, Job, QueueFull, WebhookDelivery
 from wanrt.jobs.webhooks import Target, WebhookRefused, parse_events, split_url
-from wanrt.lora_request import LIVE_REPORT_S, live_workers, parse_loras, published_loras, serves_loras
+from wanrt.lora_request import LIVE_REPORT_S, live_workers, parse_loras, published_loras, report_age, serves_loras
 from wanrt.params import FIELDS_BY_NAME, GenerateParams, ParamError
 
 log = logging.getLogger("wanrt.api")
@@ -871,7 +871,7 @@ def metrics_text(store: JobStore, dispatcher, started_at: float) -> str:
     for w in workers:
         label = f'worker="{w["id"]}",device="{w.get("device", "")}"'
         lines.append(f"wanrt_worker_jobs_done{{{label}}} {w.get('jobs_done', 0)}")
-        lines.append(f"wanrt_worker_report_age_seconds{{{label}}} {max(0.0, now - float(w.get('updated_at') or 0)):.1f}")
+        lines.append(f"wanrt_worker_report_age_seconds{{{label}}} {max(0.0, report_age(w, now)):.1f}")
         lines.append(f"wanrt_worker_busy{{{label}}} {1 if w.get('state') == 'busy' else 0}")
         backend = w.get("backend") or {}
         if "dynamo_graphs" in backend:

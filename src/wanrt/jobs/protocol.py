@@ -145,7 +145,8 @@ class JobStore(Protocol):
         ...
 
     def workers(self) -> list[dict]:
-        """Every worker's last report (with id and updated_at), sorted by id."""
+        """Every worker's last report (with id, updated_at and age_s: its age on the store's clock, which hosts'
+        clock skew cannot bend), sorted by id."""
         ...
 
     def add_usage(self, job_id: str, seconds: dict[str, float], cost_usd: float | None = None) -> None:

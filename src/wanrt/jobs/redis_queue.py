@@ -427,14 +427,16 @@ return 1
 """
 
 # Finished deliveries a TTL after their last attempt. ARGV: cutoff, limit. Returns how many were scanned.
-# Worker reports not refreshed since ARGV[1] (workers re-report every 30 s while they run): each report is one
-# JSON value with its updated_at; a report refreshed meanwhile stays (read and removed in one step)
+# Worker reports not refreshed for ARGV[1] seconds of the server's clock (workers re-report every 30 s while they
+# run): each report is one JSON value with its updated_at; a report refreshed meanwhile stays (one step)
 _EXPIRE_WORKERS = """
 local key, removed = P .. ':workers', 0
+local t = redis.call('TIME')
+local cutoff = tonumber(t[1]) + tonumber(t[2]) / 1e6 - tonumber(ARGV[1])
 local all = redis.call('HGETALL', key)
 for i = 1, #all, 2 do
   local ok, info = pcall(cjson.decode, all[i + 1])
-  if not ok or type(info) ~= 'table' or (tonumber(info['updated_at']) or 0) < tonumber(ARGV[1]) then
+  if not ok or type(info) ~= 'table' or (tonumber(info['updated_at']) or 0) < cutoff then
     redis.call('HDEL', key, all[i])
     removed = removed + 1
   end
@@ -656,11 +658,12 @@ class RedisJobStore:
         self._pipe_counts(pipe)
         pipe.hgetall(STAGE_SECONDS)
         pipe.hgetall(STAGE_COUNT)
+        pipe.time()
         pipe.hgetall(f"{P}:workers")
         pipe.hgetall(USAGE)
-        *counts, seconds, count, workers, usage = pipe.execute()
+        *counts, seconds, count, now, workers, usage = pipe.execute()
         return {"counts": self._counts(counts), "stage_totals": self._stage_totals(seconds, count),
-                "workers": self._workers(workers), "usage_totals": self._usage(usage)}
+                "workers": self._workers(workers, self._server_time(now)), "usage_totals": self._usage(usage)}
 
     def wait_for_change(self, job_id: str, timeout: float) -> None:
         """Wake on the job's event channel (every script that changes the job publishes there)."""
@@ -692,7 +695,7 @@ class RedisJobStore:
                 break
         while int(self._run("expire_webhooks", cutoff, self.EXPIRE_BATCH)) >= self.EXPIRE_BATCH:
             pass
-        self._run("expire_workers", time.time() - max(older_than_s, LIVE_REPORT_S))
+        self._run("expire_workers", max(older_than_s, LIVE_REPORT_S))
         return out
 
     # ------------------------------------------------------------------ worker side
@@ -889,15 +892,30 @@ class RedisJobStore:
             self._done_with(job_id)  # the script queued a new entry
         return bool(ok)
 
+    # Workers and API processes run on several hosts: a report's time is the Redis server's (TIME), and its age
+    # is measured against that clock too, so hosts' clock skew never makes a live worker look gone.
+    def _server_time(self, pipe_result=None) -> float:
+        sec, usec = pipe_result if pipe_result is not None else self.r.time()
+        return float(sec) + float(usec) / 1e6
+
     def report_worker(self, worker_id: str, info: dict) -> None:
-        self.r.hset(f"{P}:workers", worker_id, json.dumps({**info, "updated_at": time.time()}))
+        self.r.hset(f"{P}:workers", worker_id, json.dumps({**info, "updated_at": self._server_time()}))
 
     def workers(self) -> list[dict]:
-        return self._workers(self.r.hgetall(f"{P}:workers"))
+        pipe = self.r.pipeline(transaction=True)
+        pipe.time()
+        pipe.hgetall(f"{P}:workers")
+        now, h = pipe.execute()
+        return self._workers(h, self._server_time(now))
 
     @staticmethod
-    def _workers(h: dict) -> list[dict]:
-        return [{"id": k, **json.loads(v)} for k, v in sorted(h.items())]
+    def _workers(h: dict, now: float) -> list[dict]:
+        out = []
+        for k, v in sorted(h.items()):
+            report = {"id": k, **json.loads(v)}
+            report["age_s"] = max(0.0, now - float(report.get("updated_at") or 0))
+            out.append(report)
+        return out
 
     def release_orphans(self, worker_id: str) -> int:
         """At worker start: entries still pending for this consumer belong to its previous, dead, life;

@@ -639,7 +639,9 @@ class SqliteJobStore:
 
     def workers(self) -> list[dict]:
         rows = self._conn().execute("SELECT id, info, updated_at FROM workers ORDER BY id").fetchall()
-        return [{"id": r["id"], "updated_at": r["updated_at"], **json.loads(r["info"])} for r in rows]
+        now = time.time()  # one host's clock (the database file is local): the age is measured on it
+        return [{"id": r["id"], "updated_at": r["updated_at"], **json.loads(r["info"]),
+                 "age_s": max(0.0, now - r["updated_at"])} for r in rows]
 
     def release_orphans(self, worker_id: str) -> int:
         """At worker start: jobs still marked as ours belong to our previous, dead, life. Re-queued, unless a
