@@ -290,10 +290,9 @@ def job_status(job: Job, paths: DataPaths, queue_position: int | None = None) ->
     return body
 
 
-def waiting_reason(job: Job, workers: list[dict], now: float) -> str | None:
-    """Why a queued job cannot start now, where the workers' reports say (None when some live worker can take
-    it): no worker is live, or it asks for LoRAs and no live worker has LoRA slots (those leave it queued)."""
-    live = live_workers(workers, now)
+def waiting_reason(job: Job, live: list[dict]) -> str | None:
+    """Why a queued job cannot start now, where the live workers' reports (lora_request.live_workers) say (None
+    when one can take it): none is live, or it asks for LoRAs and none has LoRA slots (those leave it queued)."""
     if not live:
         return (f"no worker has reported in the last {LIVE_REPORT_S:.0f} s: the job starts when one runs "
                 f"(`wanrt worker` or `wanrt serve`)")
@@ -327,11 +326,11 @@ def status_bodies(store: JobStore, paths: DataPaths, job_ids: list[str]) -> list
     queued, the workers' reports (for `waiting`)."""
     found = store.get_with_positions(job_ids)
     workers = _recent_workers(store) if any(job is not None and job.status == "queued" for job, _ in found) else None
-    now, out = time.time(), []
+    live = None if workers is None else live_workers(workers, time.time())  # once for the batch
+    out = []
     for job, position in found:
         body = None if job is None else job_status(job, paths, position)
-        if body is not None and workers is not None and job.status == "queued" and \
-                (why := waiting_reason(job, workers, now)):
+        if body is not None and live is not None and job.status == "queued" and (why := waiting_reason(job, live)):
             body["waiting"] = why
         out.append(body)
     return out

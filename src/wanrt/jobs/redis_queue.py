@@ -426,7 +426,6 @@ end
 return 1
 """
 
-# Finished deliveries a TTL after their last attempt. ARGV: cutoff, limit. Returns how many were scanned.
 # Worker reports not refreshed for ARGV[1] seconds of the server's clock (workers re-report every 30 s while they
 # run): each report is one JSON value with its updated_at; a report refreshed meanwhile stays (one step)
 _EXPIRE_WORKERS = """
@@ -444,6 +443,7 @@ end
 return removed
 """
 
+# Finished deliveries a TTL after their last attempt. ARGV: cutoff, limit. Returns how many were scanned.
 _EXPIRE_WEBHOOKS = """
 local done = P .. ':webhooks:done'
 local ids = redis.call('ZRANGEBYSCORE', done, '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
@@ -663,7 +663,7 @@ class RedisJobStore:
         pipe.hgetall(USAGE)
         *counts, seconds, count, now, workers, usage = pipe.execute()
         return {"counts": self._counts(counts), "stage_totals": self._stage_totals(seconds, count),
-                "workers": self._workers(workers, self._server_time(now)), "usage_totals": self._usage(usage)}
+                "workers": self._workers(workers, self._seconds(now)), "usage_totals": self._usage(usage)}
 
     def wait_for_change(self, job_id: str, timeout: float) -> None:
         """Wake on the job's event channel (every script that changes the job publishes there)."""
@@ -894,19 +894,21 @@ class RedisJobStore:
 
     # Workers and API processes run on several hosts: a report's time is the Redis server's (TIME), and its age
     # is measured against that clock too, so hosts' clock skew never makes a live worker look gone.
-    def _server_time(self, pipe_result=None) -> float:
-        sec, usec = pipe_result if pipe_result is not None else self.r.time()
+    @staticmethod
+    def _seconds(time_reply) -> float:
+        """Redis TIME's (seconds, microseconds) as seconds."""
+        sec, usec = time_reply
         return float(sec) + float(usec) / 1e6
 
     def report_worker(self, worker_id: str, info: dict) -> None:
-        self.r.hset(f"{P}:workers", worker_id, json.dumps({**info, "updated_at": self._server_time()}))
+        self.r.hset(f"{P}:workers", worker_id, json.dumps({**info, "updated_at": self._seconds(self.r.time())}))
 
     def workers(self) -> list[dict]:
         pipe = self.r.pipeline(transaction=True)
         pipe.time()
         pipe.hgetall(f"{P}:workers")
         now, h = pipe.execute()
-        return self._workers(h, self._server_time(now))
+        return self._workers(h, self._seconds(now))
 
     @staticmethod
     def _workers(h: dict, now: float) -> list[dict]:
