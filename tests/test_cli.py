@@ -29,6 +29,13 @@ def test_bad_parameters_exit_2_with_one_line(flag, value, expected):
     assert len(lines) == 1 and expected in lines[0], r.stderr
 
 
+def test_settings_the_runtime_refuses_exit_2_with_one_line():
+    r = wanrt("generate", "--image", str(ASSET), "--prompt", "x", "--deterministic", "--autotune", timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "deterministic and autotune do not go together" in lines[0], r.stderr
+
+
 def test_bad_image_exit_2(tmp_path):
     bad = tmp_path / "not_an_image.png"
     bad.write_bytes(b"hello")

@@ -42,7 +42,11 @@ def cmd_generate(args) -> int:
 
     from wanrt.runtime.factory import build_runtime
 
-    pipeline = build_runtime(settings)
+    try:
+        pipeline = build_runtime(settings)
+    except ValueError as e:  # settings the runtime refuses here (e.g. --deterministic with --autotune)
+        print(f"wanrt generate: error: {e}", file=sys.stderr)
+        return 2
     if loras:
         try:
             loras = parse_loras(loras, pipeline.loras.library.available())
