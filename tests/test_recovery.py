@@ -87,3 +87,16 @@ def test_workers_do_not_outlive_a_killed_server(tmp_path):
     while time.time() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids):
         time.sleep(0.5)
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+
+
+def test_a_worker_whose_settings_the_runtime_refuses_is_not_restarted(tmp_path):
+    """Settings the runtime refuses (here --deterministic with --autotune) end the worker with exit 2 and one
+    log line; `wanrt serve` keeps answering and does not restart it in a loop (it could only fail again)."""
+    with WanrtServer(tmp_path / "d", WANRT_DETERMINISTIC="1", WANRT_AUTOTUNE="1") as srv:
+        deadline = time.time() + 60
+        while time.time() < deadline and "not restarting it" not in srv.log_path.read_text():
+            time.sleep(0.3)
+        log = srv.log_path.read_text()
+        assert "settings refused: deterministic and autotune do not go together" in log
+        assert "refused its settings (exit 2); not restarting it" in log and "starting it again" not in log
+        assert httpx.get(srv.base + "/").status_code == 200 and srv.worker_pids() == []

@@ -368,6 +368,11 @@ def run_worker(settings, worker_id: str | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    try:
+        _ = worker.pipeline  # the runtime the settings ask for, built before anything is claimed
+    except ValueError as e:  # settings it refuses (e.g. deterministic with autotune): a usage error, exit 2, which
+        log.error("worker: settings refused: %s", e)  # `wanrt serve` does not restart (it could only fail again)
+        return 2
     parent = os.environ.get("WANRT_SUPERVISOR_PID")
     if parent:  # started by `wanrt serve`: never outlive it (even if it was kill -9'd)
         threading.Thread(target=_exit_with_parent, args=(int(parent), worker), daemon=True).start()
