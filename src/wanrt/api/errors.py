@@ -55,7 +55,7 @@ def _validation(request: Request, exc: ValidationException) -> Response:
 
 def _http(request: Request, exc: HTTPException) -> Response:
     detail = exc.detail
-    if exc.status_code == 400 and "JSON is malformed" in str(detail):
+    if exc.status_code == 400 and str(detail).startswith("JSON is malformed"):
         detail = f"Invalid JSON body: {detail}"
     return _detail(detail, exc.status_code, exc.headers or None)
 
