@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 log = logging.getLogger("wanrt.server")
 
@@ -24,9 +26,17 @@ class WorkerSupervisor:
         self.restarts = 0
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
+    def worker_id(self, slot: int) -> str:
+        """The same for every start of this slot of this `serve` (a restarted worker re-queues its orphans at once),
+        and apart from another `serve` with this nodename (two on one host, containers with host networking): the
+        port it serves on and its data dir tell them apart. One id for two workers would let each heartbeat, and
+        release as an orphan, the other's job."""
+        data = hashlib.sha256(str(Path(self.settings.data_dir).resolve()).encode()).hexdigest()[:8]
+        return f"{os.uname().nodename}-{self.settings.port}-{data}-w{slot}"
+
     def _spawn(self, slot: int) -> subprocess.Popen:
         env = {**os.environ, **self.settings.to_env(), "WANRT_SUPERVISOR_PID": str(os.getpid())}
-        cmd = [sys.executable, "-m", "wanrt.cli", "worker", "--worker-id", f"{os.uname().nodename}-w{slot}"]
+        cmd = [sys.executable, "-m", "wanrt.cli", "worker", "--worker-id", self.worker_id(slot)]
         n = self.settings.gpus_per_worker
         if n > 1:  # a worker group over GPUs slot*n .. slot*n+n-1
             cmd += ["--gpus", ",".join(str(slot * n + i) for i in range(n))]

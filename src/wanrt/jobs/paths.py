@@ -3,8 +3,25 @@ their own, so outputs/ only ever holds videos)."""
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 from pathlib import Path
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename (or create, or unlink) in directory `path` durable. Best effort: some platforms and
+    filesystems cannot open a directory or fsync one, and there the rename is as durable as they make it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class DataPaths:
@@ -43,10 +60,12 @@ class DataPaths:
         return info if isinstance(info, dict) else None
 
     def remove_job_files(self, job_id: str, input_image: str | None = None, keep_input: bool = False) -> list[str]:
+        """The job's video, previews and every run's temporary files (`.NAME.part`, or `.NAME.TOKEN.part`: each
+        run writes its own, so that a run that lost its job never touches the new owner's)."""
         removed = []
-        candidates = [self.output_path(job_id), self.outputs / f".{self.output_path(job_id).name}.part"]
-        for preview in (self.preview_path(job_id), self.preview_info_path(job_id)):
-            candidates += [preview, preview.with_name(f".{preview.name}.part")]
+        candidates = []
+        for path in (self.output_path(job_id), self.preview_path(job_id), self.preview_info_path(job_id)):
+            candidates += [path, *path.parent.glob(f".{glob.escape(path.name)}*.part")]
         if input_image and not keep_input:
             candidates.append(self.inputs / Path(input_image).name)
         for path in candidates:

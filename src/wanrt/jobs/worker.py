@@ -1,7 +1,9 @@
 """One worker process per GPU: owns the model, claims jobs, runs the runtime, heartbeats, reports progress.
 
 Never speaks HTTP. A worker killed mid-job leaves the job to be claimed again when its lease runs out (or
-at once by its own restart, which releases its orphans); SIGTERM stops at the next step and re-queues.
+at once by its own restart, which releases its orphans: with a stable --worker-id, as `wanrt serve` gives its
+workers; the default id is new each run); SIGTERM stops at the next step and re-queues. A store that is away
+when a job ends is retried for about a lease, never turned into the job's failure.
 Each run of a job writes a live preview after every denoising step (settings.preview) and records the device
 seconds it used per stage (and their cost) before the job's outcome, so that the outcome's webhook carries them.
 """
@@ -15,17 +17,22 @@ import signal
 import socket
 import threading
 import time
+import uuid
 
 from PIL import Image
 
 from wanrt.jobs import open_store
-from wanrt.jobs.paths import DataPaths
+from wanrt.jobs.paths import DataPaths, fsync_dir
 from wanrt.jobs.protocol import JobStore
 from wanrt.jobs.store import Job
 from wanrt.lora_request import REPORT_EVERY_S
 from wanrt.params import GenerateParams, ParamError
 
 log = logging.getLogger("wanrt.worker")
+
+
+class _NotRecorded(Exception):
+    """The store stayed away while a job ended: the job is left to be claimed again once its lease lapses."""
 
 
 class _JobControl:
@@ -42,7 +49,9 @@ class Worker:
         self.settings = settings
         self.paths = DataPaths(settings.data_dir).ensure()
         self.store = store or open_store(settings, self.paths.db)
-        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        # hostname-pid alone repeats (containers with host networking share the hostname, and each runs as PID 1):
+        # two workers with one id heartbeat each other's jobs and release them as orphans
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._pipeline = pipeline
         self.shutdown = threading.Event()
         self._lock = threading.Lock()  # the slots' threads share the counter
@@ -153,7 +162,12 @@ class Worker:
                 self.shutdown.wait(poll_s)
                 continue
             self._report(worker_id, pipeline, "busy", job.id)
-            self.run_job(job, pipeline, worker_id)
+            try:
+                self.run_job(job, pipeline, worker_id)
+            except _NotRecorded as e:
+                log.error("job %s: %s; it is left to be claimed again when its lease lapses", job.id, e)
+            except Exception:  # the slot outlives any one job (that one is left to its lease)
+                log.exception("%s: job %s did not end cleanly", worker_id, job.id)
             with self._lock:
                 self.jobs_done += 1
             self._report(worker_id, pipeline, "idle")
@@ -265,17 +279,9 @@ class Worker:
             # runs once more (a second one ends the job: classify_error -> out_of_memory). Tiers other than resident
             # are not thread-safe, so concurrent slots run as planned.
             result = run_within_memory(pipeline, params, attempt) if self.settings.concurrency <= 1 else attempt()
-            control.done.set()
-            timings = {k: round(v, 4) for k, v in result.timings.items()}
-            if self.store.complete(job.id, worker_id, str(out), timings):
-                outcome = "completed"
-            else:  # deleted or cancelled meanwhile (end it as such), or re-claimed after a lease lapse
-                outcome = self._end_cancelled(job, worker_id) or "lost"
-                if outcome == "lost":
-                    self.paths.remove_job_files(job.id, keep_input=True)
         except Cancelled:
             control.done.set()
-            if self.shutdown.is_set() and not control.stop.is_set() and self.store.release(job.id, worker_id):
+            if self.shutdown.is_set() and not control.stop.is_set() and self._record(self.store.release, job.id, worker_id):
                 outcome = "released"
             else:  # cancelled or deleted (release refuses those too)
                 outcome = self._end_cancelled(job, worker_id) or "lost"
@@ -283,20 +289,47 @@ class Worker:
             control.done.set()
             error_type, retryable = classify_error(e)
             log.exception("job %s failed", job.id)
-            if self.store.fail(job.id, worker_id, f"{type(e).__name__}: {e}"[:2000], error_type, retryable):
+            if self._record(self.store.fail, job.id, worker_id, f"{type(e).__name__}: {e}"[:2000], error_type, retryable):
                 self.paths.remove_job_files(job.id, keep_input=True)
             else:  # cancelled or deleted meanwhile
                 self._end_cancelled(job, worker_id)
+        else:  # not under the handlers above: the store away now is no failure of the job
+            control.done.set()
+            timings = {k: round(v, 4) for k, v in result.timings.items()}
+            fsync_dir(out.parent)  # the MP4's rename on disk (its bytes already are) before the job says completed
+            if self._record(self.store.complete, job.id, worker_id, str(out), timings):
+                outcome = "completed"
+            else:  # deleted or cancelled meanwhile (end it as such), or re-claimed after a lease lapse: then the files
+                # are the new owner's (its .part, previews, MP4) and this run removes none of them
+                outcome = self._end_cancelled(job, worker_id) or "lost"
         finally:
             control.done.set()
             beat.join(timeout=5)
         log.info("job %s: %s", job.id, outcome)
         return outcome
 
+    def _record(self, call, *args):
+        """A store call that ends a job, retried with backoff while the store is away (Redis restarting, SQLite
+        locked) for about a lease: past that the job is claimed again anyway (no heartbeat extends it now). Raises
+        _NotRecorded then, or at shutdown after one try (run_job's caller logs it)."""
+        first, longest = self.CLAIM_BACKOFF_S
+        deadline, backoff = time.monotonic() + self.settings.lease_s, 0.0
+        while True:
+            try:
+                return call(*args)
+            except Exception as e:
+                backoff = min(longest, backoff * 2 or first)
+                wait = min(backoff, deadline - time.monotonic())
+                error = f"{call.__name__} failed ({type(e).__name__}: {e})"
+                if wait <= 0 or self.shutdown.is_set():
+                    raise _NotRecorded(error) from e
+                log.warning("job %s: %s; retrying in %.1f s", args[0], error, wait)
+                self.shutdown.wait(wait)
+
     def _end_cancelled(self, job: Job, worker_id: str) -> str | None:
         """The job was cancelled or deleted while it ran: end it as such and remove its files (the input too
         when deleted). None when it is no longer this worker's."""
-        gone = self.store.finish_cancelled(job.id, worker_id)
+        gone = self._record(self.store.finish_cancelled, job.id, worker_id)
         if gone is None:
             return None
         self.paths.remove_job_files(job.id, job.input_image, keep_input=not gone.deleted)

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -99,9 +100,14 @@ def encode_webp(frames: np.ndarray, fps: int = 16, max_side: int = MAX_SIDE, qua
 
 
 def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    # a name of its own: a run whose lease lapsed (it still runs) and the run that re-claimed the job write apart
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # (the next step's write would not reuse this name)
+        raise
 
 
 class LivePreview:

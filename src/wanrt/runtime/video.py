@@ -1,6 +1,8 @@
 """PyAV H.264 MP4 writer: yuv420p, faststart, frames written as they are decoded.
 
-The file is written under a temporary name and renamed on close, so a reader never sees half a video.
+The file is written under a temporary name of its own (two runs of one job never share one) and renamed on close,
+once its bytes are on disk (fsync), so a reader never sees half a video. After a power loss the rename itself
+may be lost unless the caller syncs the directory (the worker does, before it marks the job completed).
 `ThreadedMp4Writer` runs the same writer on a background thread behind a bounded queue, so the VAE decodes the
 next chunk while x264 encodes this one; its bytes are the synchronous writer's for the same frames.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import secrets
 import threading
 import time
 from fractions import Fraction
@@ -23,7 +26,8 @@ class Mp4Writer:
         import av
 
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(f".{self.path.name}.part")
+        # unique per writer: a run whose lease lapsed (it still runs) and the run that re-claimed its job write apart
+        self.tmp_path = self.path.with_name(f".{self.path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
         self.max_frames = max_frames
         self.frames_written = 0
         self._container = av.open(str(self.tmp_path), mode="w", format="mp4", options={"movflags": "+faststart"})
@@ -65,7 +69,9 @@ class Mp4Writer:
                 self._container.mux(packet)
             self._container.close()
             self._closed = True
-            os.replace(self.tmp_path, self.path)
+            with open(self.tmp_path, "rb+") as f:  # the bytes on disk before the name points at them
+                os.fsync(f.fileno())
+            os.replace(self.tmp_path, self.path)  # (the caller makes the rename durable: wanrt.jobs.paths.fsync_dir)
             self.encode_s += time.perf_counter() - t0
         return self.path
 
