@@ -600,3 +600,106 @@ def test_a_worker_without_lora_slots_does_not_take_over_a_dead_workers_lora_job(
     assert store.claim("plain", 30, serves_loras=False) is None
     again = store.claim("w2", 30)
     assert again.id == lora_job and again.worker_id == "w2" and again.attempts == 2
+
+
+# ---------------------------------------------------------------------- claim order and leases across hosts
+def test_a_released_job_runs_before_the_jobs_queued_after_it(store):
+    """A job handed back on shutdown keeps its place, as queue_position says (SQLite: its seq). Old Redis gave it a
+    new stream entry: it ran after every job queued before the release."""
+    a, b, c = (store.create({"n": i})[0].id for i in range(3))
+    assert store.claim("w0", 30).id == a and store.release(a, "w0")
+    assert [store.queue_position(store.get(j)) for j in (a, b, c)] == [1, 2, 3]
+    assert [store.claim(w, 30).id for w in ("w1", "w2", "w3")] == [a, b, c]
+    # ...but no further: one taken out of order (LoRA affinity) and released goes back behind the older jobs
+    older, picked = _queue(store, "BA")
+    assert store.claim("w4", 30, loaded_key=KEY["A"], affinity_skip=2).id == picked and store.release(picked, "w4")
+    assert [store.claim("w5", 30).id, store.claim("w6", 30).id] == [older, picked]
+    _assert_consistent(store)
+
+
+def _redis_only(store):
+    if not isinstance(store, RedisJobStore):
+        pytest.skip("Redis only: its stream entries, several hosts' clocks, its previous layout")
+
+
+def test_a_job_whose_reader_died_before_taking_it_keeps_its_place(store):
+    """A worker that read a job's stream entry and died before taking it: the job is next all the same (old Redis: the
+    entry was recovered only after idling for a lease, while younger jobs ran)."""
+    _redis_only(store)
+    a, b = store.create({})[0].id, store.create({})[0].id
+    store.r.xreadgroup("workers", "dead", {"wanrt:queue": ">"}, count=1)  # a's entry, never taken
+    assert [store.claim("w", 30).id, store.claim("w", 30).id] == [a, b]
+    assert store.claim("w", 30) is None
+
+
+def test_stream_entries_do_not_outlive_their_jobs(store):
+    """Dead workers' jobs are found by lease, not by scanning pending entries, so the scripts that end a job drop its
+    entry whoever holds it: nothing is left pending for a dead reader or worker."""
+    _redis_only(store)
+    cancelled, hidden, released = (store.create({})[0].id for _ in range(3))
+    store.r.xreadgroup("workers", "dead", {"wanrt:queue": ">"}, count=1)  # cancelled's entry, never taken
+    store.cancel(cancelled)
+    assert store.claim("dead", 0.2).id == hidden and store.delete(hidden).status == "processing"
+    assert store.claim("w", 30).id == released and store.release(released, "w")
+    time.sleep(0.3)
+    assert store.claim("w", 30).id == released  # hidden's lease ran out: its entry is dropped on the way
+    assert store.complete(released, "w", "/v.mp4", {})
+    assert store.r.xpending("wanrt:queue", "workers")["pending"] == 0 and store.r.xlen("wanrt:queue") == 0
+    assert sorted(j.id for j in store.expire(0)) == sorted([cancelled, hidden, released])
+    assert store.r.zcard("wanrt:leases") == 0
+
+
+@pytest.mark.parametrize("skew", [35.0, -35.0])
+def test_leases_are_measured_on_the_stores_clock(store, monkeypatch, skew):
+    """Workers and API nodes on several hosts share one Redis, so leases are on its clock. A host 35 s ahead (past a
+    30 s lease) takes neither a live worker's job nor another API node's webhook attempt; a worker 35 s behind keeps
+    its job and its heartbeats count (old code: lease_until from the writer's clock, compared with the reader's)."""
+    _redis_only(store)
+    other = RedisJobStore(store.url)  # another host
+    real = time.time
+
+    def on(host_skew, fn, *args, **kw):
+        monkeypatch.setattr(time, "time", lambda: real() + host_skew)
+        try:
+            return fn(*args, **kw)
+        finally:
+            monkeypatch.setattr(time, "time", real)
+
+    worker, claimer = (0.0, skew) if skew > 0 else (skew, 0.0)  # the skewed host: the claimer ahead, the worker behind
+    job = store.create({}, webhook="http://hooks.example/x", webhook_events=("progress",))[0]
+    assert on(worker, store.claim, "w1", 30).id == job.id
+    assert on(claimer, other.claim, "w2", 30) is None
+    assert on(worker, store.heartbeat, job.id, "w1", 30, progress=50.0)
+    assert on(claimer, other.claim, "w2", 30) is None
+    got = store.get(job.id)
+    assert got.worker_id == "w1" and got.attempts == 1
+    assert on(worker, store.complete, job.id, "w1", "/v.mp4", {})
+    assert len(on(worker, store.claim_webhooks, "node1", 10, 30)) == 2  # started, 50 %
+    assert on(claimer, other.claim_webhooks, "node2", 10, 30) == []
+    other.close()
+
+
+def test_a_dead_workers_job_is_recovered_behind_many_live_ones(store):
+    """Expired leases are found by their deadline (old Redis looked only at the first 100 pending stream entries, three
+    round trips each: a dead worker's job behind 100 live ones waited until they finished)."""
+    ids = [store.create({"n": i})[0].id for i in range(101)]
+    for job_id in ids[:100]:
+        assert store.claim("live", 30).id == job_id
+    assert store.claim("dead", 0.2).id == ids[100]
+    time.sleep(0.3)
+    again = store.claim("idle", 30)
+    assert again is not None and again.id == ids[100] and again.attempts == 2
+
+
+def test_running_jobs_of_the_previous_layout_are_recovered(store):
+    """A Redis written by the previous version (no lease index) still hands a dead worker's job on."""
+    _redis_only(store)
+    job = store.create({})[0]
+    assert store.claim("dead", 0.2).id == job.id
+    store.r.delete("wanrt:leases")
+    store.r.set("wanrt:schema", "2")
+    upgraded = RedisJobStore(store.url)
+    time.sleep(0.3)
+    again = upgraded.claim("w", 30)
+    assert again is not None and again.id == job.id and again.attempts == 2
+    upgraded.close()

@@ -6,9 +6,17 @@
   `wanrt:state:<status>` (live jobs per state; `wanrt:state:queued` gives queue positions and the bound).
   `wanrt:finished` holds finished (and hidden, deleted) jobs by time, for expiry. Deleted jobs leave the
   indexes at once, so list/counts never see them.
-- A claimed entry stays pending until the job ends (XACK). The worker's heartbeat re-claims its own entry
-  (XCLAIM JUSTID, which resets the idle time); a worker that dies stops doing that, and after the lease any
-  other worker takes the entry with XAUTOCLAIM. A restarted worker first reads its own pending entries.
+- Leases are on the Redis server's clock (TIME, read inside the scripts), never a host's: hosts' clocks differ,
+  and a lease written from one and read against another was stolen or never ran out. `wanrt:leases` holds each
+  running job's lease deadline, so a claim finds a dead worker's job with one ZRANGEBYSCORE (any number of live
+  jobs), and takes it before queued ones. Every time a script writes (started_at, finished_at, webhook due
+  times) is the server's too; only created_at is the API host's.
+- Claims run jobs in seq order, as queue_position counts them: in stream order, except the queue's head when
+  the stream would not hand it out next (_TAKE_HEAD): a job released back to the queue (`requeued`: its new
+  entry is behind the jobs queued meanwhile) or one whose entry a reader took and never ran (it died, or has
+  no LoRA slots for it).
+- A claimed entry stays pending for its worker until the job ends; the script that ends or removes a job acks
+  and deletes its entry, whoever holds it. A restarted worker first reads its own pending entries.
 - Every change to a job's record and indexes is one Lua script (atomic: nothing reads a half-made change,
   and each script re-checks the state it acts on), and publishes on `wanrt:events:<id>` for wait_for_change.
 - Progress and cancel flags travel in the hash, so an API node anywhere sees them.
@@ -45,7 +53,7 @@ STREAM, GROUP = f"{P}:queue", "workers"
 JOBS, FINISHED, SCHEMA = f"{P}:jobs", f"{P}:finished", f"{P}:schema"
 STAGE_SECONDS, STAGE_COUNT = f"{P}:stage_seconds", f"{P}:stage_count"
 USAGE, WEBHOOKS_DUE, WEBHOOKS_DONE = f"{P}:usage", f"{P}:webhooks:due", f"{P}:webhooks:done"
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
 _JSON_FIELDS = ("params", "timings", "gpu_seconds")
 _FLOAT_FIELDS = ("progress", "created_at", "started_at", "finished_at", "lease_until", "cost_usd")
@@ -71,6 +79,7 @@ _LIB = """
 local P = '%(P)s'
 local STATES = {%(states)s}
 local TERMINAL = {%(terminal)s}
+local LEASES = P .. ':leases'
 local function jkey(id) return P .. ':job:' .. id end
 local function skey(s) return P .. ':state:' .. s end
 local function publish(id, what) redis.call('PUBLISH', P .. ':events:' .. id, what) end
@@ -80,6 +89,23 @@ local function job(id)  -- the hash as a table (nil when gone) and as the flat r
   local h = {}
   for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
   return h, flat
+end
+local function clock()  -- the server's time: the one clock every host's scripts share
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+local function drop_entry(h)  -- the job's stream entry is done with: acked whichever reader holds it (dead or alive)
+  if h.entry and h.entry ~= '' then
+    redis.call('XACK', P .. ':queue', 'workers', h.entry)
+    redis.call('XDEL', P .. ':queue', h.entry)
+  end
+end
+local function has_loras(params)  -- RedisJobStore._params_have_loras
+  local ok, p = pcall(cjson.decode, params or '')
+  if not ok or type(p) ~= 'table' then return false end
+  local l = p.loras
+  if type(l) == 'table' then return next(l) ~= nil end
+  return l ~= nil and l ~= cjson.null and l ~= false and l ~= '' and l ~= 0
 end
 local function is_terminal(s)
   for _, t in ipairs(TERMINAL) do if s == t then return true end end
@@ -104,6 +130,8 @@ local function remove(id, h)
   redis.call('DEL', jkey(id))
   unindex(id)
   redis.call('ZREM', P .. ':finished', id)
+  redis.call('ZREM', LEASES, id)
+  drop_entry(h)
   drop_idem(id, h)
   publish(id, 'removed')
 end
@@ -120,17 +148,25 @@ local function finish(id, h, to, now, fields)
   set_status(id, h, to)
   redis.call('HSET', jkey(id), 'finished_at', now, 'lease_until', '', unpack(fields))
   redis.call('ZADD', P .. ':finished', now, id)
+  redis.call('ZREM', LEASES, id)
+  drop_entry(h)
   publish(id, to)
   webhook(id, h, to, now)
 end
 local CANCELLED = {'error', 'Cancelled by request', 'error_type', 'cancelled', 'retryable', '0'}
-local function take(id, worker, device, lease_until, now, max_attempts)  -- a claim's state change
+local function take(id, worker, device, lease_s, now, max_attempts)  -- a claim's state change (now: clock())
   local h = job(id)
-  if not h or h.deleted == '1' then return 'gone' end  -- a deleted running job: its worker or expire removes it
-  if h.status ~= 'queued' and h.status ~= 'processing' then return 'gone' end
+  if not h or h.deleted == '1' or (h.status ~= 'queued' and h.status ~= 'processing') then
+    redis.call('ZREM', LEASES, id)  -- nothing to run (a deleted running job: its worker or expire removes it)
+    if h then drop_entry(h) end
+    return 'gone'
+  end
   if h.status == 'processing' and h.worker_id ~= worker then
     local lease = tonumber(h.lease_until or '') or 0
-    if lease >= tonumber(now) then return 'busy' end  -- another live worker has it
+    if lease >= now then  -- another live worker has it
+      redis.call('ZADD', LEASES, lease, id)  -- in step with the hash (a previous version's heartbeat wrote it alone)
+      return 'busy'
+    end
   end
   if h.cancel_requested == '1' then  -- asked to cancel while its worker was dead: nothing left to run
     finish(id, h, 'cancelled', now, CANCELLED)
@@ -142,14 +178,27 @@ local function take(id, worker, device, lease_until, now, max_attempts)  -- a cl
                                  'error', 'The worker running this job died ' .. max_attempts .. ' times'})
     return 'poison'
   end
-  local was = h.status
+  local was, lease_until = h.status, now + tonumber(lease_s)
   set_status(id, h, 'processing')
   redis.call('HSET', jkey(id), 'worker_id', worker, 'device', device, 'lease_until', lease_until,
              'attempts', attempts + 1, 'progress', '0', 'stage', 'starting')
+  redis.call('HDEL', jkey(id), 'requeued')
+  redis.call('ZADD', LEASES, lease_until, id)
   if not h.started_at or h.started_at == '' then redis.call('HSET', jkey(id), 'started_at', now) end
   publish(id, 'processing')
   if was == 'queued' then webhook(id, h, 'progress', now) end  -- the first 'progress' event: it started
   return 'ok'
+end
+-- take, and the job's stream entry (undelivered, or pending for any reader) becomes this worker's pending entry
+-- (XCLAIM FORCE; an entry no longer in the stream is ignored), so XACK works as for an entry it read itself.
+-- A worker that reads the entry later finds the job taken ('busy'). Returns take's result and the entry.
+local function take_entry(id, worker, device, lease_s, now, max_attempts)
+  local result = take(id, worker, device, lease_s, now, max_attempts)
+  local entry = redis.call('HGET', jkey(id), 'entry') or ''
+  if result == 'ok' and entry ~= '' then
+    redis.call('XCLAIM', P .. ':queue', 'workers', worker, 0, entry, 'FORCE', 'JUSTID')
+  end
+  return result, entry
 end
 local function add_stages(stages)  -- {stage: seconds} into the /metrics totals
   for stage, seconds in pairs(stages) do
@@ -183,9 +232,41 @@ local _, flat = job(id)
 return {1, flat}
 """
 
-# Take a delivered entry's job. ARGV: id, worker, device, lease_until, now, max_attempts
+# Take a delivered entry's job. ARGV: id, worker, device, lease_s, max_attempts
 _TAKE = """
-return take(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+return take(ARGV[1], ARGV[2], ARGV[3], ARGV[4], clock(), ARGV[5])
+"""
+
+# A job whose lease ran out (its worker died), by deadline: the first of up to ARGV[6] that this worker may take.
+# ARGV: worker, device, lease_s, max_attempts, serves_loras (1/0), limit. Returns {take's result, id, entry}.
+_RECLAIM = """
+local now = clock()
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, tonumber(ARGV[6]))) do
+  if ARGV[5] == '1' or not has_loras(redis.call('HGET', jkey(id), 'params')) then
+    local result, entry = take_entry(id, ARGV[1], ARGV[2], ARGV[3], now, ARGV[4])
+    if result == 'ok' then return {result, id, entry} end
+  end
+end
+return {'none', '', ''}
+"""
+
+# The queue's head, when reading the stream would not hand it out next: released back to the queue (its new entry
+# is behind the jobs queued meanwhile), or its entry read by a worker that did not take it (died in between; or has
+# no LoRA slots for it). Else {'stream', '', ''}: the caller reads the stream, which hands the head out next. ARGV:
+# worker, device, lease_s, max_attempts, serves_loras (1/0). Returns {take's result, id, entry}.
+_TAKE_HEAD = """
+local now = clock()
+for _ = 1, 4 do  -- a head that died too often ends as an error ('poison'): the next one
+  local id = redis.call('ZRANGE', skey('queued'), 0, 0)[1]
+  if not id then break end
+  local requeued, entry, params = unpack(redis.call('HMGET', jkey(id), 'requeued', 'entry', 'params'))
+  if not entry or entry == '' or #redis.call('XRANGE', P .. ':queue', entry, entry) == 0 then break end
+  if requeued ~= '1' and #redis.call('XPENDING', P .. ':queue', 'workers', entry, entry, 1) == 0 then break end
+  if ARGV[5] ~= '1' and has_loras(params) then break end
+  local result = take_entry(id, ARGV[1], ARGV[2], ARGV[3], now, ARGV[4])
+  if result ~= 'poison' then return {result, id, entry} end
+end
+return {'stream', '', ''}
 """
 
 # LoRA affinity: the oldest queued jobs (ARGV: how many), each as {id, params, created_at, passed_over, entry}
@@ -198,37 +279,32 @@ end
 return out
 """
 
-# Take the job pick_next chose from _WINDOW, out of stream order, only if the queue still starts with the jobs
-# it passes over (none taken, none inserted, none passed over `skip` times meanwhile): else {'moved'} and the
-# caller reads the window again. Its stream entry (undelivered, or pending for a reader that has not taken it)
-# becomes this worker's pending entry (XCLAIM FORCE), so lease expiry and XACK work as for any claim; a worker
-# that reads the entry later finds the job taken ('busy'). ARGV: id, worker, device, lease_until, now,
-# max_attempts, skip (-1: passes not counted), passed id... Returns {take's result, entry}.
+# Take the job pick_next chose from _WINDOW, out of stream order (with its entry: take_entry), only if the queue
+# still starts with the jobs it passes over (none taken, none inserted, none passed over `skip` times meanwhile):
+# else {'moved'} and the caller reads the window again. ARGV: id, worker, device, lease_s, max_attempts, skip (-1:
+# passes not counted), passed id... Returns {take's result, entry}.
 _TAKE_PICK = """
-local id, skip, n = ARGV[1], tonumber(ARGV[7]), #ARGV - 7
+local id, skip, n = ARGV[1], tonumber(ARGV[6]), #ARGV - 6
 local counted = skip >= 0  -- skip -1: a worker without LoRA slots passing LoRA jobs by (not an affinity pass)
 local ahead = redis.call('ZRANGE', skey('queued'), 0, n)
 if #ahead ~= n + 1 or ahead[n + 1] ~= id then return {'moved', ''} end
 for i = 1, n do
-  if ahead[i] ~= ARGV[7 + i] then return {'moved', ''} end
+  if ahead[i] ~= ARGV[6 + i] then return {'moved', ''} end
   if counted and (tonumber(redis.call('HGET', jkey(ahead[i]), 'passed_over') or '0') or 0) >= skip then
     return {'moved', ''}
   end
 end
 local entry = redis.call('HGET', jkey(id), 'entry')
 if not entry or entry == '' or #redis.call('XRANGE', P .. ':queue', entry, entry) == 0 then return {'no_entry', ''} end
-local result = take(id, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
-if result == 'ok' then
-  redis.call('XCLAIM', P .. ':queue', 'workers', ARGV[2], 0, entry, 'FORCE', 'JUSTID')
-  if counted then
-    for i = 1, n do redis.call('HINCRBY', jkey(ARGV[7 + i]), 'passed_over', 1) end
-  end
+local result = take_entry(id, ARGV[2], ARGV[3], ARGV[4], clock(), ARGV[5])
+if result == 'ok' and counted then
+  for i = 1, n do redis.call('HINCRBY', jkey(ARGV[6 + i]), 'passed_over', 1) end
 end
 return {result, entry}
 """
 
 # complete/fail a job this worker owns, unless it was deleted or asked to cancel meanwhile (then 0: the
-# worker goes the cancel path). ARGV: id, worker, new status, now, fields json, stages json
+# worker goes the cancel path). ARGV: id, worker, new status, fields json, stages json
 _FINISH = """
 local id = ARGV[1]
 local h = job(id)
@@ -236,29 +312,31 @@ if not h or h.worker_id ~= ARGV[2] or h.status ~= 'processing' or h.cancel_reque
   return 0
 end
 local fields = {}
-for k, v in pairs(cjson.decode(ARGV[5])) do fields[#fields + 1] = k; fields[#fields + 1] = v end
-finish(id, h, ARGV[3], ARGV[4], fields)
-if ARGV[3] == 'completed' then add_stages(cjson.decode(ARGV[6])) end
+for k, v in pairs(cjson.decode(ARGV[4])) do fields[#fields + 1] = k; fields[#fields + 1] = v end
+finish(id, h, ARGV[3], clock(), fields)
+if ARGV[3] == 'completed' then add_stages(cjson.decode(ARGV[5])) end
 return 1
 """
 
-# ARGV: id, worker, now. Returns the job as it was, or false when it is not this worker's.
+# ARGV: id, worker. Returns the job as it was, or false when it is not this worker's.
 _FINISH_CANCELLED = """
 local id = ARGV[1]
 local h, flat = job(id)
 if not h or h.worker_id ~= ARGV[2] or h.status ~= 'processing' then return false end
-if h.deleted == '1' then remove(id, h) else finish(id, h, 'cancelled', ARGV[3], CANCELLED) end
+if h.deleted == '1' then remove(id, h) else finish(id, h, 'cancelled', clock(), CANCELLED) end
 return flat
 """
 
-# ARGV: id, worker_id, lease_until, progress, stage, now
+# ARGV: id, worker_id, lease_s, progress, stage
 _HEARTBEAT = """
-local id = ARGV[1]
+local id, now = ARGV[1], clock()
 local h = job(id)
 if not h or h.worker_id ~= ARGV[2] or h.status ~= 'processing' then return 0 end
-redis.call('HSET', jkey(id), 'lease_until', ARGV[3])
+local lease_until = now + tonumber(ARGV[3])
+redis.call('HSET', jkey(id), 'lease_until', lease_until)
+redis.call('ZADD', LEASES, lease_until, id)
 if ARGV[4] ~= '' and math.floor(tonumber(ARGV[4]) / 10) > math.floor((tonumber(h.progress or '0') or 0) / 10) then
-  webhook(id, h, 'progress', ARGV[6])  -- one 'progress' event each time progress passes another 10 %
+  webhook(id, h, 'progress', now)  -- one 'progress' event each time progress passes another 10 %
 end
 if ARGV[4] ~= '' then redis.call('HSET', jkey(id), 'progress', ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', jkey(id), 'stage', ARGV[5]) end
@@ -267,10 +345,9 @@ if h.cancel_requested == '1' then return 0 end
 return 1
 """
 
-# ARGV: id, now. Returns the job as it was, or false. A running job is hidden (out of every index, its
-# Idempotency-Key freed) and asked to cancel; it also goes into `finished`, so that expire removes it should
-# its worker die before finish_cancelled. Any other job is removed now (a queued job's stream entry is
-# dropped by the worker that reads it).
+# ARGV: id. Returns the job as it was, or false. A running job is hidden (out of every index, its Idempotency-Key
+# freed) and asked to cancel; it also goes into `finished`, so that expire removes it should its worker die before
+# finish_cancelled (its lease stays: a claim after it ran out drops its stream entry). Any other job is removed now.
 _DELETE = """
 local id = ARGV[1]
 local h, flat = job(id)
@@ -279,7 +356,7 @@ if h.status == 'processing' then
   redis.call('HSET', jkey(id), 'deleted', '1', 'cancel_requested', '1')
   unindex(id)
   drop_idem(id, h)
-  redis.call('ZADD', P .. ':finished', ARGV[2], id)
+  redis.call('ZADD', P .. ':finished', clock(), id)
   publish(id, 'deleted')
 else
   remove(id, h)
@@ -287,13 +364,13 @@ end
 return flat
 """
 
-# ARGV: id, now. Returns the job after, or false.
+# ARGV: id. Returns the job after, or false.
 _CANCEL = """
 local id = ARGV[1]
 local h = job(id)
 if not h or h.deleted == '1' then return false end
 if h.status == 'queued' then
-  finish(id, h, 'cancelled', ARGV[2], CANCELLED)  -- its stream entry is dropped by the worker that reads it
+  finish(id, h, 'cancelled', clock(), CANCELLED)
 elseif h.status == 'processing' and h.cancel_requested ~= '1' then
   redis.call('HSET', jkey(id), 'cancel_requested', '1')
   publish(id, 'cancel_requested')
@@ -302,7 +379,8 @@ local _, flat = job(id)
 return flat
 """
 
-# Back to the queue without counting an attempt, with a new stream entry. ARGV: id, worker
+# Back to the queue without counting an attempt, with a new stream entry, at the stream's end: marked `requeued`,
+# so that claims take it when it reaches the queue's head (_TAKE_HEAD), where its seq keeps it. ARGV: id, worker
 _RELEASE = """
 local id = ARGV[1]
 local h = job(id)
@@ -310,17 +388,19 @@ if not h or h.worker_id ~= ARGV[2] or h.status ~= 'processing' or h.cancel_reque
   return 0
 end
 set_status(id, h, 'queued')
-redis.call('HSET', jkey(id), 'worker_id', '', 'lease_until', '', 'progress', '0', 'stage', '',
+redis.call('ZREM', LEASES, id)
+drop_entry(h)
+redis.call('HSET', jkey(id), 'worker_id', '', 'lease_until', '', 'progress', '0', 'stage', '', 'requeued', '1',
            'attempts', math.max(0, (tonumber(h.attempts or '0') or 0) - 1))
 redis.call('HSET', jkey(id), 'entry', redis.call('XADD', P .. ':queue', '*', 'id', id))
 publish(id, 'queued')
 return 1
 """
 
-# One batch of expiry. ARGV: cutoff, limit. Returns {entries scanned, removed job, removed job, ...}. Each
-# job's state is checked here, so nothing that changed since the caller decided is removed.
+# One batch of expiry: finished a TTL ago on the server's clock. ARGV: ttl, limit. Returns {entries scanned, removed
+# job, removed job, ...}. Each job's state is checked here, so nothing that changed since the caller decided is removed.
 _EXPIRE = """
-local cutoff = tonumber(ARGV[1])
+local cutoff = clock() - tonumber(ARGV[1])
 local ids = redis.call('ZRANGEBYSCORE', P .. ':finished', '-inf', cutoff, 'LIMIT', 0, tonumber(ARGV[2]))
 local out = {#ids}
 for _, id in ipairs(ids) do
@@ -337,36 +417,43 @@ end
 return out
 """
 
-# Once per Redis, from the first layout: per-state SETs (and a separate queued zset) become seq-sorted zsets,
-# deleted jobs leave the indexes, /metrics stage totals are seeded from the completed jobs kept. ARGV: now
+# Once per Redis. From the first layout: per-state SETs (and a separate queued zset) become seq-sorted zsets,
+# deleted jobs leave the indexes, /metrics stage totals are seeded from the completed jobs kept. From 2: the
+# running jobs' leases go into `leases` as their workers last wrote them (a dead worker's job is found again).
 _MIGRATE = """
-if redis.call('GET', P .. ':schema') == '%(version)s' then return 0 end
-for _, s in ipairs(STATES) do
-  local k = skey(s)
-  if redis.call('TYPE', k).ok == 'set' then
-    local ids = redis.call('SMEMBERS', k)
-    redis.call('DEL', k)
-    for _, id in ipairs(ids) do
-      local h = job(id)
-      if h and h.deleted ~= '1' then redis.call('ZADD', k, h.seq, id) end
+local version = redis.call('GET', P .. ':schema')
+if version == '%(version)s' then return 0 end
+if version ~= '2' then
+  for _, s in ipairs(STATES) do
+    local k = skey(s)
+    if redis.call('TYPE', k).ok == 'set' then
+      local ids = redis.call('SMEMBERS', k)
+      redis.call('DEL', k)
+      for _, id in ipairs(ids) do
+        local h = job(id)
+        if h and h.deleted ~= '1' then redis.call('ZADD', k, h.seq, id) end
+      end
+    end
+  end
+  redis.call('DEL', P .. ':queued')
+  for _, id in ipairs(redis.call('ZRANGE', P .. ':jobs', 0, -1)) do
+    local h = job(id)
+    if not h then
+      redis.call('ZREM', P .. ':jobs', id)
+    elseif h.deleted == '1' then
+      unindex(id)
+      redis.call('ZADD', P .. ':finished', clock(), id)
+    elseif h.status == 'completed' and h.timings and h.timings ~= '' then
+      local stages = {}
+      for k, v in pairs(cjson.decode(h.timings)) do
+        if type(v) == 'number' then stages[string.gsub(k, '_s$', '')] = v end
+      end
+      add_stages(stages)
     end
   end
 end
-redis.call('DEL', P .. ':queued')
-for _, id in ipairs(redis.call('ZRANGE', P .. ':jobs', 0, -1)) do
-  local h = job(id)
-  if not h then
-    redis.call('ZREM', P .. ':jobs', id)
-  elseif h.deleted == '1' then
-    unindex(id)
-    redis.call('ZADD', P .. ':finished', ARGV[1], id)
-  elseif h.status == 'completed' and h.timings and h.timings ~= '' then
-    local stages = {}
-    for k, v in pairs(cjson.decode(h.timings)) do
-      if type(v) == 'number' then stages[string.gsub(k, '_s$', '')] = v end
-    end
-    add_stages(stages)
-  end
+for _, id in ipairs(redis.call('ZRANGE', skey('processing'), 0, -1)) do
+  redis.call('ZADD', LEASES, tonumber(redis.call('HGET', jkey(id), 'lease_until') or '') or 0, id)
 end
 redis.call('SET', P .. ':schema', '%(version)s')
 return 1
@@ -390,16 +477,17 @@ if ARGV[5] ~= '' then redis.call('HINCRBYFLOAT', P .. ':usage', 'cost_usd', ARGV
 return 1
 """
 
-# ARGV: now, limit, lease_until, owner. Returns the claimed deliveries (flat hashes).
+# ARGV: limit, lease_s, owner. Returns the claimed deliveries (flat hashes).
 _CLAIM_WEBHOOKS = """
-local due = P .. ':webhooks:due'
+local due, now = P .. ':webhooks:due', clock()
+local lease_until = now + tonumber(ARGV[2])
 local out = {}
-for _, did in ipairs(redis.call('ZRANGEBYSCORE', due, '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))) do
+for _, did in ipairs(redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))) do
   local k = P .. ':webhook:' .. did
   if redis.call('HGET', k, 'state') == 'pending' then
-    redis.call('ZADD', due, ARGV[3], did)
+    redis.call('ZADD', due, lease_until, did)
     redis.call('HINCRBY', k, 'attempts', 1)
-    redis.call('HSET', k, 'owner', ARGV[4], 'next_at', ARGV[3], 'updated_at', ARGV[1])
+    redis.call('HSET', k, 'owner', ARGV[3], 'next_at', lease_until, 'updated_at', now)
     out[#out + 1] = redis.call('HGETALL', k)
   else
     redis.call('ZREM', due, did)
@@ -408,20 +496,21 @@ end
 return out
 """
 
-# ARGV: id, owner, state, error, body, retry_at, now. 1 when reported, 0 when the claim is not owner's.
+# ARGV: id, owner, state, error, body, retry in (seconds). 1 when reported, 0 when the claim is not owner's.
 _FINISH_WEBHOOK = """
-local k = P .. ':webhook:' .. ARGV[1]
+local k, now = P .. ':webhook:' .. ARGV[1], clock()
 local owner, state = unpack(redis.call('HMGET', k, 'owner', 'state'))
 if owner ~= ARGV[2] or state ~= 'pending' then return 0 end
-redis.call('HSET', k, 'state', ARGV[3], 'last_error', ARGV[4], 'updated_at', ARGV[7])
+redis.call('HSET', k, 'state', ARGV[3], 'last_error', ARGV[4], 'updated_at', now)
 if ARGV[5] ~= '' then redis.call('HSET', k, 'body', ARGV[5]) end
 if ARGV[3] == 'pending' then
-  redis.call('HSET', k, 'next_at', ARGV[6])
-  redis.call('ZADD', P .. ':webhooks:due', ARGV[6], ARGV[1])
+  local retry_at = now + tonumber(ARGV[6])
+  redis.call('HSET', k, 'next_at', retry_at)
+  redis.call('ZADD', P .. ':webhooks:due', retry_at, ARGV[1])
 else
-  redis.call('HSET', k, 'next_at', ARGV[7])
+  redis.call('HSET', k, 'next_at', now)
   redis.call('ZREM', P .. ':webhooks:due', ARGV[1])
-  redis.call('ZADD', P .. ':webhooks:done', ARGV[7], ARGV[1])
+  redis.call('ZADD', P .. ':webhooks:done', now, ARGV[1])
 end
 return 1
 """
@@ -443,10 +532,10 @@ end
 return removed
 """
 
-# Finished deliveries a TTL after their last attempt. ARGV: cutoff, limit. Returns how many were scanned.
+# Finished deliveries a TTL after their last attempt. ARGV: ttl, limit. Returns how many were scanned.
 _EXPIRE_WEBHOOKS = """
 local done = P .. ':webhooks:done'
-local ids = redis.call('ZRANGEBYSCORE', done, '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local ids = redis.call('ZRANGEBYSCORE', done, '-inf', clock() - tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))
 for _, did in ipairs(ids) do
   local k = P .. ':webhook:' .. did
   local job_id = redis.call('HGET', k, 'job_id')
@@ -510,9 +599,9 @@ class RedisJobStore:
             ("heartbeat", _HEARTBEAT), ("delete", _DELETE), ("cancel", _CANCEL), ("release", _RELEASE),
             ("expire", _EXPIRE), ("migrate", _MIGRATE), ("usage", _USAGE), ("claim_webhooks", _CLAIM_WEBHOOKS),
             ("finish_webhook", _FINISH_WEBHOOK), ("expire_webhooks", _EXPIRE_WEBHOOKS), ("summaries", _SUMMARIES),
-            ("expire_workers", _EXPIRE_WORKERS),
+            ("expire_workers", _EXPIRE_WORKERS), ("reclaim", _RECLAIM), ("take_head", _TAKE_HEAD),
             ("window", _WINDOW), ("take_pick", _TAKE_PICK), ("statuses", _STATUSES))}
-        self._run("migrate", time.time())
+        self._run("migrate")
         self._entry: dict[str, str] = {}  # job id -> stream entry id, for this process's running jobs
         self._orphans: dict[str, list] = {}
 
@@ -678,41 +767,42 @@ class RedisJobStore:
             pubsub.close()
 
     def delete(self, job_id: str) -> Job | None:
-        flat = self._run("delete", job_id, time.time())
+        flat = self._run("delete", job_id)
         return self._decode(_pairs(flat)) if flat else None
 
     def cancel(self, job_id: str) -> Job | None:
-        flat = self._run("cancel", job_id, time.time())
+        flat = self._run("cancel", job_id)
         return self._decode(_pairs(flat)) if flat else None
 
     def expire(self, older_than_s: float) -> list[Job]:
-        cutoff = time.time() - older_than_s
         out: list[Job] = []
         while True:
-            scanned, *removed = self._run("expire", cutoff, self.EXPIRE_BATCH)
+            scanned, *removed = self._run("expire", older_than_s, self.EXPIRE_BATCH)
             out += [self._decode(_pairs(flat)) for flat in removed]
             if int(scanned) < self.EXPIRE_BATCH:
                 break
-        while int(self._run("expire_webhooks", cutoff, self.EXPIRE_BATCH)) >= self.EXPIRE_BATCH:
+        while int(self._run("expire_webhooks", older_than_s, self.EXPIRE_BATCH)) >= self.EXPIRE_BATCH:
             pass
         self._run("expire_workers", max(older_than_s, LIVE_REPORT_S))
         return out
 
     # ------------------------------------------------------------------ worker side
     NEW_ENTRIES_PER_CLAIM = 16  # stream entries one claim reads past (jobs gone or taken out of order)
+    RECLAIM_SCAN = 100  # expired leases one claim looks through (a worker without LoRA slots passes LoRA jobs by)
 
     def claim(self, worker_id: str, lease_s: float, device: str | None = None, loaded_key: str | None = None,
               affinity_skip: int = 0, affinity_wait_s: float = 60.0, serves_loras: bool = True) -> Job | None:
-        """Entries whose job's lease ran out (their worker died; or our own previous life's, found by
-        release_orphans) first; then, with LoRA affinity, the job pick_next chooses from the queue's head
-        (_claim_pick); else new entries in stream order. Without LoRA slots (serves_loras False): no LoRA job's
-        entry is taken, and the queued job is the oldest without a set, picked from the queue (_claim_plain)."""
+        """Our own previous life's jobs (found by release_orphans) first, then jobs whose lease ran out (their
+        worker died: _RECLAIM); then, with LoRA affinity, the job pick_next chooses from the queue's head
+        (_claim_pick); else the queue's head (_TAKE_HEAD, when the stream would not hand it out next) or new
+        entries in stream order. Without LoRA slots (serves_loras False): no LoRA job is taken, and the queued job
+        is the oldest without a set, picked from the queue (_claim_plain)."""
         orphans = self._orphans.pop(worker_id, [])
-        if not serves_loras:  # left pending: once idle for a lease, a worker with slots takes them over
+        if not serves_loras:  # left pending: once their lease runs out, a worker with slots takes them over
             orphans = [(e, f) for e, f in orphans if not self._has_loras((f or {}).get("id"))]
-        candidates = orphans + self._stale_entries(worker_id, lease_s, serves_loras=serves_loras)
-        job = self._take_first(candidates, worker_id, lease_s, device)
-        if job is not None or candidates:
+        job = self._take_first(orphans, worker_id, lease_s, device) or self._taken(self._run(
+            "reclaim", worker_id, device or "", lease_s, MAX_ATTEMPTS, int(serves_loras), self.RECLAIM_SCAN))
+        if job is not None:
             return job
         if not serves_loras:
             window = self._run("window", CAPABLE_WINDOW)
@@ -722,6 +812,9 @@ class RedisJobStore:
             job = self._claim_pick(worker_id, lease_s, device, loaded_key, affinity_skip, affinity_wait_s)
             if job is not None:
                 return job
+        job = self._taken(self._run("take_head", worker_id, device or "", lease_s, MAX_ATTEMPTS, int(serves_loras)))
+        if job is not None:
+            return job
         for _ in range(self.NEW_ENTRIES_PER_CLAIM):
             new = [m for _, msgs in self.r.xreadgroup(GROUP, worker_id, {STREAM: ">"}, count=1) for m in msgs]
             if not new:
@@ -730,7 +823,7 @@ class RedisJobStore:
             # our own worker id and take it again)
             new = [(e, f) for e, f in new if self._entry.get((f or {}).get("id")) != e]
             if not serves_loras:  # a LoRA job queued since the window was read: its entry stays pending, and
-                # once idle for a lease a worker with slots takes it over (_stale_entries)
+                # a worker with slots takes it when it reaches the queue's head (_TAKE_HEAD)
                 new = [(e, f) for e, f in new if not self._has_loras((f or {}).get("id"))]
             job = self._take_first(new, worker_id, lease_s, device)
             if job is not None:
@@ -740,8 +833,7 @@ class RedisJobStore:
     def _take_first(self, candidates: list, worker_id: str, lease_s: float, device: str | None) -> Job | None:
         for entry_id, fields in candidates:
             job_id = (fields or {}).get("id")
-            now = time.time()
-            result = self._run("take", job_id, worker_id, device or "", now + lease_s, now, MAX_ATTEMPTS) if job_id else "gone"
+            result = self._run("take", job_id, worker_id, device or "", lease_s, MAX_ATTEMPTS) if job_id else "gone"
             if result == "busy":  # a live worker took it first: not ours to drop
                 continue
             if result != "ok":  # deleted, already finished, cancelled or failed too often: drop the entry
@@ -750,6 +842,15 @@ class RedisJobStore:
             self._entry[job_id] = entry_id
             return self.get(job_id, include_deleted=True)
         return None
+
+    def _taken(self, reply: list) -> Job | None:
+        """The job a script took with its stream entry ({take's result, id, entry}), or None."""
+        result, job_id, entry = reply
+        if result != "ok":
+            return None
+        if entry:
+            self._entry[job_id] = entry
+        return self.get(job_id, include_deleted=True)
 
     def _claim_pick(self, worker_id: str, lease_s: float, device: str | None, loaded_key: str, skip: int,
                     wait_s: float) -> Job | None:
@@ -800,9 +901,7 @@ class RedisJobStore:
             if picked is None or not picked[1]:
                 return None
             job_id, _, passed = picked
-            now = time.time()
-            result, entry = self._run("take_pick", job_id, worker_id, device or "", now + lease_s, now, MAX_ATTEMPTS,
-                                      skip, *passed)
+            result, entry = self._run("take_pick", job_id, worker_id, device or "", lease_s, MAX_ATTEMPTS, skip, *passed)
             if result == "ok":
                 self._entry[job_id] = entry
                 return self.get(job_id, include_deleted=True)
@@ -812,32 +911,6 @@ class RedisJobStore:
                 return None
         return None
 
-    def _stale_entries(self, worker_id: str, lease_s: float, limit: int = 100, serves_loras: bool = True) -> list:
-        """Pending entries whose worker is gone: the job's lease has passed, or (read but never taken, the
-        reader died in between) the entry has been idle for a lease. XCLAIM them to us."""
-        stale = []
-        now = time.time()
-        for p in self.r.xpending_range(STREAM, GROUP, min="-", max="+", count=limit):
-            entry_id, idle_ms = p["message_id"], p["time_since_delivered"]
-            found = self.r.xrange(STREAM, entry_id, entry_id)
-            if not found:
-                self._ack(entry_id)
-                continue
-            job_id = found[0][1].get("id")
-            lease = self.r.hget(_key(job_id), "lease_until")
-            status = self.r.hget(_key(job_id), "status")
-            if status == "processing" and lease and float(lease) >= now:
-                continue  # alive
-            if status == "queued" and idle_ms < lease_s * 1000:
-                continue  # being taken by the worker that just read it
-            if not serves_loras and self._has_loras(job_id):
-                continue  # for a worker with LoRA slots
-            claimed = self.r.xclaim(STREAM, GROUP, worker_id, 0, [entry_id])
-            stale += [m for m in claimed if m and m[1]]
-            if stale:
-                break
-        return stale
-
     def _ack(self, entry_id: str) -> None:
         pipe = self.r.pipeline()
         pipe.xack(STREAM, GROUP, entry_id)
@@ -846,9 +919,7 @@ class RedisJobStore:
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float, progress: float | None = None,
                   stage: str | None = None) -> bool:
-        now = time.time()
-        ok = int(self._run("heartbeat", job_id, worker_id, now + lease_s,
-                           "" if progress is None else progress, stage or "", now))
+        ok = int(self._run("heartbeat", job_id, worker_id, lease_s, "" if progress is None else progress, stage or ""))
         entry = self._entry.get(job_id)
         if ok and entry:  # still ours: reset the entry's idle time too (XPENDING shows live workers)
             self.r.xclaim(STREAM, GROUP, worker_id, 0, [entry], justid=True)
@@ -862,8 +933,7 @@ class RedisJobStore:
             self._ack(entry)
 
     def _end(self, job_id: str, worker_id: str, status: str, fields: dict, stages: dict) -> bool:
-        ok = int(self._run("finish", job_id, worker_id, status, time.time(), json.dumps(self._encode(fields)),
-                           json.dumps(stages)))
+        ok = int(self._run("finish", job_id, worker_id, status, json.dumps(self._encode(fields)), json.dumps(stages)))
         if ok:
             self._done_with(job_id)
         return bool(ok)
@@ -878,7 +948,7 @@ class RedisJobStore:
                                                       "timings": timings or {}}, {})
 
     def finish_cancelled(self, job_id: str, worker_id: str) -> Job | None:
-        flat = self._run("finish_cancelled", job_id, worker_id, time.time())
+        flat = self._run("finish_cancelled", job_id, worker_id)
         if not flat:
             self._entry.pop(job_id, None)
             return None
@@ -889,7 +959,7 @@ class RedisJobStore:
         """Back to the queue now (graceful shutdown), without counting an attempt."""
         ok = int(self._run("release", job_id, worker_id))
         if ok:
-            self._done_with(job_id)  # the script queued a new entry
+            self._done_with(job_id)  # the script queued a new entry (and dropped the one the job had)
         return bool(ok)
 
     # Workers and API processes run on several hosts: a report's time is the Redis server's (TIME), and its age
@@ -944,15 +1014,14 @@ class RedisJobStore:
 
     # ------------------------------------------------------------------ webhook deliveries (API side)
     def claim_webhooks(self, owner: str, limit: int, lease_s: float) -> list[WebhookDelivery]:
-        now = time.time()
-        flats = self._run("claim_webhooks", now, limit, now + lease_s, owner)
+        flats = self._run("claim_webhooks", limit, lease_s, owner)
         return [WebhookDelivery.from_mapping(_pairs(f)) for f in flats]
 
     def finish_webhook(self, delivery_id: str, owner: str, state: str, error: str | None = None,
                        body: str | None = None, retry_at: float | None = None) -> bool:
-        now = time.time()
-        return bool(int(self._run("finish_webhook", delivery_id, owner, state, error or "", body or "",
-                                  now if retry_at is None else retry_at, now)))
+        # retry_at is on this host's clock: the script makes it the same delay on the server's
+        delay = 0.0 if retry_at is None else retry_at - time.time()
+        return bool(int(self._run("finish_webhook", delivery_id, owner, state, error or "", body or "", delay)))
 
     def webhook_deliveries(self, job_id: str) -> list[WebhookDelivery]:
         ids = self.r.smembers(f"{P}:webhooks:job:{job_id}")
