@@ -127,6 +127,42 @@ def test_removing_a_jobs_files_removes_every_runs_temp_files_and_no_other_jobs(t
     assert all(p.exists() for p in others)
 
 
+def test_files_of_no_job_and_dead_runs_temp_files_are_swept_after_an_hour(tmp_path):
+    """A kill -9 between writing an input and creating its job (or between deleting a job and its files) left
+    files no job refers to, for ever. The API's hourly sweep removes them, and temp files whose job is not
+    running; anything of a known job, anything changed within the hour and any name without a job id stays."""
+    import uuid
+
+    from wanrt.jobs.paths import STRAY_AFTER_S
+
+    paths = DataPaths(tmp_path).ensure()
+    store = SqliteJobStore(paths.db)
+    queued, _ = store.create({"prompt": "x"}, input_image="q_input.png")
+    done, _ = store.create({"prompt": "x"}, input_image="d_input.png")
+    assert store.claim("w", 30).id == queued.id  # the oldest: this one runs
+    running = queued
+    store.claim("w2", 30)
+    store.complete(done.id, "w2", str(paths.output_path(done.id)), {})
+    gone = str(uuid.uuid4())
+    old = [paths.input_path(gone, "png"), paths.output_path(gone), paths.previews / f"{gone}.webp",  # no such job
+           paths.outputs / f".{paths.output_path(done.id).name}.1-aa.part"]  # a dead run's temp file of a finished job
+    kept = [paths.input_path(done.id, "png"), paths.output_path(done.id),  # a known job's
+            paths.outputs / f".{paths.output_path(running.id).name}.1-bb.part",  # its job is still running
+            paths.inputs / "notes.txt"]  # no job id in the name
+    fresh = paths.input_path(str(uuid.uuid4()), "png")  # its job may be being created right now
+    for p in old + kept + [fresh]:
+        p.write_bytes(b"x")
+    for p in old + kept:
+        os.utime(p, (time.time() - STRAY_AFTER_S - 60,) * 2)
+
+    def status(job_id):
+        job = store.get(job_id, include_deleted=True)
+        return None if job is None else job.status
+
+    assert sorted(paths.remove_stray_files(STRAY_AFTER_S, status)) == sorted(map(str, old))
+    assert all(p.exists() for p in kept + [fresh])
+
+
 def test_worker_ids_are_unique_per_process_and_per_serve_instance_and_stable_across_its_restarts(tmp_path):
     from wanrt.api.server import WorkerSupervisor
 

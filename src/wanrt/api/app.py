@@ -28,7 +28,7 @@ from litestar.static_files import create_static_files_router
 from wanrt.api.errors import EXCEPTION_HANDLERS
 from wanrt.api.routes import API_TITLE, DEBUG_ROUTES, ROUTES, Limits, bearer_token, webhook_body, webhook_check
 from wanrt.jobs import open_store
-from wanrt.jobs.paths import DataPaths
+from wanrt.jobs.paths import STRAY_AFTER_S, DataPaths
 from wanrt.jobs.protocol import JobStore
 from wanrt.jobs.webhooks import POLL_S, WebhookDispatcher
 
@@ -84,11 +84,21 @@ def create_app(settings, store: JobStore | None = None) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def expiry(app: Litestar):
-        """Finished jobs and their files expire after the TTL (checked every minute)."""
+        """Finished jobs and their files expire after the TTL (checked every minute); files of no job go an hour
+        after their last change (checked every hour, and at start: what a crash left)."""
+        strays_checked = [float("-inf")]
+
+        def job_status(job_id: str) -> str | None:
+            job = store.get(job_id, include_deleted=True)
+            return None if job is None else job.status
 
         def sweep() -> None:
             for job in store.expire(settings.job_ttl_s):
                 paths.remove_job_files(job.id, job.input_image)
+            if time.monotonic() - strays_checked[0] >= STRAY_AFTER_S:
+                strays_checked[0] = time.monotonic()
+                if removed := paths.remove_stray_files(STRAY_AFTER_S, job_status):
+                    log.warning("removed %d file(s) of no job: %s", len(removed), ", ".join(removed[:5]))
 
         async def loop():
             while True:

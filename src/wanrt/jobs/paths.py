@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
+import re
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger("wanrt.paths")
+_JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # uuid4, as the API names jobs
+STRAY_AFTER_S = 3600.0  # a file of no job is removed this long after its last change (the create race is seconds)
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -74,4 +82,27 @@ class DataPaths:
                 removed.append(str(path))
             except FileNotFoundError:
                 pass
+            except OSError as e:  # one file that cannot go must not keep the others (or the next jobs') in place
+                log.warning("could not remove %s: %s", path, e)
+        return removed
+
+    def remove_stray_files(self, older_than_s: float, job_status: Callable[[str], str | None]) -> list[str]:
+        """Files left by no job, unchanged for `older_than_s`: a kill -9 between writing an input and creating its
+        job, or between deleting a job and its files, and temp files (`.part`) of runs that died. A file whose job
+        is known stays, but a temp file only while its job runs. `job_status(id)`: the job's status, or None when
+        the store has no such job. Only names holding a job id are touched."""
+        cutoff, removed = time.time() - older_than_s, []
+        for folder in (self.inputs, self.outputs, self.previews):
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    match = _JOB_ID.search(entry.name)
+                    try:
+                        if match is None or not entry.is_file(follow_symlinks=False) or entry.stat().st_mtime >= cutoff:
+                            continue
+                        status = job_status(match.group(0))
+                        if status is None or (entry.name.endswith(".part") and status != "processing"):
+                            os.unlink(entry.path)
+                            removed.append(entry.path)
+                    except OSError as e:  # gone meanwhile, or not ours to remove: the next file
+                        log.warning("could not remove stray file %s: %s", entry.path, e)
         return removed
