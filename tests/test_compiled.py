@@ -214,6 +214,76 @@ def test_blocks_compile_with_cuda_graphs_on_gpu(tiny_model):
     assert backend.stats.compiles >= 1 and list(backend.stats.compile_seconds) == ["high:b2:3x8x8"]
 
 
+def test_weight_only_fp8_upcast_stays_out_of_compiled_graphs(monkeypatch):
+    """SM < 8.9 (an RTX 3090 here) runs FP8 weights weight-only, and Triton has no e4m3 there (pytorch#167082): the
+    graph dynamo hands the compiler under fullgraph (as the blocks are compiled) converts no float8 tensor; the
+    upcast is one opaque op, for a layer and for a row view of a fused layer (what a LoRA'd part runs)."""
+    from wanrt.runtime.fp8 import fp8_mode, fuse_linears, row_views
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert fp8_mode("cuda") == "weight_only"
+    fp8s = (torch.float8_e4m3fn, torch.float8_e5m2)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    layer = Fp8Linear(torch.nn.Linear(64, 48).bfloat16(), mode="weight_only")
+    fused = fuse_linears([Fp8Linear(torch.nn.Linear(64, 16).bfloat16(), mode="weight_only") for _ in range(2)])
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    for m in (layer, row_views(fused, [16, 16])[1]):
+        with torch.inference_mode():
+            assert torch.equal(torch.compile(m, backend=record, fullgraph=True)(x), m(x))
+    assert len(graphs) == 2
+    for gm in graphs:
+        casts, opaque = [], 0
+        for node in gm.graph.nodes:
+            value = node.meta.get("example_value")
+            reads_fp8 = any(getattr(a.meta.get("example_value"), "dtype", None) in fp8s for a in node.all_input_nodes)
+            if getattr(node.target, "namespace", "") == "wanrt":  # wanrt::fp8_upcast
+                opaque += 1
+            elif reads_fp8 and isinstance(value, torch.Tensor) and value.dtype not in fp8s:
+                casts.append(node.format_node())
+        assert not casts and opaque == 1, gm.code
+
+
+class _Replay(torch.nn.Module):
+    """An expert whose output lives in one static buffer, rewritten by each call: what a CUDA graph replays into."""
+
+    def __init__(self):
+        super().__init__()
+        self.static = torch.zeros(1, 16, 3, 8, 8)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
+        self.static.copy_(hidden_states[:, :16])
+        return (self.static,)
+
+
+def test_cudagraph_outputs_survive_the_next_call_and_threads_are_counted(tiny_model, caplog):
+    """cudagraphs=True is a no-op off CUDA (reported off). Where graphs run, each denoise returns a copy: the cond
+    half of a sequential CFG step (TieredBackend) survives the uncond replay. cudagraph trees are thread-local: a
+    second thread's first call is logged and counted."""
+    import threading
+
+    backend = CompiledBackend(copy_model(tiny_model), fp8=False, compile=False, cudagraphs=True)
+    assert not backend.describe()["cudagraphs"]
+    backend.stats.cudagraphs = True  # as on a GPU; the expert replays into one buffer as its graph would
+    backend.experts["high"] = _Replay()
+    t, ctx = torch.full((1,), 900.0), torch.zeros(1, 16, 32)
+    cond = backend.denoise("high", torch.ones(1, 36, 3, 8, 8), t, ctx)
+    uncond = backend.denoise("high", torch.full((1, 36, 3, 8, 8), 2.0), t, ctx)
+    assert torch.equal(cond, torch.ones(1, 16, 3, 8, 8)) and torch.equal(uncond, torch.full_like(uncond, 2.0))
+    with caplog.at_level("WARNING", logger="wanrt.compiled"):
+        worker = threading.Thread(target=backend.denoise, args=("high", torch.ones(1, 36, 3, 8, 8), t, ctx),
+                                  name="slot-0")
+        worker.start()
+        worker.join()
+    assert "recorded per thread" in caplog.text and "'slot-0'" in caplog.text
+    assert backend.describe()["cudagraph_threads"] == [threading.current_thread().name, "slot-0"]
+
+
 def test_backend_refuses_experts_on_another_device(tiny_model):
     """Checked before any copy, quantisation or CUDA call (this torch has no CUDA: a CUDA call would raise)."""
     with pytest.raises(ValueError, match=r"high-noise expert is on cpu but the pipeline runs on cuda:0"):

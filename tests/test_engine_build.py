@@ -183,6 +183,54 @@ def test_tensorrt_engine_builds_and_matches_onnx(tmp_path, tiny_model):
     assert engine.stat().st_size > 0 and (tmp_path / "t.cache").is_file()
 
 
+def test_engines_are_built_with_no_torch_weights_left(tmp_path, monkeypatch, tiny_model):
+    """`wanrt build` with TensorRT: by the time TensorRT builds an engine (monkeypatched here: it cannot run on
+    this machine) no torch weights are left (both experts, the text encoder and the VAE hold no storage); each
+    expert was exported while it still had its weights, the text encoder and the VAE were gone by then."""
+    import copy
+    import dataclasses
+
+    import wanrt.engine_build.build as b
+    from wanrt.engine_build import onnx_export
+    from wanrt.model import loading
+
+    loaded, exported, built = [], [], []
+
+    def holding(**modules):  # the names of those that still hold weights
+        return [n for n, m in modules.items()
+                if any(t.untyped_storage().nbytes() for t in (*m.parameters(), *m.buffers()))]
+
+    def load_model(spec, device, dtype):  # the session's tiny model (building one takes seconds), fp32 on the CPU
+        parts = ("transformer_high", "transformer_low", "text_encoder", "vae")
+        loaded.append(dataclasses.replace(tiny_model, **{p: copy.deepcopy(getattr(tiny_model, p)) for p in parts}))
+        return loaded[-1]
+
+    def export_expert(expert, path, text_len=512):
+        model = loaded[0]
+        exported.append((path.parent.name, holding(expert=expert, text_encoder=model.text_encoder, vae=model.vae)))
+        path.write_bytes(b"onnx")
+        return path
+
+    def build_engine(onnx_path, engine_path, profiles, **kwargs):
+        model = loaded[0]
+        built.append((engine_path.parent.name,
+                      holding(**model.experts, text_encoder=model.text_encoder, vae=model.vae)))
+        engine_path.write_bytes(b"plan")
+        return engine_path
+
+    monkeypatch.setattr(loading, "load_model", load_model)
+    monkeypatch.setattr(onnx_export, "export_expert", export_expert)
+    monkeypatch.setattr(b, "tensorrt_available", lambda: (True, ""))
+    monkeypatch.setattr(b, "check_disk_space", lambda *args: 0)
+    monkeypatch.setattr(b, "build_engine", build_engine)
+    manifest = build(BuildOptions(model="tiny", precision="bf16", out=tmp_path / "a", profiles=("small",)),
+                     log=lambda m: None)
+    assert exported == [("high", ["expert"]), ("low", ["expert"])]
+    assert built == [("high", []), ("low", [])]
+    assert manifest["experts"]["low"]["engines"] == {"small": "low/engine.plan"}
+    assert manifest["experts"]["high"]["engine_profiles"] == {"small": 0}
+
+
 def test_in_place_guard_equals_copy_guard_and_restores(tiny_model):
     import copy
 

@@ -496,6 +496,30 @@ def test_one_engine_per_expert_switches_its_optimization_profile(trt11, tmp_path
                                                                   torch.zeros(2), torch.zeros(2, 512, 32))
 
 
+def test_a_plan_that_is_not_resident_keeps_one_experts_engine_loaded(trt11, tmp_path, tiny_model):
+    """Not resident (one_expert_at_a_time): the other expert's engine is dropped before one is loaded, so the GPU
+    never holds both experts' weights; resident, both stay. Left out, the switch follows where the torch experts
+    are (the runtime factory loads them on the host for every plan but resident)."""
+    from wanrt.runtime.backends.tensorrt import TensorRTBackend
+
+    high, low = "high/engine_small.plan", "low/engine_small.plan"
+    for one, loaded, loads in ((True, [[high], [low]], 3), (False, [[high], [high, low]], 2)):
+        root = tmp_path / str(one)
+        root.mkdir()
+        backend = TensorRTBackend(root, _artifacts(root), device="cpu", one_expert_at_a_time=one)
+        seen = []
+        for expert in ("high", "low", "high"):
+            backend.denoise(expert, torch.rand(2, 36, 5, 32, 32), torch.full((2,), 900.0), torch.zeros(2, 512, 32))
+            seen.append(sorted(backend._loaded))
+        assert seen == [*loaded, loaded[0] if one else loaded[1]] and backend.loads == loads
+        assert backend.describe()["one_expert_at_a_time"] is one
+    # experts on the host while the engines run on the GPU: the factory's placement for a plan that is not resident
+    for name, device, model, one in (("g", "cuda", copy.deepcopy(tiny_model), True), ("c", "cpu", None, False)):
+        root = tmp_path / name
+        root.mkdir()
+        assert TensorRTBackend(root, _artifacts(root), device=device, model=model).one_expert_at_a_time is one
+
+
 def test_engine_per_profile_artifacts_keep_one_file_per_expert_loaded(trt11, tmp_path):
     """Artifacts built before (an engine file per profile, each holding the expert's weights) still run, but a
     second file of the same expert replaces the first on the GPU instead of joining it (two A14B experts x three

@@ -79,16 +79,20 @@ def test_warm_up_times_each_bucket_and_the_worker_reports_it(tmp_path, tiny_pipe
     from wanrt.runtime.backends.eager import EagerBackend
     from wanrt.runtime.pipeline import WanI2VPipeline
 
-    seen = []  # (expert, batch) of every denoising call: warm-up must compile what requests will run
+    seen, threads = [], set()  # (expert, batch) of every denoising call: warm-up must compile what requests will run
 
     class Recording(EagerBackend):
         def denoise(self, expert, latent_input, *args):
             seen.append((expert, latent_input.shape[0]))
+            threads.add(threading.get_ident())
             return super().denoise(expert, latent_input, *args)
 
     pipeline = WanI2VPipeline(tiny_pipeline.model, Recording(tiny_pipeline.model))
-    Worker(settings, "w", store=store, pipeline=pipeline).run(poll_s=0.01, max_jobs=0)
+    job = queue_job(paths, store)
+    Worker(settings, "w", store=store, pipeline=pipeline).run(poll_s=0.01, max_jobs=1)
     assert set(seen) == {("high", 2), ("low", 2), ("high", 1), ("low", 1)}  # both experts, with and without CFG
+    # the job ran on the thread that warmed up: CUDA graph trees are per thread (another would record its own)
+    assert store.get(job).status == "completed" and threads == {threading.get_ident()}
     (report,) = store.workers()
     assert list(report["warmup_s"]) == ["64x64x5"] and report["warmup_s"]["64x64x5"] > 0
     from wanrt.api.routes import metrics_text

@@ -1,8 +1,14 @@
 """`wanrt build`: base model + LoRAs -> fused weights (BF16/FP16 or FP8 + scales) -> ONNX -> TensorRT, with
-a manifest. The same inputs again are a cache hit; a changed LoRA strength rebuilds."""
+a manifest. The same inputs again are a cache hit; a changed LoRA strength rebuilds.
+
+Only the experts are run (the ONNX export): the text encoder and the VAE are released as soon as the model is
+loaded, and each expert once its weights and ONNX are written. The engines are built last, from the ONNX files
+alone, with no torch weights left on the GPU (a 14B expert's engine is 28 GB of weights plus TensorRT's tactic
+workspace; the whole model in BF16 is ~69 GB)."""
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,13 +101,20 @@ def build(opts: BuildOptions, log=_log) -> dict:
         if not rs:
             log(f"{expert}-noise expert: no LoRA")
 
+    _release(device, model.text_encoder, model.vae)  # never run here
     out.mkdir(parents=True, exist_ok=True)
-    experts_info = {}
-    for i, (name, expert) in enumerate(model.experts.items()):
-        experts_info[name] = _build_expert(name, expert, model, opts, out, log, experts_left=len(model.experts) - i)
+    experts_info, engines = {}, []
+    for name, expert in model.experts.items():
+        experts_info[name], onnx_path = _build_expert(name, expert, model, opts, out, log)
         experts_info[name]["loras"] = [{"file": str(s.path), "sha256": file_sha256(s.path), "strength": s.strength,
                                         "layers_touched": r.layers_touched, "skipped": r.skipped}
                                        for s, r in zip([s for s in opts.loras if s.applies_to(name)], reports[name], strict=False)]
+        if onnx_path is not None:
+            engines.append((name, onnx_path, expert.config))
+        _release(device, expert)  # its weights file and ONNX are written: the next export gets its memory
+    for i, (name, onnx_path, cfg) in enumerate(engines):
+        experts_info[name].update(_build_engine(name, onnx_path, cfg, model.max_sequence_length, opts, out, log,
+                                                experts_left=len(engines) - i))
 
     trt_ok, trt_why = tensorrt_available()
     if opts.onnx and opts.tensorrt and not trt_ok:
@@ -120,7 +133,21 @@ def build(opts: BuildOptions, log=_log) -> dict:
     return {**manifest, "cache_hit": False}
 
 
-def _build_expert(name: str, expert, model, opts: BuildOptions, out: Path, log, experts_left: int = 1) -> dict:
+def _release(device: str, *modules) -> None:
+    """The modules' weights freed in place (each tensor emptied, same dtype and device), so whatever still holds
+    them (an exported program waiting for the garbage collector) holds no storage; on CUDA the freed blocks go
+    back to the driver, as TensorRT allocates outside torch's cache."""
+    for module in modules:
+        for t in (*module.parameters(), *module.buffers()):
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    if device.startswith("cuda"):
+        gc.collect()  # the export's reference cycles may hold views of the weights
+        torch.cuda.empty_cache()
+
+
+def _build_expert(name: str, expert, model, opts: BuildOptions, out: Path, log) -> tuple[dict, Path | None]:
+    """Weights file and ONNX of one expert: (its manifest entry, the ONNX to build its engine from, or None when no
+    engine is built)."""
     from safetensors.torch import save_file
 
     from wanrt.engine_build import quantize
@@ -151,37 +178,39 @@ def _build_expert(name: str, expert, model, opts: BuildOptions, out: Path, log, 
         save_file(sd, str(weights), metadata={"format": f"wanrt-{opts.precision}"})
     info["weights"] = str(weights.relative_to(out))
     info["weights_sha256"] = mf.file_fingerprint(weights)
+    if not opts.onnx:
+        return info, None
+    from wanrt.engine_build.onnx_export import export_expert, onnx_parity
+    from wanrt.model.components import cast_module
 
-    if opts.onnx:
-        from wanrt.engine_build.onnx_export import export_expert, onnx_parity
-        from wanrt.model.components import cast_module
+    engines = opts.tensorrt and tensorrt_available()[0]
+    if engines:  # in place: the expert's weights file is written already and it is not run again
+        cast_module(expert, dtype=EXPORT_DTYPE[ENGINE_PRECISION[opts.precision]])
+    t0 = time.perf_counter()
+    onnx_path = export_expert(expert, folder / "expert.onnx", text_len=model.max_sequence_length)
+    info["onnx"] = str(onnx_path.relative_to(out))
+    info["onnx_export_s"] = round(time.perf_counter() - t0, 2)
+    # onnxruntime's CPU kernels are fp32: the parity check runs on fp32 exports only
+    if next(expert.parameters()).device.type == "cpu" and expert.dtype == torch.float32:
+        parity = onnx_parity(expert, onnx_path, text_len=model.max_sequence_length)
+        info["onnx_parity"] = [{"shape": p.shape, "max_abs_error": p.max_abs_error, "rel_error": p.rel_error} for p in parity]
+        log(f"{name}: ONNX {onnx_path.name} exported in {info['onnx_export_s']} s; onnxruntime parity "
+            + ", ".join(f"{p.shape}: max |d| {p.max_abs_error:.2e}" for p in parity))
+    return info, onnx_path if engines else None
 
-        engines = opts.tensorrt and tensorrt_available()[0]
-        if engines:  # in place: the expert's weights file is written already and it is not run again
-            cast_module(expert, dtype=EXPORT_DTYPE[ENGINE_PRECISION[opts.precision]])
-        t0 = time.perf_counter()
-        onnx_path = export_expert(expert, folder / "expert.onnx", text_len=model.max_sequence_length)
-        info["onnx"] = str(onnx_path.relative_to(out))
-        info["onnx_export_s"] = round(time.perf_counter() - t0, 2)
-        # onnxruntime's CPU kernels are fp32: the parity check runs on fp32 exports only
-        if next(expert.parameters()).device.type == "cpu" and expert.dtype == torch.float32:
-            parity = onnx_parity(expert, onnx_path, text_len=model.max_sequence_length)
-            info["onnx_parity"] = [{"shape": p.shape, "max_abs_error": p.max_abs_error, "rel_error": p.rel_error} for p in parity]
-            log(f"{name}: ONNX {onnx_path.name} exported in {info['onnx_export_s']} s; onnxruntime parity "
-                + ", ".join(f"{p.shape}: max |d| {p.max_abs_error:.2e}" for p in parity))
-        if engines:
-            # this expert's engine and the later experts' (same architecture, so the same size)
-            check_disk_space(onnx_path, out, experts_left)
-            cfg = expert.config
-            engine = build_engine(onnx_path, folder / "engine.plan", [PROFILES[p] for p in opts.profiles],
-                                  precision=ENGINE_PRECISION[opts.precision],
-                                  timing_cache=out / "timing.cache", in_channels=cfg.in_channels,
-                                  text_len=model.max_sequence_length, text_dim=cfg.text_dim)
-            # profile -> file and -> optimization profile index (a manifest from before has one file per profile)
-            info["engines"] = {p: str(engine.relative_to(out)) for p in opts.profiles}
-            info["engine_profiles"] = {p: i for i, p in enumerate(opts.profiles)}
-            log(f"{name}: TensorRT engine {engine.name} (profiles {', '.join(opts.profiles)})")
-    return info
+
+def _build_engine(name: str, onnx_path: Path, cfg, text_len: int, opts: BuildOptions, out: Path, log,
+                  experts_left: int = 1) -> dict:
+    """One expert's TensorRT engine from its ONNX (the torch model is released by now): its manifest entries."""
+    # this expert's engine and the later experts' (same architecture, so the same size)
+    check_disk_space(onnx_path, out, experts_left)
+    engine = build_engine(onnx_path, out / name / "engine.plan", [PROFILES[p] for p in opts.profiles],
+                          precision=ENGINE_PRECISION[opts.precision], timing_cache=out / "timing.cache",
+                          in_channels=cfg.in_channels, text_len=text_len, text_dim=cfg.text_dim)
+    log(f"{name}: TensorRT engine {engine.name} (profiles {', '.join(opts.profiles)})")
+    # profile -> file and -> optimization profile index (a manifest from before has one file per profile)
+    return {"engines": {p: str(engine.relative_to(out)) for p in opts.profiles},
+            "engine_profiles": {p: i for i, p in enumerate(opts.profiles)}}
 
 
 def _copy_with_state(expert, sd):

@@ -77,16 +77,21 @@ class Worker:
             log.warning("re-queued %d job(s) left by a previous run of %s", released, self.worker_id)
         slots = max(1, int(self.settings.concurrency))
         pipelines = [pipeline] + [self._clone_for_concurrency(pipeline) for _ in range(slots - 1)]
+        # slot 0 runs here, on the thread that warmed up: CUDA graph trees are per thread, so graphs captured in
+        # warm-up serve only this one (another thread records its own, with a private pool of its own)
         threads = [threading.Thread(target=self._slot_loop, args=(p, poll_s, max_jobs, i), daemon=True)
-                   for i, p in enumerate(pipelines)]
+                   for i, p in enumerate(pipelines) if i]
         done = threading.Event()  # the slots have ended: so do the re-sends
         reporter = threading.Thread(target=self._keep_reporting, args=(REPORT_EVERY_S, done), daemon=True)
         for t in (*threads, reporter):
             t.start()
-        for t in threads:
-            t.join()
-        done.set()
-        reporter.join(timeout=10)
+        try:
+            self._slot_loop(pipeline, poll_s, max_jobs, 0)
+        finally:
+            for t in threads:
+                t.join()
+            done.set()
+            reporter.join(timeout=10)
 
     def _report(self, worker_id: str, pipeline, state: str, job_id: str | None = None) -> bool:
         """Publish this slot's state, backend, memory (capacity: the API's 422) and LoRA library (GET /loras, the

@@ -126,7 +126,7 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
                            compile_scope=settings.compile_scope, autotune=settings.autotune,
                            cudagraphs=settings.cudagraphs, offload=tier != "resident", streamed=streams_blocks(tier))
         elif tensorrt:
-            options = dict(artifacts=settings.artifacts)
+            options = dict(artifacts=settings.artifacts, one_expert_at_a_time=tier != "resident")
         return make_backend(settings.backend, model, device=device, **options)
 
     loras = _LoraInstaller(settings, model) if serves_loras(settings) else None

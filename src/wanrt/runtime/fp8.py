@@ -9,7 +9,8 @@ precision, so CPU tests run the same code path and measure the same rounding.
 GPUs without FP8 tensor cores (Ampere: the RTX 3080/3090, A100) run FP8 weights weight-only: the e4m3 weight
 is upcast to the activation dtype one layer at a time at compute time (one BF16 copy of the largest layer
 alive, never the expert), and the GEMM runs in BF16. Storage, host memory and PCIe bytes stay FP8's, which is
-what lets the 14 GB FP8 files users have fit a 32 GB host and a block stream. `fp8_mode(device)` picks.
+what lets the 14 GB FP8 files users have fit a 32 GB host and a block stream. The upcast is an opaque op
+(`fp8_upcast`): a compiled graph holds no e4m3 cast, which Triton cannot compile there. `fp8_mode(device)` picks.
 
 Fused projections (`fuse_linears`, used by runtime/attention.fuse_projections): layers reading the same input
 become one layer with their rows stacked (one GEMM instead of three), and each old layer a row view of it
@@ -91,6 +92,23 @@ def fp8_mode(device) -> str:
     return "weight_only" if device.type == "cuda" else "emulate"
 
 
+@torch.library.custom_op("wanrt::fp8_upcast", mutates_args=())
+def fp8_upcast(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight (e4m3) * scale in `dtype`: weight-only FP8's upcast, as one op torch.compile does not trace into.
+    Traced, Inductor fuses the cast into a Triton kernel reading an fp8e4nv pointer, which Triton refuses below
+    SM 8.9, the GPUs that run weight-only (pytorch/pytorch#167082); opaque, it runs eager's ATen kernels, and
+    fullgraph still holds (the fake below gives dynamo the output's shape and dtype)."""
+    # e4m3 -> dtype is exact; the in-place multiply computes in fp32 and rounds once (the same bits as
+    # dequantize_weight), so only this one layer's weight exists at `dtype`, and only now.
+    w = weight.to(dtype, copy=True)  # never the weight itself: the multiply is in place
+    return w.mul_(scale)
+
+
+@fp8_upcast.register_fake
+def _(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return weight.new_empty(weight.shape, dtype=dtype)
+
+
 class Fp8Linear(torch.nn.Module):
     """y = x W^T + b with W in e4m3 (per-output-channel scale).
 
@@ -149,10 +167,7 @@ class Fp8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "weight_only":
-            # e4m3 -> x.dtype is exact; the in-place multiply computes in fp32 and rounds once (the same bits as
-            # dequantize_weight), so only this one layer's weight exists at x's precision, and only now.
-            w = self.weight_fp8.to(x.dtype)
-            w.mul_(self.weight_scale)
+            w = fp8_upcast(self.weight_fp8, self.weight_scale, x.dtype)  # opaque to torch.compile: see fp8_upcast
             return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])

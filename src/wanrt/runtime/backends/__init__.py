@@ -24,6 +24,8 @@ def make_backend(name: str, model, device=None, **options):
         artifacts = options.get("artifacts")
         if not artifacts:
             raise ValueError("the tensorrt backend needs --artifacts (a `wanrt build` output with engines)")
-        # model: its torch experts are released once their engines are found (the engines embed the same weights)
-        return TensorRTBackend(artifacts, art.read_manifest(artifacts), device or "cuda", model=model)
+        # model: its torch experts are released once their engines are found (the engines embed the same weights).
+        # one_expert_at_a_time: a plan that is not resident (left out: inferred from where the experts are)
+        return TensorRTBackend(artifacts, art.read_manifest(artifacts), device or "cuda", model=model,
+                               one_expert_at_a_time=options.get("one_expert_at_a_time"))
     raise ValueError(f"unknown backend {name!r} (available: eager, compiled, tensorrt)")

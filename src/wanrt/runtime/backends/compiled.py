@@ -12,6 +12,12 @@ identical blocks share one graph per shape and compile in seconds, as diffusers'
 `model`: the whole expert in one graph), `autotune` (Inductor's max-autotune GEMM search: minutes per bucket),
 `cudagraphs` (opt-in; CUDA only, never with offload).
 
+CUDA graphs: each graph replays into the same output memory, so every denoise call returns a copy (TieredBackend
+holds the cond half of a CFG step while the uncond half replays the same graph), a latent's bytes per call.
+cudagraph trees are thread-local: a thread that did not warm the backend up records its own graphs (its first
+calls per shape, and a memory pool of its own); the first call from each new thread is logged, and the
+threads are counted in describe().
+
 Compiles are counted from dynamo's own graph counter around each denoise call (`compiles`), with the seconds of
 each shape bucket's first call (`compile_seconds`). Dynamo keeps at most `recompile_limit` graphs per code object
 and then runs new shapes eagerly (or, under fullgraph, raises): the limit is raised to cover every shape the
@@ -37,7 +43,9 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -194,6 +202,7 @@ class CompiledStats:
     recompile_limit: int = 0
     fallbacks: int = 0  # dynamo hit its recompile limit: that bucket ran eagerly
     eager_buckets: set = field(default_factory=set)
+    graph_threads: list = field(default_factory=list)  # cudagraphs: names of the threads that ran (and recorded)
 
 
 class CompiledBackend:
@@ -246,6 +255,7 @@ class CompiledBackend:
         patch = tuple(getattr(getattr(high, "config", None), "patch_size", (1, 2, 2)))
         self._heads, self._head_dim, self._patch = heads, head_dim, patch
         self._measured: dict[str, attention.AttentionPlan] = {}  # attn=auto on Hopper: per self-attention shape
+        self._graph_threads = weakref.WeakSet()  # cudagraph trees are per thread: those that ran this backend
         self.attention = attention.resolve(attn, device, heads=heads, head_dim=head_dim)
         self.stats.attention, self.stats.attention_reason = self.attention.kernel, self.attention.reason
         if self.attention.measure and torch.are_deterministic_algorithms_enabled():
@@ -340,6 +350,24 @@ class CompiledBackend:
     @torch.inference_mode()
     def denoise(self, expert: str, latent_input: torch.Tensor, timestep: torch.Tensor,
                 context: torch.Tensor) -> torch.Tensor:
+        if not self.stats.cudagraphs:
+            return self._denoise(expert, latent_input, timestep, context)
+        self._note_thread()
+        # The graph's output memory is rewritten by its next replay: a caller may hold this one across calls.
+        return self._denoise(expert, latent_input, timestep, context).clone()
+
+    def _note_thread(self) -> None:
+        thread = threading.current_thread()
+        if thread in self._graph_threads:
+            return
+        if self._graph_threads:
+            log.warning("compiled backend: CUDA graphs are recorded per thread (cudagraph trees are thread-local): "
+                        "thread %r runs this backend after %s; its first calls of each shape record graphs again "
+                        "(and keep a memory pool of their own)", thread.name, ", ".join(self.stats.graph_threads))
+        self._graph_threads.add(thread)
+        self.stats.graph_threads.append(thread.name)
+
+    def _denoise(self, expert, latent_input, timestep, context):
         s = self.stats
         b, _, f, h, w = latent_input.shape
         bucket = f"{expert}:b{b}:{f}x{h}x{w}"
@@ -384,6 +412,8 @@ class CompiledBackend:
                "fp8_impl": s.fp8_impl, "fp8_fast_accum": s.fast_accum, "fuse_qkv": s.fuse_qkv,
                "attention": s.attention, "attention_requested": s.attention_requested,
                "compiled": s.compiled, "cudagraphs": s.cudagraphs, "shape_buckets": len(s.shapes_seen)}
+        if s.cudagraphs:
+            out["cudagraph_threads"] = list(s.graph_threads)  # each records its own graphs (thread-local trees)
         if s.fuse_qkv:
             out["fused_projections"] = dict(s.fused_projections)
         if s.fuse_off:

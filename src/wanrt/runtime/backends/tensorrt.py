@@ -8,6 +8,11 @@ Artifacts from before (an engine file per profile) still run, one file per exper
 others are dropped before another is loaded, as each holds the expert's weights again. Chosen only when
 `tensorrt` imports and artifacts with engines are given.
 
+`one_expert_at_a_time` (a memory plan that is not resident): the other expert's engine is dropped before one is
+loaded, so the GPU holds one expert's weights (28.6 GB in BF16) instead of both; each expert switch of a request
+reads and uploads an engine again. Left out, it is inferred from where the torch experts are: the runtime factory
+loads them on the host for every plan but resident.
+
 The engines embed the experts' weights, so the torch experts are released once the engine files are found
 (`release_torch_experts`): an A14B expert is 28 GB in BF16, and an engine loaded beside both torch experts
 would not fit an 80 GB card. `keep_torch_experts=True` keeps them (e.g. to compare with the eager backend).
@@ -57,7 +62,7 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, artifacts: Path, manifest: dict, device: str = "cuda", model=None,
-                 keep_torch_experts: bool = False):
+                 keep_torch_experts: bool = False, one_expert_at_a_time: bool | None = None):
         import tensorrt as trt
 
         self.trt = trt
@@ -80,6 +85,10 @@ class TensorRTBackend:
         # one step (the enqueue is asynchronous, so the lock is held for microseconds of host work)
         self._lock = threading.Lock()
         self.loads = 0  # engine deserializations (each reads and uploads a whole expert)
+        if one_expert_at_a_time is None:  # before the release below empties them (same devices)
+            one_expert_at_a_time = self.device.type == "cuda" and model is not None and all(
+                t.device.type == "cpu" for m in model.experts.values() for t in (*m.parameters(), *m.buffers()))
+        self.one_expert_at_a_time = one_expert_at_a_time
         # An expert without engines would still run in torch; the others' weights live in the engines.
         self.released = [] if model is None or keep_torch_experts else [n for n, f in self.engine_files.items() if f]
         self.released_bytes = release_torch_experts(model, self.released) if self.released else 0
@@ -96,15 +105,16 @@ class TensorRTBackend:
 
     def _context(self, expert: str, profile: str):
         """(engine, context) for `expert` with `profile` selected: the engine file is loaded once (after this
-        expert's other file, from an engine-per-profile build, is dropped) and the profile switched on its
-        context only when it changes."""
+        expert's other file, from an engine-per-profile build, is dropped, and with one_expert_at_a_time every
+        other expert's) and the profile switched on its context only when it changes."""
         path = self.engine_files[expert][profile]
         index = int(self.profile_index[expert].get(profile, 0))
         loaded = self._loaded.get(path)
         if loaded is None:
-            others = [f for f in set(self.engine_files[expert].values()) - {path} if f in self._loaded]
+            mine = set(self.engine_files[expert].values())
+            others = [f for f in self._loaded if f != path and (self.one_expert_at_a_time or f in mine)]
             if others and self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()  # its last enqueue may still be running
+                torch.cuda.synchronize(self.device)  # its last enqueue (any thread's stream) may still be running
             for other in others:
                 self._loaded.pop(other)  # context, then engine, freed with the list: one copy of the weights
             engine = self.runtime.deserialize_cuda_engine((self.artifacts / path).read_bytes())
@@ -160,4 +170,5 @@ class TensorRTBackend:
         files = {e: sorted(set(f.values())) for e, f in self.engine_files.items()}
         return {"backend": "tensorrt", "engines": {e: sorted(p) for e, p in self.engine_files.items()},
                 "engine_files": files, "loaded": sorted(self._loaded), "engine_loads": self.loads,
+                "one_expert_at_a_time": self.one_expert_at_a_time,
                 "torch_experts_released": {"experts": self.released, "gb": round(self.released_bytes / 1e9, 2)}}
