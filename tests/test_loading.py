@@ -1,9 +1,12 @@
 """Every loader round-trips the tiny model written with the real key names: identical outputs."""
 
 import json
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from wanrt.model import keymaps, sizes
 from wanrt.model.loading import (
@@ -176,3 +179,152 @@ def test_random_full_on_cuda_never_holds_an_fp32_copy():
     m = build_random_full("cuda", torch.bfloat16, with_text_encoder=False, num_layers=2)
     total = sum(module_bytes(part) for part in (m.transformer_high, m.transformer_low, m.text_encoder, m.vae))
     assert torch.cuda.max_memory_allocated() - base < 1.1 * total  # fp32 first would be ~2x
+
+
+# ----------------------------------------------------------------------------------------------- load memory
+class LiveStorages(TorchDispatchMode):
+    """Peak bytes of the tensor storages made inside the `with` (by torch ops, or handed to torch by a reader:
+    safetensors `set_`s a tensor onto a storage it made), each counted from its making until its memory is freed
+    (a storage adopted by a parameter stays counted). Storages made before the `with` never count."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    @staticmethod
+    def storages(tree) -> list:
+        return [t.untyped_storage() for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+
+    def _drop(self, key):
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {s.data_ptr() for s in self.storages((args, kwargs))}  # before: `set_` gives its input a new storage
+        out = func(*args, **(kwargs or {}))
+        for s in self.storages(out):
+            key = s.data_ptr()
+            if key and key not in inputs and key not in self.live:
+                self.live[key] = s.nbytes()
+                self.now += s.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(s, self._drop, key)  # the storage's own object: it lives as long as its memory
+        return out
+
+
+def _expert_file(tmp_path, kind: str):
+    """A 6-block tiny expert written with ComfyUI's key names, as an fp16 file or as fp8_scaled (e4m3 linears
+    with a scale_weight each); the expert too (more blocks than tiny: one tensor is a small part of it)."""
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import save_file
+
+    from wanrt.model.tiny import TINY_TRANSFORMER_CONFIG
+
+    torch.manual_seed(0)
+    cfg = {**TINY_TRANSFORMER_CONFIG, "num_layers": 6}
+    expert = WanTransformer3DModel(**cfg)
+    sd = keymaps.transformer_to_original(expert.state_dict(), prefix=keymaps.COMFY_PREFIX)
+    out = {}
+    for k, v in sd.items():
+        if kind == "fp8" and k.endswith(".weight") and v.ndim == 2:
+            scale = v.abs().max() / 448.0
+            out[k], out[k[: -len("weight")] + "scale_weight"] = (v / scale).to(torch.float8_e4m3fn), scale.reshape(1)
+        else:
+            out[k] = v.half() if kind == "fp16" else v
+    if kind == "fp8":
+        out["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    path = tmp_path / f"wan2.2_i2v_high_noise_14B_{kind}.safetensors"
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path))
+    return path, {k: (tuple(v) if k == "patch_size" else v) for k, v in cfg.items()}, out
+
+
+@pytest.mark.parametrize("kind,keep_fp8", [("fp16", False), ("fp8", False), ("fp8", True)])
+def test_single_file_expert_loads_one_tensor_at_a_time(tmp_path, kind, keep_fp8):
+    """The resident path reads an expert onto the device and converts it to bf16: the device never holds the
+    file beside its converted copy (an fp16 file loaded as bf16 was file + copy, two experts on an 80 GB card),
+    only the model plus one tensor in flight (for an fp8 weight: its e4m3 source and fp32 dequantization)."""
+    from wanrt.runtime.memory import module_bytes
+
+    path, cfg, stored = _expert_file(tmp_path, kind)
+    with LiveStorages() as live:
+        expert = load_expert(path, "cpu", torch.bfloat16, config=cfg, keep_fp8=keep_fp8)
+    model = module_bytes(expert)
+    one = max(v.numel() for v in stored.values()) * (1 + 4 + 4)  # the largest tensor: source, 2 fp32 temporaries
+    assert live.peak <= model + one, (live.peak, model, one)
+    assert live.now == model  # nothing else is left behind
+    # and the values are the file's, converted as before (dequantized: through bf16, fp32-kept modules too)
+    got = keymaps.transformer_to_original(expert.state_dict(), prefix=keymaps.COMFY_PREFIX)
+    for k, v in stored.items():
+        if k.endswith(".scale_weight") or k == "scaled_fp8":
+            continue
+        scale = stored.get(k[: -len("weight")] + "scale_weight")
+        if keep_fp8 and scale is not None:
+            assert got[k].dtype == torch.float8_e4m3fn and torch.equal(got[k], v), k
+            assert torch.equal(expert.get_submodule(keymaps.transformer_to_diffusers({k: v}).popitem()[0][: -len(".weight")])
+                               .weight_scale, scale), k
+            continue
+        want = (v.float() * scale if scale is not None else v).to(v.dtype if keep_fp8 else torch.bfloat16)
+        assert torch.equal(got[k], want.to(got[k].dtype)), k
+
+
+def test_umt5_loads_one_tensor_at_a_time(tmp_path):
+    """The text encoder too (an fp16 umt5_xxl file loaded as bf16 was 2 x 11 GB on the device): the model plus
+    one tensor in flight, the embedding table read once and tied."""
+    from safetensors.torch import save_file
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from wanrt.model.loading import load_umt5
+    from wanrt.model.tiny import TINY_UMT5_CONFIG
+    from wanrt.runtime.memory import module_bytes
+
+    torch.manual_seed(0)
+    te = UMT5EncoderModel(UMT5Config(**{**TINY_UMT5_CONFIG, "num_layers": 6, "vocab_size": 132}))
+    stored = {k: v.half().contiguous() for k, v in te.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    save_file(stored, str(tmp_path / "umt5_xxl_fp16.safetensors"))
+    with LiveStorages() as live:
+        loaded = load_umt5(tmp_path / "umt5_xxl_fp16.safetensors", "cpu", torch.bfloat16)
+    model = module_bytes(loaded)
+    one = max(v.numel() for v in stored.values()) * (2 + 2)  # the largest tensor: its fp16 source and bf16 copy
+    assert live.peak <= model + one, (live.peak, model, one)
+    assert live.now == model
+    assert loaded.shared.weight is loaded.encoder.embed_tokens.weight
+    got = loaded.state_dict()
+    for k, v in stored.items():
+        assert torch.equal(got[k], v.to(torch.bfloat16).to(got[k].dtype)), k
+
+
+@pytest.mark.parametrize("precision", ["fp8", "bf16"])
+def test_artifacts_load_one_tensor_at_a_time_into_the_resident_experts(tmp_path, monkeypatch, precision):
+    """`wanrt build` weights go into the experts already on the device one tensor at a time (the whole artifact,
+    and for FP8 its dequantized copy, beside a resident expert did not fit an 80 GB card)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from wanrt.model.tiny import build_tiny_model
+    from wanrt.runtime import artifacts
+    from wanrt.runtime.fp8 import dequantize_weight, quantize_weight
+
+    served = build_tiny_model()
+    expected, manifest = {}, {"base": {"model": "tiny"}, "precision": precision, "experts": {}}
+    for name, expert in served.experts.items():
+        sd, expected[name] = {}, {}
+        for k, v in expert.state_dict().items():
+            v = v + 0.01  # fused: other weights than the served ones
+            if precision == "fp8" and k.endswith(".weight") and v.ndim == 2:
+                sd[k], sd[k[: -len("weight")] + "weight_scale"] = quantize_weight(v)
+                expected[name][k] = dequantize_weight(*quantize_weight(v))
+            else:
+                sd[k] = v.to(torch.bfloat16) if precision == "bf16" else v
+                expected[name][k] = sd[k].float()
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / f"{name}.safetensors"))
+        manifest["experts"][name] = {"weights": f"{name}.safetensors"}
+    (tmp_path / artifacts.MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.setattr(artifacts, "base_fingerprint", lambda spec: {"model": "tiny"})  # not built inside the count
+    # about one tensor: its e4m3 source, two fp32 temporaries (dequantize_weight), and a byte an element of slack
+    one = max(v.numel() for v in served.transformer_high.state_dict().values()) * (1 + 4 + 4 + 1)
+    with LiveStorages() as live:
+        artifacts.load_artifacts_into(served, tmp_path, "tiny")
+    assert live.peak <= one, (live.peak, one)
+    for name, expert in served.experts.items():
+        for k, v in expert.state_dict().items():
+            assert torch.equal(v, expected[name][k]), k

@@ -123,3 +123,23 @@ def test_chunked_first_frame_encode_equals_vae_encode(tiny_model):
     got = encode_first_frame_video(tiny_model.vae, image, 13, on_chunk=lambda i, n: seen.append((i, n)))
     assert torch.equal(got, ref)
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.5])
+def test_euler_keeps_float32_latents_under_a_bf16_model(cfg):
+    """FlowMatchEulerDiscreteScheduler.step casts the new latents to the velocity's dtype: a bf16 model's velocity
+    must reach it as float32, with CFG or without (Lightning-style cfg 1 runs)."""
+    from wanrt.model.components import EULER_SCHEDULER_CONFIG
+    from wanrt.runtime.sampler import sample
+
+    class Bf16Backend:
+        def denoise(self, expert, latent_input, timestep, context):
+            return (latent_input[:, :16] * 0.5 + context.mean()).to(torch.bfloat16)
+
+    g = torch.Generator().manual_seed(0)
+    latents, condition = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 20, 2, 4, 4, generator=g)
+    context = torch.randn(1, 3, 8, generator=g)
+    sched = make_scheduler(EULER_SCHEDULER_CONFIG)
+    plan = plan_steps(sched, 4, 0.9, cfg, cfg)
+    out = sample(Bf16Backend(), sched, plan, latents, condition, context, torch.zeros_like(context), torch.bfloat16)
+    assert out.dtype == torch.float32

@@ -9,7 +9,9 @@
   original Wan2.2 repo (high_noise_model/, low_noise_model/, Wan2.1_VAE.pth,
   models_t5_umt5-xxl-enc-bf16.pth), plus a tokenizer/ (or google/umt5-xxl/) directory.
 
-Each expert is read straight onto its device and built on the meta device, so host RAM never holds both.
+Each expert (and the text encoder) is built on the meta device, then read onto its device one tensor at a time
+and converted there: host RAM never holds both experts, and the device never holds a file beside its converted
+copy (an fp16 or fp8 expert loaded as bf16).
 
 Two options serve the small-card memory tiers (runtime/memory.py):
 - `keep_fp8`: FP8 checkpoints (ComfyUI's fp8_scaled) stay FP8: each linear keeps its e4m3 weight and gets a
@@ -274,7 +276,9 @@ def load_expert(path: Path, device="cpu", dtype=torch.float32, config: dict | No
     stay e4m3 with a `weight_scale` buffer; mmap: tensors are views of the mapped file (module docstring)."""
     from diffusers import WanTransformer3DModel
 
-    raw = read_state_dict(path, "cpu" if mmap else device, mmap=mmap)
+    # Not mapped: built from the headers, then read onto `device` one tensor at a time (_stream_in).
+    stream = not mmap and str(device) != "meta"
+    raw = header = read_state_dict(path, "cpu" if mmap else "meta", mmap=mmap)
     if keep_fp8:
         raw, scales = split_fp8_scales(raw, dtype)
         # the converter only renames keys: a dict of scales under their weights' names comes out renamed alike
@@ -288,7 +292,19 @@ def load_expert(path: Path, device="cpu", dtype=torch.float32, config: dict | No
         if orig_cfg.get("dim") and orig_cfg.get("num_heads"):
             head_dim = orig_cfg["dim"] // orig_cfg["num_heads"]
         config = keymaps.infer_transformer_config(sd, head_dim=head_dim)
-    return _assign(WanTransformer3DModel, config, sd, device, dtype, f"expert {path}", scales)
+    model = _assign(WanTransformer3DModel, config, sd, "meta" if stream else device, dtype, f"expert {path}", scales)
+    if stream:
+        names, read = _source_names(header, keymaps.transformer_to_diffusers), _reader(path)
+
+        def tensor(key):  # the conversion above, applied to this key's part of the file alone
+            if key.endswith(".weight_scale") and key not in names:  # a kept FP8 linear's scale: its weight stays meta
+                name = names[key.removesuffix("_scale")]
+                return split_fp8_scales(_part(read, header, name, device, weight=False), dtype)[1][name]
+            part = _part(read, header, names[key], device)
+            return (split_fp8_scales(part, dtype)[0] if keep_fp8 else keymaps.dequantize_comfy_fp8(part, dtype))[names[key]]
+
+        _stream_in(model, device, tensor)
+    return model
 
 
 def load_vae(path: Path, device="cpu", config: dict | None = None):
@@ -301,14 +317,21 @@ def load_vae(path: Path, device="cpu", config: dict | None = None):
 def load_umt5(path: Path, device="cpu", dtype=torch.float32):
     from transformers import UMT5Config, UMT5EncoderModel
 
-    sd = keymaps.umt5_to_hf(keymaps.dequantize_comfy_fp8(read_state_dict(path, device), dtype))
+    header = read_state_dict(path, "meta")  # built from the headers, then read one tensor at a time (_stream_in)
+    sd = keymaps.umt5_to_hf(keymaps.dequantize_comfy_fp8(header, dtype))
     config = UMT5Config(**keymaps.infer_umt5_config(sd))
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
     _load_strict(model, sd, f"text encoder {path}")
     # Both keys hold the one table (umt5_to_hf): make them one parameter, or a dtype cast copies it twice (2 GB).
     model.encoder.embed_tokens.weight = model.shared.weight
-    return cast_module(model, None if str(device) == "meta" else device, dtype)
+    cast_module(model, None, dtype)
+    if str(device) != "meta":
+        names, read = _source_names(header, keymaps.umt5_to_hf), _reader(path)
+        _stream_in(model, device,
+                   lambda key: keymaps.dequantize_comfy_fp8(_part(read, header, names[key], device), dtype)[names[key]])
+        model.encoder.embed_tokens.weight = model.shared.weight  # _stream_in replaced `shared`: tie again
+    return model
 
 
 def load_single_files(root: Path, device="cpu", dtype=torch.float32, keep_fp8: bool = False,
@@ -452,6 +475,54 @@ def _materialise_random(module: torch.nn.Module, device, dtype, seed: int) -> No
         else:
             value = torch.zeros(p.shape, device=device, dtype=target)
         set_module_tensor_to_device(module, name, device, value=value, dtype=target, clear_cache=False)
+
+
+# --------------------------------------------------------------------------------------------- streaming reads
+def _reader(path: Path):
+    """key -> that tensor of a checkpoint, read alone onto the host (safetensors: safe_open; .pth: a memory-mapped
+    torch.load, whose tensors stay file pages until read)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        return read_state_dict(path, "cpu").__getitem__
+    files = {}
+    for shard in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
+        f = safe_open(str(shard), framework="pt", device="cpu")
+        files.update(dict.fromkeys(f.keys(), f))
+    return lambda key: files[key].get_tensor(key)
+
+
+def _source_names(header: dict[str, torch.Tensor], convert) -> dict[str, str]:
+    """Model key -> file key, through a key converter that only renames (it hands the same tensors on). ComfyUI's
+    FP8 markers are left out, as dequantize_comfy_fp8 leaves them out before the key maps run."""
+    header = {k: v for k, v in header.items() if not k.endswith((".scale_weight", ".scale_input")) and k != "scaled_fp8"}
+    file_key = {id(v): k for k, v in header.items()}
+    return {k: file_key[id(v)] for k, v in convert(header).items()}
+
+
+def _part(read, header: dict, name: str, device, weight: bool = True) -> dict[str, torch.Tensor]:
+    """The file's tensor `name` and its ComfyUI `scale_weight` (if it has one) on `device`: what the FP8
+    converters need to convert that tensor. weight=False: the weight's meta stand-in (only its scale is wanted)."""
+    part = {name: read(name).to(device) if weight else header[name]}
+    scale = name[: -len("weight")] + "scale_weight"
+    if name.endswith(".weight") and scale in header:
+        part[scale] = read(scale).to(device)
+    return part
+
+
+def _stream_in(model: torch.nn.Module, device, tensor) -> None:
+    """Materialise a model built on meta one tensor at a time: tensor(key) reads that key's source onto `device`
+    and converts it there; it is adopted in the dtype the meta model holds, and its source is gone before the next
+    is read. The device holds the model plus one tensor in flight, never a whole file beside its converted copy
+    (an fp16 or fp8 expert loaded as bf16 was two experts on the GPU). Buffers built for real (RoPE) just move."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for key, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type == "meta":
+            set_module_tensor_to_device(model, key, device, value=tensor(key).to(device, t.dtype), clear_cache=False)
+        else:
+            t.data = t.data.to(device)
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -85,23 +85,41 @@ def check_matches(manifest: dict, base: dict) -> None:
 
 def load_artifacts_into(model, artifacts: Path, model_spec: str, dtype=None) -> dict:
     """Check the manifest against the served model and load the fused (and, for FP8, dequantized) expert
-    weights into it. The compiled and TensorRT backends read their own formats."""
-    from safetensors.torch import load_file
+    weights into it. The compiled and TensorRT backends read their own formats.
 
-    from wanrt.runtime.fp8 import dequantize_state_dict
+    One tensor at a time, copied into the expert's own: the device holds the expert plus one tensor in flight,
+    never the whole artifact (and its dequantized copy) beside the resident expert."""
+    from safetensors import safe_open
+
+    from wanrt.runtime.fp8 import SCALE_SUFFIX, dequantize_state_dict
 
     artifacts = Path(artifacts)
     manifest = read_manifest(artifacts)
     if manifest is None:
         raise ArtifactMismatch(f"{artifacts} has no {MANIFEST}; build it with `wanrt build`")
     check_matches(manifest, base_fingerprint(model_spec))
+    fp8 = manifest["precision"] == "fp8"
     for name, expert in model.experts.items():
-        device = next(expert.parameters()).device
-        sd = load_file(str(artifacts / manifest["experts"][name]["weights"]), device=str(device))
-        if manifest["precision"] == "fp8":
-            sd = dequantize_state_dict(sd, dtype or expert.dtype)
+        path = artifacts / manifest["experts"][name]["weights"]
         current = expert.state_dict()
-        expert.load_state_dict({k: v.to(current[k].dtype) for k, v in sd.items()})
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            stored = set(f.keys())
+            keys = [k for k in f.keys() if not (fp8 and k.endswith(f".{SCALE_SUFFIX}"))]
+            missing, unexpected = sorted(set(current) - set(keys)), sorted(set(keys) - set(current))
+            if missing or unexpected:  # strict, as load_state_dict was
+                raise ArtifactMismatch(f"{path}: {len(missing)} missing keys {missing[:5]}, "
+                                       f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+            for key in keys:
+                param = current[key]
+                part = {key: f.get_tensor(key).to(param.device)}
+                scale = key[: -len("weight")] + SCALE_SUFFIX
+                if fp8 and key.endswith(".weight") and scale in stored:
+                    part[scale] = f.get_tensor(scale).to(param.device)
+                value = dequantize_state_dict(part, dtype or expert.dtype)[key] if fp8 else part.pop(key)
+                if value.shape != param.shape:
+                    raise ArtifactMismatch(f"{path}: {key} has shape {tuple(value.shape)}, the model {tuple(param.shape)}")
+                with torch.no_grad():
+                    param.copy_(value)  # in place: state_dict's tensors share the parameters' storage
     return manifest
 
 

@@ -43,7 +43,7 @@ import torch
 
 from wanrt.model import sizes
 from wanrt.runtime import gpus
-from wanrt.runtime.streaming import BlockStreamer, DeviceLedger, Shuttle, move_to, nbytes, tensors_of
+from wanrt.runtime.streaming import BlockStreamer, DeviceLedger, Shuttle, host_copies, move_to, nbytes, tensors_of
 from wanrt.runtime.vae import VaeMemory, attach
 
 log = logging.getLogger("wanrt.memory")
@@ -284,7 +284,9 @@ def phase_bytes(mb: ModelBytes, tier: str, opts: Options = Options(), tokens: in
 def host_bytes_needed(mb: ModelBytes, tier: str, opts: Options = Options(), fp8_at_load: bool = False) -> int:
     """Host RAM the tier needs: both experts' host copies (swap, stream; while loading they are in the load
     dtype), only the stems for mmap (blocks are file pages), the text encoder and VAE copies when they leave
-    the device, and the reserve for the OS and this process."""
+    the device, and the reserve for the OS and this process. Pinned copies take their bytes and no more: one
+    buffer per expert, block or shuttle, locked at its exact size (streaming.host_copies; not torch's pinned
+    allocator, which rounds each allocation up to a power of two)."""
     tier = normalize_tier(tier)
     aside = (mb.text_encoder if opts.text_encoder == "streamed" else 0) + (0 if opts.vae_resident else mb.vae)
     if tier == "resident":
@@ -720,18 +722,11 @@ class ExpertSwapper:
         self._host: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._bytes: dict[str, int] = {}
         for name, module in experts.items():
-            pairs = []
-            for t in tensors_of(module, exclude(module) if exclude else ()):
-                host = t.data
-                if host.device.type != "cpu":
-                    pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=self.cuda)
-                    host = pinned.copy_(host)
-                    self.copies["host"] += 1
-                elif self.cuda and not host.is_pinned():
-                    host = host.pin_memory()
-                    self.copies["host"] += 1
-                t.data = host  # drops a device copy, if the expert arrived on the device
-                pairs.append((t, host))
+            tensors = tensors_of(module, exclude(module) if exclude else ())
+            # one pinned buffer per expert; drops a device copy, if the expert arrived on the device
+            if made := host_copies(tensors, self.cuda):
+                self.copies["host"] += made
+            pairs = [(t, t.data) for t in tensors]
             self._host[name] = pairs
             self._bytes[name] = nbytes(h for _, h in pairs)
             self.log.append(("host", name))

@@ -90,7 +90,8 @@ def sample(
             cond, uncond = velocity.float().chunk(2)
             velocity = uncond + step.guidance * (cond - uncond)
         else:
-            velocity = backend.denoise(step.expert, latent_input, step.timestep.expand(1), context)
+            # float32 like the CFG branch: Euler's step casts the new latents to the velocity's dtype
+            velocity = backend.denoise(step.expert, latent_input, step.timestep.expand(1), context).float()
         x0 = None
         if on_x0 is not None:
             x0 = latents - sigmas[step.index] * velocity.float()

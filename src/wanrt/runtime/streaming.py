@@ -22,11 +22,16 @@ runtime drops them when the expert changes or the loop ends).
 from __future__ import annotations
 
 import contextlib
+import logging
+import mmap
 from collections import Counter, deque
 from functools import partial
 from typing import Iterable, Sequence
 
 import torch
+
+log = logging.getLogger("wanrt.streaming")
+ALIGN = 512  # each host copy starts 512-byte aligned in its buffer: DMA-friendly, aligned for any element size
 
 
 def tensors_of(module: torch.nn.Module, exclude: Iterable[torch.nn.Module] = ()) -> list[torch.Tensor]:
@@ -99,24 +104,63 @@ class DeviceLedger:
                 "at_peak": dict(self.at_peak), "over_budget": self.budget is not None and self.peak > self.budget}
 
 
+class _Locked(mmap.mmap):
+    """Anonymous host memory page-locked with cudaHostRegister at its exact size. Its tensors (torch.frombuffer)
+    keep it alive; when the last goes, __del__ unregisters it, before the base type unmaps it."""
+
+    address = 0
+
+    def __del__(self):
+        if self.address:
+            with contextlib.suppress(Exception):  # interpreter shutdown
+                torch.cuda.cudart().cudaHostUnregister(self.address)
+
+
+def _page_lock(mapping: _Locked, buffer: torch.Tensor) -> bool:
+    if int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)) == 0:
+        mapping.address = buffer.data_ptr()
+        return True
+    # The failure stays the CUDA runtime's last error, which torch reads at its next kernel launch: take it now.
+    with contextlib.suppress(RuntimeError):
+        torch.zeros(1, device="cuda")
+    return False
+
+
+def host_copies(tensors: Sequence[torch.Tensor], cuda: bool, pin: bool = True) -> int:
+    """Point `tensors` at host copies, made once; returns how many were made. A tensor keeps its own data where
+    it is on the host and needs no pinning (the CPU; `pin` off: memory-mapped checkpoint tensors stay file pages,
+    which pinning would copy into RAM). The others (on CUDA: host tensors not pinned yet, and tensors on the
+    device now, after a tier change) become views of one buffer, each copied in and its source dropped in turn,
+    and the buffer is page-locked. One buffer at its exact size, not a pin_memory() per tensor: torch's pinned
+    allocator rounds every allocation up to a power of two (an FP8 A14B block of 335 MiB took 513 MiB; a
+    single pin_memory() buffer would round up too)."""
+    todo = [t for t in tensors if t.device.type != "cpu" or (cuda and pin and not t.is_pinned())]
+    if not todo:
+        return 0
+    offsets, n = [], 0
+    for t in todo:
+        offsets.append(n)
+        n += -(-t.nbytes // ALIGN) * ALIGN
+    mapping = _Locked(-1, max(n, ALIGN), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(AttributeError, OSError):  # fewer page faults and faster locking, where allowed
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    buffer = torch.frombuffer(mapping, dtype=torch.uint8)
+    for t, offset in zip(todo, offsets, strict=True):
+        t.data = buffer[offset:offset + t.nbytes].view(t.dtype).view(t.shape).copy_(t.data)
+    # Locked after the copies: pages fill as the sources go (a source on the host is freed as its copy is made).
+    if cuda and not _page_lock(mapping, buffer):
+        log.warning("could not page-lock %.1f GiB of host copies: they stay pageable (slower copies to the GPU)",
+                    n / 2**30)
+    return len(todo)
+
+
 class _HostCopies:
-    """One host copy per tensor, made once: pinned on CUDA (unless `pin` is off: memory-mapped checkpoint
-    tensors stay file pages, which pinning would copy into RAM), the tensors' own data on the CPU. A tensor that
-    is on the device now (a tier change after start-up) is copied down once and its device copy dropped."""
+    """A host copy per tensor, made once (host_copies): pinned on CUDA unless `pin` is off, the tensors' own data
+    on the CPU."""
 
     def __init__(self, tensors: Sequence[torch.Tensor], cuda: bool, pin: bool = True):
-        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.made = 0
-        for t in tensors:
-            host = t.data
-            if host.device.type != "cpu":
-                host = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, pin_memory=cuda).copy_(host)
-                self.made += 1
-            elif cuda and pin and not host.is_pinned():
-                host = host.pin_memory()
-                self.made += 1
-            t.data = host
-            self.pairs.append((t, host))
+        self.made = host_copies(tensors, cuda, pin)
+        self.pairs = [(t, t.data) for t in tensors]
         self.nbytes = nbytes(h for _, h in self.pairs)
 
     def to_device(self, device: torch.device, non_blocking: bool) -> list[torch.Tensor]:
