@@ -676,6 +676,11 @@ def test_leases_are_measured_on_the_stores_clock(store, monkeypatch, skew):
     assert on(worker, store.complete, job.id, "w1", "/v.mp4", {})
     assert len(on(worker, store.claim_webhooks, "node1", 10, 30)) == 2  # started, 50 %
     assert on(claimer, other.claim_webhooks, "node2", 10, 30) == []
+    # LoRA affinity waits too: a job queued just now (created on an API host `skew` off) has not waited 60 s for a
+    # worker with another set loaded, whatever that worker's clock says
+    old = on(-skew, _queue, store, "B")[0]
+    on(-skew, _queue, store, "A")
+    assert on(skew, other.claim, "w3", 30, loaded_key=KEY["A"], affinity_skip=4, affinity_wait_s=30).id != old
     other.close()
 
 

@@ -10,7 +10,7 @@
   and a lease written from one and read against another was stolen or never ran out. `wanrt:leases` holds each
   running job's lease deadline, so a claim finds a dead worker's job with one ZRANGEBYSCORE (any number of live
   jobs), and takes it before queued ones. Every time a script writes (started_at, finished_at, webhook due
-  times) is the server's too; only created_at is the API host's.
+  times, created_at) is the server's too.
 - Claims run jobs in seq order, as queue_position counts them: in stream order, except the queue's head when
   the stream would not hand it out next (_TAKE_HEAD): a job released back to the queue (`requeued`: its new
   entry is behind the jobs queued meanwhile) or one whose entry a reader took and never ran (it died, or has
@@ -222,7 +222,7 @@ end
 if tonumber(ARGV[3]) >= 0 and redis.call('ZCARD', skey('queued')) >= tonumber(ARGV[3]) then return {-1, {}} end
 local seq = redis.call('INCR', P .. ':seq')
 for k, v in pairs(cjson.decode(ARGV[2])) do redis.call('HSET', jkey(id), k, v) end
-redis.call('HSET', jkey(id), 'seq', seq)
+redis.call('HSET', jkey(id), 'seq', seq, 'created_at', clock())  -- the server's: affinity waits are measured on it
 redis.call('ZADD', P .. ':jobs', seq, id)
 redis.call('ZADD', skey('queued'), seq, id)
 if idem then redis.call('SET', idem, id) end
@@ -861,7 +861,8 @@ class RedisJobStore:
             window = affinity_window([{"id": i, "params": json.loads(params) if params else {},
                                        "created_at": float(created) if created else 0.0, "passed_over": int(passed),
                                        "entry": entry} for i, params, created, passed, entry in raw], skip)
-            chosen = pick_next(window, loaded_key, skip, wait_s, time.time())
+            # created_at is the Redis clock's (_CREATE): so is the wait, whatever this host's clock says
+            chosen = pick_next(window, loaded_key, skip, wait_s, self._seconds(self.r.time()))
             if chosen is None or chosen is window[0]:
                 return None
             return chosen["id"], chosen["entry"], [w["id"] for w in window[: window.index(chosen)]]
