@@ -708,3 +708,20 @@ def test_running_jobs_of_the_previous_layout_are_recovered(store):
     again = upgraded.claim("w", 30)
     assert again is not None and again.id == job.id and again.attempts == 2
     upgraded.close()
+
+
+def test_a_redis_that_stops_answering_raises_instead_of_hanging(monkeypatch):
+    """A Redis that accepts and never answers (a frozen host, a partition without a reset) hung every call for
+    ever: no socket timeout. Now calls raise after RedisJobStore.TIMEOUTS (shortened here), and callers retry."""
+    import socket
+
+    import redis
+
+    monkeypatch.setattr(RedisJobStore, "TIMEOUTS", {**RedisJobStore.TIMEOUTS, "socket_timeout": 0.5})
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        t0 = time.time()
+        with pytest.raises(redis.TimeoutError):
+            RedisJobStore(f"redis://127.0.0.1:{silent.getsockname()[1]}/0")
+        assert time.time() - t0 < 5

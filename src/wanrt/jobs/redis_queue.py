@@ -583,11 +583,16 @@ class RedisJobStore:
     EXPIRE_BATCH = 500  # jobs per expiry script, so Redis is never blocked for long
     notifies_changes = True  # every job change is published: wait_for_change wakes on it
 
+    # A Redis that stops answering (a partition without a reset, a host frozen) must raise, not hang: a claim,
+    # heartbeat or report blocked for ever stalls a worker slot, and its callers retry on errors. The longest
+    # script (expiry, EXPIRE_BATCH jobs) takes milliseconds. Options in the URL (?socket_timeout=...) win.
+    TIMEOUTS = dict(socket_timeout=10.0, socket_connect_timeout=5.0, socket_keepalive=True, health_check_interval=30)
+
     def __init__(self, url: str):
         import redis
 
         self.url = url
-        self.r = redis.Redis.from_url(url, decode_responses=True)
+        self.r = redis.Redis.from_url(url, decode_responses=True, **self.TIMEOUTS)
         self.r.ping()
         try:
             self.r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
