@@ -9,9 +9,14 @@ and the allocator's pool stay with their process. The eager row saves its final 
 compare against them: cosine of the final latents, PSNR of the decoded frames. A row whose configuration
 has FP8 off fails if any Fp8Linear is found in its experts.
 
-For each row: median of --repeats runs after --warmup (warmup_s: their time, compiles included), per-stage
-times, peak memory, the loop's achieved TFLOP/s and % of the FLOP model at BF16 and FP8 peak. Results go
-to benchmarks/results/e2e_<model>_<device>.json (+ a markdown table and, with matplotlib, a PNG chart).
+For each row: median of --repeats runs after --warmup runs (warmup_s: their time, compiles included; each is
+a WARMUP_STEPS-step request at the row's size, frames and guidance, which reaches both experts at the batch
+sizes the timed run uses), per-stage times, peak memory, the loop's achieved TFLOP/s and % of the FLOP model at
+BF16 and FP8 peak. The guard compares the timed run's own frames (kept as the pipeline decodes them: no second
+decode). A row that finds no reference yet leaves its latents and frames as `pending_*.pt` beside where the
+reference will be, for a later comparison (gpu_proof backfills it). Child processes run in their own process
+group, killed as a group on timeout. Results go to benchmarks/results/e2e_<model>_<device>.json (+ a markdown
+table and, with matplotlib, a PNG chart).
 
     python benchmarks/bench_e2e.py --model tiny                              # CPU smoke run (tiny preset)
     python benchmarks/bench_e2e.py --model random-full --presets fast,default,high_quality   # GPU
@@ -20,8 +25,12 @@ to benchmarks/results/e2e_<model>_<device>.json (+ a markdown table and, with ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
+import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,12 +38,16 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve()
+# this checkout's wanrt first (never an installed copy), then benchmarks/
+for _p in (str(HERE.parent), str(HERE.parent.parent / "src")):
+    if _p in sys.path:
+        sys.path.remove(_p)
+    sys.path.insert(0, _p)
 
 import flops as flop_model  # noqa: E402
 from bench_runtime import PRESETS, arch_of, device_name  # noqa: E402
 
-HERE = Path(__file__).resolve()
 IMAGE = HERE.parent.parent / "tests" / "assets" / "first_frame.png"
 PROMPT = "a woman turning her head slowly and smiling"
 CONFIGS = [  # (name, backend, options) in the order the switches are added
@@ -49,19 +62,71 @@ CONFIGS = [  # (name, backend, options) in the order the switches are added
     ("tensorrt", "tensorrt", {}),  # only with --artifacts and an importable TensorRT
 ]
 REFERENCE_CONFIG = "eager"
-
-
-def runnable(configs: list[str], device: str, who: str) -> list[str]:
-    """`configs` without the rows this device could only refuse (fp8_impl=torchao without its GPU or package),
-    saying which and why."""
-    from wanrt.runtime.fp8 import torchao_unavailable
-
-    why = torchao_unavailable(device)
-    skipped = [n for n, _, o in CONFIGS if why and o.get("fp8_impl") == "torchao" and n in configs]
-    if skipped:
-        print(f"{who}: leaving out {', '.join(skipped)}: {why}", file=sys.stderr)
-    return [c for c in configs if c not in skipped]
+# Warm-up requests take this many steps (one per expert at the default boundary) at the row's size, frames and
+# guidance: every expert at every batch size the timed run uses, so compiles, cuDNN/cuBLAS heuristics and the
+# allocator's pool are done, for a third of a default request's loop. 0: warm up with the timed request itself.
+WARMUP_STEPS = 2
+# The parts of a request both diffusers' pipeline and ours time: vs_diffusers divides their sums. The MP4 encode
+# is left out (diffusers writes no video; ours overlaps it with the decode on a writer thread).
+COMPARED_PARTS = ("text_encode_s", "vae_encode_s", "denoise_high_s", "denoise_low_s", "vae_decode_s")
 GPU_PEAK_KEYS = {"H100": "H100 SXM", "H200": "H200"}
+
+
+def _pdeathsig():
+    """prctl(PR_SET_PDEATHSIG, SIGKILL), resolved now: the forked child calls it before exec (no imports there)."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        return lambda: prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the timeout's group kill still applies
+        return None
+
+
+_DIE_WITH_PARENT = _pdeathsig()
+LIVE_GROUPS: set[int] = set()  # process groups running now (a signal handler can kill them: kill_live_groups)
+
+
+def kill_live_groups() -> None:
+    for pgid in list(LIVE_GROUPS):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def run_group(cmd: list[str], timeout: float | None = None, env: dict | None = None,
+              log: Path | None = None, cwd: Path | None = None) -> tuple[int | None, str, str]:
+    """`cmd` in a session (process group) of its own: on timeout the whole group is killed (the row process and
+    what it started: Inductor's compile workers, the CLI), not only the direct child, and a child dies with this
+    process too (PR_SET_PDEATHSIG on Linux), so nothing keeps ~66 GB of GPU memory after its command ended.
+    (returncode, None when killed at the timeout; stdout; the last 20,000 characters of stderr, all of which go
+    to `log` when given)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = Path(tmp) / "stdout"
+        err_path = Path(log) if log else Path(tmp) / "stderr"
+        err_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True,
+                                 preexec_fn=_DIE_WITH_PARENT)
+            LIVE_GROUPS.add(p.pid)
+            try:
+                rc = p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                rc = None
+            finally:  # a timeout, or this process interrupted: the whole group goes
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+                LIVE_GROUPS.discard(p.pid)
+        return rc, out_path.read_text(errors="replace"), err_path.read_bytes()[-20_000:].decode(errors="replace")
+
+
+def child_env(env: dict | None = None) -> dict:
+    """`env` (default os.environ) with this checkout's src/ first on PYTHONPATH: child processes measure it too."""
+    env = dict(os.environ if env is None else env)
+    src = str(HERE.parent.parent / "src")
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != src]
+    env["PYTHONPATH"] = os.pathsep.join([src, *rest])
+    return env
 
 
 def psnr(a, b) -> float:
@@ -159,10 +224,65 @@ def reference_path(ref_dir: Path, model: str, preset_name: str) -> Path:
     return Path(ref_dir) / f"ref_{Path(model).name}_{preset_name}.pt"
 
 
+def pending_path(ref_dir: Path, model: str, preset_name: str, config: str) -> Path:
+    """Where a row that ran before its preset's reference leaves its latents and frames."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", config).strip("_")
+    return Path(ref_dir) / f"pending_{Path(model).name}_{preset_name}_{slug}.pt"
+
+
+def guard_against(ref: Path, params: dict, latents, frames=None) -> dict | None:
+    """Cosine of `latents` (float32, CPU) and PSNR of `frames` (uint8 array; where both sides have frames) against
+    the reference file; bit_identical: the latents equal. None when there is no reference for these params."""
+    import torch
+
+    if not Path(ref).is_file():
+        return None
+    saved = torch.load(ref, weights_only=True)
+    if saved["params"] != params:
+        return None
+    out = {"reference": REFERENCE_CONFIG, "latent_cosine": torch.nn.functional.cosine_similarity(
+        latents.flatten(), saved["latents"].flatten(), dim=0).item(), "frames_psnr_db": None,
+        "bit_identical": bool(torch.equal(latents, saved["latents"]))}
+    if frames is not None and saved.get("frames") is not None:
+        out["frames_psnr_db"] = psnr(frames, saved["frames"].numpy())
+    return out
+
+
+def warmup_params(preset: dict, boundary_ratio: float = 0.9, steps: int = WARMUP_STEPS) -> dict:
+    """The preset with `steps` denoising steps where that still runs both experts (the size, frames and guidance,
+    hence the batch sizes, stay), else the preset itself."""
+    if 0 < steps < preset["steps"] and all(flop_model.split_steps(steps, boundary_ratio)):
+        return {**preset, "steps": steps}
+    return dict(preset)
+
+
+@contextlib.contextmanager
+def kept_frames(into: list):
+    """The uint8 frames WanI2VPipeline.generate decodes (and hands to its MP4 writer), appended to `into`: the
+    guard's PSNR reads the timed run's own frames instead of a second full VAE decode after it."""
+    import wanrt.runtime.pipeline as pipeline
+
+    real = pipeline.to_uint8_frames
+
+    def keep(chunk):
+        frames = real(chunk)
+        into.append(frames)
+        return frames
+
+    pipeline.to_uint8_frames = keep
+    try:
+        yield into
+    finally:
+        pipeline.to_uint8_frames = real
+
+
 def run_row(model_spec: str, device_arg: str, preset_name: str, config_name: str, repeats: int = 1,
             warmup: int = 1, ref_dir: str | Path | None = None, artifacts: str | None = None,
-            compile_off: bool = False) -> dict:
-    """One configuration on one preset, in this process (run it in a fresh one: see spawn_row)."""
+            compile_off: bool = False, warmup_steps: int = WARMUP_STEPS) -> dict:
+    """One configuration on one preset, in this process (run it in a fresh one: see spawn_row). A configuration
+    this device can only refuse (fp8_impl=torchao without its GPU or package) returns {"skipped": why} before
+    loading anything (the check runs here, in the row's process: the caller holds no CUDA context)."""
+    import numpy as np
     import torch
     from PIL import Image
 
@@ -180,12 +300,20 @@ def run_row(model_spec: str, device_arg: str, preset_name: str, config_name: str
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     cuda = device.startswith("cuda")
     preset = PRESETS[preset_name]
+    row = {"preset": preset_name, "config": name, "params": preset, "options": options}
+    if options.get("fp8_impl") == "torchao":
+        from wanrt.runtime.fp8 import torchao_unavailable
+
+        if why := torchao_unavailable(device):
+            return row | {"skipped": why}
     params = GenerateParams(prompt=PROMPT, **preset)
     image = Image.open(IMAGE)
-    row = {"preset": preset_name, "config": name, "params": preset, "options": options}
     t0 = time.perf_counter()
     model = load_model(model_spec, device, dtype)
     row["load_s"] = time.perf_counter() - t0
+    warm = GenerateParams(prompt=PROMPT, **warmup_params(preset, model.boundary_ratio, warmup_steps))
+    if warmup:
+        row["warmup_steps"] = warm.steps
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -196,7 +324,7 @@ def run_row(model_spec: str, device_arg: str, preset_name: str, config_name: str
             for i in range(warmup + repeats):
                 if i == warmup:
                     row["warmup_s"] = time.perf_counter() - t_warm
-                latents, frames, timings = run_diffusers(model, params, image, device)
+                latents, frames, timings = run_diffusers(model, params if i >= warmup else warm, image, device)
                 if i >= warmup:
                     runs.append(timings)
         else:
@@ -208,11 +336,14 @@ def run_row(model_spec: str, device_arg: str, preset_name: str, config_name: str
                 for i in range(warmup + repeats):
                     if i == warmup:
                         row["warmup_s"] = time.perf_counter() - t_warm
-                    result = pipe.generate(params, image, Path(tmp) / "v.mp4", keep_latents=True)
+                    chunks = []
+                    with kept_frames(chunks) if i == warmup + repeats - 1 else contextlib.nullcontext():
+                        result = pipe.generate(params if i >= warmup else warm, image, Path(tmp) / "v.mp4",
+                                               keep_latents=True)
                     if i >= warmup:
                         runs.append(result.timings)
             latents = result.latents
-            frames = decode_frames(model, latents)
+            frames = np.concatenate(chunks)  # the timed run's frames, as decoded for its MP4
             describe = backend.describe() if hasattr(backend, "describe") else {"backend": backend_name}
         experts = list(model.experts.values()) + list(getattr(backend, "experts", {}).values())
         row["fp8_layers"] = fp8_layer_count(*experts)
@@ -225,16 +356,19 @@ def run_row(model_spec: str, device_arg: str, preset_name: str, config_name: str
             row["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
         if ref_dir is not None:
             ref = reference_path(ref_dir, model_spec, preset_name)
+            final = latents.detach().float().cpu()
             if name == REFERENCE_CONFIG:
                 ref.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"latents": latents.detach().float().cpu(), "frames": torch.from_numpy(frames),
-                            "params": preset, "device": device}, ref)
-            if ref.is_file():
-                saved = torch.load(ref, weights_only=True)
-                if saved["params"] == preset:
-                    row["guard"] = {"reference": REFERENCE_CONFIG, "latent_cosine": torch.nn.functional.cosine_similarity(
-                        latents.detach().flatten().float().cpu(), saved["latents"].flatten(), dim=0).item(),
-                        "frames_psnr_db": psnr(frames, saved["frames"].numpy())}
+                torch.save({"latents": final, "frames": torch.from_numpy(frames), "params": preset,
+                            "device": device}, ref)
+            guard = guard_against(ref, preset, final, frames)
+            if guard is not None:
+                row["guard"] = guard
+            else:  # no reference yet: left for a later comparison (gpu_proof backfills the row)
+                pending = pending_path(ref_dir, model_spec, preset_name, name)
+                pending.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"latents": final, "frames": torch.from_numpy(frames), "params": preset}, pending)
+                row["pending"] = str(pending)
         loop_s = median.get("denoise_high_s", 0) + median.get("denoise_low_s", 0)
         req = flop_model.request_flops(arch=arch_of(model), **preset)
         row["loop_tflop"] = req["total"] / 1e12
@@ -258,57 +392,68 @@ def run_row(model_spec: str, device_arg: str, preset_name: str, config_name: str
 
 
 def spawn_row(model_spec: str, device: str, preset_name: str, config_name: str, repeats: int, warmup: int,
-              ref_dir, artifacts: str | None = None, compile_off: bool = False, timeout: float | None = None) -> dict:
-    """run_row in a fresh process of this script (same interpreter and environment)."""
+              ref_dir, artifacts: str | None = None, compile_off: bool = False, timeout: float | None = None,
+              env: dict | None = None, log: Path | None = None, warmup_steps: int = WARMUP_STEPS) -> dict:
+    """run_row in a fresh process of this script (same interpreter; `env`, default this checkout's src/ first on
+    PYTHONPATH), in a process group of its own killed as a whole at `timeout`. stderr goes to `log` if given."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         cmd = [sys.executable, str(HERE), "--row", config_name, "--presets", preset_name, "--model", model_spec,
                "--device", device, "--repeats", str(repeats), "--warmup", str(warmup), "--ref-dir", str(ref_dir),
-               "--row-out", str(out)]
+               "--warmup-steps", str(warmup_steps), "--row-out", str(out)]
         cmd += ["--artifacts", artifacts] if artifacts else []
         cmd += ["--compile-off"] if compile_off else []
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"preset": preset_name, "config": config_name, "error": f"timed out after {timeout} s"}
-        if r.returncode != 0 or not out.is_file():
+        rc, _, err = run_group(cmd, timeout, child_env(env), log)
+        if rc is None:
             return {"preset": preset_name, "config": config_name,
-                    "error": f"row process exited {r.returncode}: {r.stderr[-600:]}"}
+                    "error": f"killed after {timeout:.0f} s (its process group): {err[-300:]}"}
+        if rc != 0 or not out.is_file():
+            return {"preset": preset_name, "config": config_name, "error": f"row process exited {rc}: {err[-600:]}"}
         return json.loads(out.read_text())
 
 
 def cold_start(model: str, device: str, preset_name: str, artifacts: str | None = None,
-               extra: tuple[str, ...] = ()) -> dict:
-    """A fresh `wanrt generate` process: imports, model load (from artifacts when given), one video."""
+               extra: tuple[str, ...] = (), timeout: float | None = None, env: dict | None = None,
+               fresh_caches: bool = True, log: Path | None = None) -> dict:
+    """A fresh `wanrt generate` process: imports, model load (from artifacts when given), one video. fresh_caches:
+    Inductor's (FX graph, AOT) and Triton's caches in empty temporary directories, so the compile is a cold one
+    (earlier rows filled the default ones in /tmp). Its process group is killed at `timeout` (returncode None)."""
     preset = PRESETS[preset_name]
+    env = child_env(env)
     with tempfile.TemporaryDirectory() as tmp:
+        if fresh_caches:
+            env["TORCHINDUCTOR_CACHE_DIR"], env["TRITON_CACHE_DIR"] = str(Path(tmp) / "inductor"), str(Path(tmp) / "triton")
         cmd = [sys.executable, "-m", "wanrt.cli", "generate", "--model", model, "--image", str(IMAGE),
                "--prompt", "cold start", "--out", str(Path(tmp) / "v.mp4"), "--device", device, *extra]
         cmd += [f"--{k.replace('_', '-')}={v}" for k, v in preset.items()]
         if artifacts:
             cmd += ["--artifacts", artifacts]
         t0 = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        rc, stdout, stderr = run_group(cmd, timeout, env, log)
         seconds = time.perf_counter() - t0
     summary = {}
-    for line in reversed(r.stdout.strip().splitlines()):
+    for line in reversed(stdout.strip().splitlines()):
         if line.startswith("{"):
             try:
                 summary = json.loads(line)
             except ValueError:
                 pass
             break
-    return {"seconds": seconds, "returncode": r.returncode, "preset": preset_name, "artifacts": artifacts,
+    return {"seconds": seconds, "returncode": rc, "preset": preset_name, "artifacts": artifacts,
             "args": list(extra), "request_timings_s": summary.get("timings_s"),
-            "stderr_tail": r.stderr[-500:] if r.returncode else ""}
+            "cache": "cold" if fresh_caches else "warm",
+            "stderr_tail": ("" if rc == 0 else f"killed after {timeout:.0f} s; " if rc is None else "") + (
+                stderr[-500:] if rc != 0 else "")}
 
 
 def vs_diffusers(base_row: dict | None, row: dict) -> float | None:
-    """diffusers' total / ours, both without the MP4 encode (diffusers' pipeline writes no video)."""
+    """diffusers' time / ours over COMPARED_PARTS, the parts both rows measured (never the MP4 encode: diffusers'
+    pipeline writes no video, and ours encodes on a writer thread while the decode runs)."""
     if not base_row or "median_s" not in base_row or "median_s" not in row:
         return None
-    ours = row["median_s"]["total_s"] - row["median_s"].get("mp4_encode_s", 0.0)
-    return base_row["median_s"]["total_s"] / ours if ours > 0 else None
+    keys = [k for k in COMPARED_PARTS if base_row["median_s"].get(k) is not None and row["median_s"].get(k) is not None]
+    ours = sum(row["median_s"][k] for k in keys)
+    return sum(base_row["median_s"][k] for k in keys) / ours if keys and ours > 0 else None
 
 
 def markdown_table(rows: list[dict], header: str) -> str:
@@ -336,6 +481,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS,
+                    help="steps of each warm-up request (0: the timed request's)")
     ap.add_argument("--artifacts", default=None, help="a `wanrt build` output: adds the tensorrt row")
     ap.add_argument("--cold-start", action="store_true",
                     help="also time `wanrt generate` from process start to the MP4 (with --artifacts if given)")
@@ -350,7 +497,7 @@ def main(argv=None) -> int:
 
     if args.row:
         row = run_row(args.model, args.device, presets[0], args.row, args.repeats, args.warmup, args.ref_dir,
-                      args.artifacts, args.compile_off)
+                      args.artifacts, args.compile_off, args.warmup_steps)
         Path(args.row_out).write_text(json.dumps(row, default=str))
         return 0
 
@@ -363,7 +510,6 @@ def main(argv=None) -> int:
     configs = [c[0] for c in CONFIGS if not args.configs or c[0] in args.configs.split(",")]
     if not args.artifacts:
         configs = [c for c in configs if c != "tensorrt"]
-    configs = runnable(configs, device, "bench_e2e")
     # the reference row first, so every other row has something to compare against; the table keeps CONFIGS order
     order = sorted(configs, key=lambda c: c != REFERENCE_CONFIG)
     rows = []
@@ -373,11 +519,14 @@ def main(argv=None) -> int:
             done = {}
             for name in order:
                 row = spawn_row(args.model, args.device, preset_name, name, args.repeats, args.warmup, ref_dir,
-                                args.artifacts, args.compile_off)
+                                args.artifacts, args.compile_off, warmup_steps=args.warmup_steps)
+                if row.get("skipped"):
+                    print(f"bench_e2e: leaving out {name}: {row['skipped']}", file=sys.stderr)
+                    continue
                 done[name] = row
                 print(json.dumps({"preset": preset_name, "config": name,
                                   "total_s": row.get("median_s", {}).get("total_s"), "error": row.get("error")}), flush=True)
-            rows += [done[name] for name in configs]
+            rows += [done[name] for name in configs if name in done]
     for r in rows:
         r["vs_diffusers"] = vs_diffusers(next((b for b in rows if b["preset"] == r["preset"] and b["config"] == "diffusers"), None), r)
 

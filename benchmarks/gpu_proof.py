@@ -1,133 +1,334 @@
 #!/usr/bin/env python3
-"""The GPU proof: on a CUDA host that brings its own torch, install our wheels offline and measure, stage by
-stage, in separate processes, what the README claims about full-size WAN 2.2 I2V A14B (random weights).
+"""The GPU proof: on a CUDA host that brings its own torch, install our wheels offline and measure what the README
+claims about full-size WAN 2.2 I2V A14B (random weights), one unit of work per process, within a budget that fits
+one device command (10 minutes), every row written to the JSON the moment it completes.
 
-    make wheelhouse                                  # where pip has network: wheels/ (< 64 MiB)
-    python benchmarks/gpu_proof.py                   # on the GPU host: every stage  (= make gpu-proof)
-    python benchmarks/gpu_proof.py --stage 3         # one stage alone (after the install, or --no-install)
+    make wheelhouse                                        # where pip has network: wheels/ (< 64 MiB with the tree)
+    python benchmarks/gpu_proof.py --plan                  # the 15-minute session below
+    python benchmarks/gpu_proof.py --step A --copy-to $OUT # on the GPU host: one step (= make gpu-proof STEP=A)
+    python benchmarks/gpu_proof.py --stages 5 --configs eager --budget-s 300   # any units, any budget
+    python benchmarks/gpu_proof.py --render benchmarks/results/gpu_<gpu>_<date>.json .wanrt/returned/*.json
     python benchmarks/gpu_proof.py --dry-run --out /tmp/proof   # CPU, tiny model: plumbing and schema
 
-Without --stage the script first runs `pip install --no-index --no-deps --target <site> wheels/*.whl` (every
-wheel there; it refuses a wheels/ that lacks one of the Makefile's WHEELHOUSE_PKGS or wanrt) and puts <site> first
-on PYTHONPATH for the stage processes (torch, transformers, accelerate, ... are the host's).
-Stages (each its own process, each bounded to a few minutes at full size on an H100; one warm run):
-  1 probe: versions; for Wan's self-attention (B=2, 40 heads, head dim 128, 33,600 tokens, bf16) the attention
-    report (wanrt.runtime.attention.kernel_report: which kernels can run it, which one PyTorch picks, what
-    attn=auto resolves to) and flash / cuDNN / efficient / cuDNN FP8 timings (FP8: per-tensor scales,
-    quantisation included, with its PSNR against BF16 attention); one FFN-shaped linear (33,600x5120 @
-    5120x13824) in BF16 vs FP8 (torch._scaled_mm, row-wise scales; and our Fp8Linear, activation
-    quantisation included); the VAE decode's bf16 vs fp32 frame PSNR (benchmarks/bench_vae.py on --vae-model,
-    default --model; vae_dtype=auto's 40 dB gate: only real weights give the figure that matters);
-    `pytest -m gpu` on the test files that have GPU tests.
-  2 default preset: diffusers' pipeline (BF16) and our eager backend (BF16; writes the reference latents)
-  3 default preset, the serving default: FP8 + torch.compile (Settings: no CUDA graphs, no autotune); then the
-    same with CUDA graphs, opt-in (--cudagraphs), a row of its own marked opt_in
-  4 default preset: BF16 + torch.compile (the serving default with --no-fp8)
-  5 fast preset (4 steps, cfg 1): eager (its reference), diffusers, FP8 + compile
-  6 memory modes, default preset: eager BF16 resident vs offload (one expert at a time) on one loaded model,
-    and the compiled backend (FP8 + compile) under offload as the runtime builds it (build_runtime; its own
-    process on the GPU): seconds per swap, peak memory, the plan's prediction, latents against eager resident's
-  7 cold start: a fresh `wanrt generate --backend compiled` process to its first MP4 (compile included)
-Rows of stages 2-5 come from benchmarks/bench_e2e.py, one process per row.
+The 15-minute device session, most important figures first (each step is one `run` call; est_s is a guess at
+full size on an H100 until measured):
 
-Results: benchmarks/results/gpu_<gpu>_<yyyymmdd>.json (or --out), appended by every stage, then regenerated
-from it: a README-ready table (.md, same name), a chart (.png, when matplotlib imports) and the block between
-<!-- gpu-proof:start --> and <!-- gpu-proof:end --> in README.md (--readme; a dry run writes a copy of README.md
-in --out instead, never the tracked file). Schema (version 1):
-  top level: schema (1), gpu (device name), torch, cuda (null on CPU), cudnn (null on CPU), dry_run,
-    model, probe (stage 1's findings, absent until it runs), rows (list)
-  per row: stage (int), preset, config, total_s, text, vae_encode, denoise_high, denoise_low, vae_decode,
+  step  stages  configs               budget_s  timeout_s  est_s  what
+  A     1,3     all                   480       520        330    probe-lite (versions, SDPA kernel choice, flash
+                                                                  vs cuDNN vs cuDNN FP8 attention at 33,600
+                                                                  tokens, FFN linear BF16 vs FP8) + the headline:
+                                                                  default preset, FP8 + compile, resident
+  B     2       all                   420       460        300    default preset: our eager BF16 (the preset's
+                                                                  reference) and diffusers' BF16 pipeline
+                                                                  (vs_diffusers)
+  C     5       all                   480       520        300    fast preset: eager (its reference), diffusers,
+                                                                  FP8 + compile
+  D     6       all                   480       520        330    memory modes: eager offload (resident: B's row
+                                                                  when the machine kept it), compiled (FP8 +
+                                                                  compile) offload as build_runtime builds it
+  E     4       all                   420       460        270    default preset, BF16 + compile (the serving
+                                                                  default with --no-fp8)
+  F     7       all                   480       520        300    cold start: `wanrt generate --backend compiled`
+                                                                  to its first MP4, empty compile caches
+  G     8       +fp8 +compile         480       520        300    opt-in: FP8 + compile + CUDA graphs
+                +cudagraphs
+  H     8       +fp8(torchao)         480       520        300    opt-in: torchao's FP8 + compile
+                +compile
+  P     1       pytest                360       400        200    optional: pytest -m gpu on the test files with
+                                                                  GPU tests
+
+  Each step:  run(command="python benchmarks/gpu_proof.py --step A --copy-to $OUT", carry=["wheels"],
+              timeout_s=520)   (or: make gpu-proof STEP=A; COPY_TO defaults to $OUT)
+  - A machine start takes ~2-3 of the 15 minutes: a session gets A and B; C onwards go to later sessions, two
+    steps each. Before each call read `status`: run a step only while budget_left_s covers its timeout_s (a
+    fresh machine: ~3 minutes more; none starts under 4 minutes left); with less, add --budget-s <left - 60> and
+    timeout_s <left - 20>, or stop. Units that cannot start inside the budget are listed as not run.
+  - Call the next step at once, before reading the last one's output: the machine goes back after 30 s idle. A
+    fresh machine re-installs wheels/ and has lost .wanrt/proof (the JSON and the reference latents); every step
+    still stands alone, but rows that ran before their preset's reference (A's headline before B's eager row)
+    then keep latent_cos and psnr_db empty.
+  - After each call copy its JSON before the next: mkdir -p .wanrt/returned && cp <files_at>/gpu_*.json
+    .wanrt/returned/<step>.json. Here, with no GPU: python benchmarks/gpu_proof.py --render
+    benchmarks/results/gpu_<gpu>_<date>.json .wanrt/returned/*.json merges them (a later row replaces an
+    earlier one of the same stage, preset and config; an error never replaces a result) and regenerates the .md
+    table, the .png chart and README.md's block; commit those four.
+  - pytest -m gpu (P) and a real VAE's PSNR (--vae-model DIR, on A) are optional extras.
+
+Units (--configs names them, within --stages; the reference row of a preset always runs first in its stage):
+  1 probe (probe-lite: versions; the attention report (wanrt.runtime.attention.kernel_report) for Wan's
+    self-attention (B=2, 40 heads, head dim 128, 33,600 tokens, bf16) and flash / cuDNN / efficient / cuDNN FP8
+    timings (FP8: per-tensor scales, quantisation included, with its PSNR against BF16 attention); one FFN-shaped
+    linear (33,600x5120 @ 5120x13824) in BF16 vs FP8 (torch._scaled_mm, row-wise scales; our Fp8Linear,
+    activation quantisation included; torchao); the VAE decode's bf16 vs fp32 frame PSNR only with --vae-model
+    (real weights: random-full's VAE proves nothing), one repeat); `pytest` (optional, named alone: pytest -m gpu)
+  2 default preset: eager (BF16; writes the reference latents and frames), diffusers (BF16)
+  3 default preset, the headline: +fp8 +compile, the serving default (Settings: no CUDA graphs, no autotune)
+  4 default preset: bf16 +compile (the serving default with --no-fp8)
+  5 fast preset (4 steps, cfg 1): eager (its reference), diffusers, +fp8 +compile
+  6 memory modes, default preset: `eager`: resident vs offload (one expert at a time) on one loaded model (the
+    resident row is stage 2's eager row when that row and its reference are here: the same request on the same
+    backend, not run again); `compiled`: FP8 + compile under offload as the runtime builds it (build_runtime):
+    seconds per swap, peak memory, the plan's prediction, latents against the eager reference
+  7 cold start: a fresh `wanrt generate --backend compiled` process to its first MP4 (compile included), with
+    Inductor's and Triton's caches in empty directories
+  8 opt-in rows, default preset: +fp8 +compile +cudagraphs; +fp8(torchao) +compile (left out where torchao
+    cannot run: the row's process says why)
+Rows of stages 2-5 and 8 are bench_e2e rows: one warm-up request of 2 steps at the row's size, frames and
+guidance (both experts at the batch sizes the timed run uses: compiles included), then the timed request; the
+guard compares the timed request's own frames. Every unit runs in a process of its own (this process never
+touches CUDA: the GPU's name comes from NVML, the CUDA stack's versions from a one-off process), in its own
+process group, killed as a group when its time is up: min(--row-timeout, what is left of --budget-s). A row that
+ran before its preset's reference leaves its latents and frames pending; they are compared (backfilled) when the
+reference comes.
+
+Results: .wanrt/proof/gpu_<gpu>_<yyyymmdd>.json (--out; git-ignored, kept between commands while the machine stays
+warm), rewritten after every unit with what is regenerated from it: a README-ready table (.md, same name), a chart
+(.png, when matplotlib imports) and a copy of README.md with the block between <!-- gpu-proof:start --> and
+<!-- gpu-proof:end --> regenerated (README.md in --out; the source is always the checkout's README.md). --copy-to
+DIR copies the JSON, .md, .png, README.md and proof.log (each unit's log tail) there after every unit: pass $OUT.
+The reference latents and frames (.wanrt/proof/ref, ~108 MB at the default preset) never leave the machine.
+--render regenerates all of it here from returned JSONs, README.md included (--readme PATH to write another file).
+Schema (version 2):
+  top level: schema (2), gpu (device name), torch, cuda (null on CPU), cudnn (null on CPU), dry_run, model,
+    probe (stage 1's findings, absent until it runs; keys as they come, any of them may be missing), rows (list)
+  per row: stage (int, 1-8), preset, config, total_s, text, vae_encode, denoise_high, denoise_low, vae_decode,
     mp4 (seconds per stage; mp4 is null for diffusers, whose pipeline writes no video), loop_tflops,
-    pct_bf16_peak, pct_fp8_peak (of the GPU's published dense peak), warmup_s (the warm-up runs: compiles
-    included; cold start: imports + load), peak_allocated_gb, peak_reserved_gb, vs_diffusers (diffusers'
-    total / ours without the MP4 encode, same preset, any stage), latent_cos, psnr_db (vs our eager BF16
-    reference of the same preset); null where not applicable or not measured. Optional extras: error,
-    fp8_layers, load_s, swap_s, plan_need_gb, plan_mode, bit_identical, host_copies, opt_in (a configuration
-    the server does not run unless asked), note.
-A dry run runs every stage on the tiny model on the CPU (no wheel install; GPU-only measurements null;
-compiled rows without torch.compile, which takes minutes on CPU; rows in the stage's process).
+    pct_bf16_peak, pct_fp8_peak (of the GPU's published dense peak), warmup_s (the warm-up requests, compiles
+    included; cold start: imports + load), peak_allocated_gb, peak_reserved_gb, vs_diffusers (the diffusers
+    row's seconds / ours over the parts both measure: text + vae_encode + denoise_high + denoise_low +
+    vae_decode, never the MP4 encode, which diffusers does not do and ours overlaps with the decode; only bench_e2e
+    rows, stages 2-5 and 8, against the diffusers row of the same preset), latent_cos, psnr_db (vs our eager BF16
+    reference of the same preset); null where not applicable or not measured. Optional extras: unit (what
+    --configs selects), error, fp8_layers, load_s, swap_s, pin_s, plan_need_gb, plan_phases_gb, plan_mode,
+    bit_identical, host_copies, opt_in (a configuration the server does not run unless asked), warmup_steps,
+    pending (latents waiting for their preset's reference), backfilled (compared after the reference came),
+    reused (a row taken from another stage's measurement), cache ("cold": empty compile caches), note.
+A dry run runs every unit on the tiny model on the CPU, in this process (no wheel install; GPU-only measurements
+null; compiled rows without torch.compile, which takes minutes on CPU; the cold start in a process of its own).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
-import functools
+import importlib
 import json
 import os
 import re
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
-sys.path.insert(0, str(HERE.parent))
+SITE = Path(os.environ.get("WANRT_PROOF_SITE", "/tmp/wanrt_gpu_proof_site"))  # where wheels/ is installed
+
+
+def import_paths(site: Path = SITE) -> list[str]:
+    """What goes first on sys.path and on the children's PYTHONPATH, in order: this checkout's src/ (the code
+    measured, never a wanrt installed earlier), then the offline install of wheels/ (diffusers, av, ftfy, torchao,
+    ...) when it exists; the host's own packages (torch, transformers, ...) come after."""
+    return [str(ROOT / "src")] + ([str(site)] if Path(site).is_dir() else [])
+
+
+def use_paths(site: Path = SITE) -> None:
+    for p in reversed([*import_paths(site), str(HERE.parent)]):
+        while p in sys.path:
+            sys.path.remove(p)
+        sys.path.insert(0, p)
+    importlib.invalidate_caches()
+
+
+def proof_env(site: Path = SITE, env: dict | None = None) -> dict:
+    """`env` (default os.environ) with import_paths(site) first on PYTHONPATH: every child imports what we do."""
+    env = dict(os.environ if env is None else env)
+    first = import_paths(site)
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in first]
+    env["PYTHONPATH"] = os.pathsep.join(first + rest)
+    return env
+
+
+use_paths()  # before the imports below: a host without wanrt (and, before the install, without diffusers)
 
 import bench_e2e  # noqa: E402
 import flops as flop_model  # noqa: E402
 from bench_runtime import PRESETS, device_name  # noqa: E402
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ROW_FIELDS = ("stage", "preset", "config", "total_s", "text", "vae_encode", "denoise_high", "denoise_low", "vae_decode",
               "mp4", "loop_tflops", "pct_bf16_peak", "pct_fp8_peak", "warmup_s", "peak_allocated_gb",
               "peak_reserved_gb", "vs_diffusers", "latent_cos", "psnr_db")
 TOP_FIELDS = ("schema", "gpu", "torch", "cuda", "cudnn", "rows")
 STAGE_KEYS = {"text": "text_encode_s", "vae_encode": "vae_encode_s", "denoise_high": "denoise_high_s",
               "denoise_low": "denoise_low_s", "vae_decode": "vae_decode_s", "mp4": "mp4_encode_s"}
+COMPARED = tuple(k for k, src in STAGE_KEYS.items() if src in bench_e2e.COMPARED_PARTS)  # vs_diffusers' parts
+VS_DIFFUSERS_STAGES = (2, 3, 4, 5, 8)  # bench_e2e rows; 6 and 7 measure other things (memory modes, a cold process)
 FP8_COMPILED = "+fp8 +compile"  # the serving default (Settings: fp8 and compile on, cudagraphs and autotune off)
 FP8_GRAPHS = "+fp8 +compile +cudagraphs"
 BF16_COMPILED = "bf16 +compile"  # the serving default with --no-fp8
 FP8_TORCHAO = "+fp8(torchao) +compile"  # fp8_impl=torchao: the same recipe, kept if it measures faster
 OPT_IN = {FP8_GRAPHS, FP8_TORCHAO}  # measured, never the headline: the server runs them only when asked
-# stages 2-5: (preset key, bench_e2e configuration, warm-up runs) in table order (the eager reference runs first)
-E2E_PLAN = {
-    2: [("default", "diffusers", 1), ("default", "eager", 1)],
-    3: [("default", FP8_COMPILED, 1), ("default", FP8_GRAPHS, 1), ("default", FP8_TORCHAO, 1)],
-    4: [("default", BF16_COMPILED, 1)],
-    5: [("fast", "diffusers", 0), ("fast", "eager", 0), ("fast", FP8_COMPILED, 1)],
-}
-MEMORY_EAGER = ("resident", "offload")  # stage 6, on one loaded model; then MEMORY_COMPILED, built by the runtime
+MEMORY_EAGER = ("resident", "offload")  # stage 6's `eager` unit, on one loaded model
 MEMORY_COMPILED = f"offload (compiled {FP8_COMPILED})"
+COLD_START = "cold start"
 VAE_MIN_PSNR_DB = 40.0  # vae_dtype=auto's gate: bf16 decode frames against fp32 (src/wanrt/runtime/vae.py)
 README_START, README_END = "<!-- gpu-proof:start -->", "<!-- gpu-proof:end -->"
-STAGE_NAMES = {1: "probe", 2: "default: diffusers + eager", 3: "default: FP8 + compile (+ CUDA graphs, opt-in)",
-               4: "default: BF16 + compile", 5: "fast preset", 6: "memory modes", 7: "cold start"}
-STAGE_TIMEOUT_S = 900  # a safety net per stage process; each is designed for < 8 minutes at full size
-ROW_TIMEOUT_S = 480
+STAGE_NAMES = {1: "probe", 2: "default: eager + diffusers", 3: "default: FP8 + compile (the headline)",
+               4: "default: BF16 + compile", 5: "fast preset", 6: "memory modes", 7: "cold start",
+               8: "default: opt-in (CUDA graphs, torchao)"}
+DEFAULT_BUDGET_S = 540  # one device command runs 600 s at most: install, units and the last copy inside it
+ROW_TIMEOUT_S = 480  # a cap on any one unit
+PROBE_TIMEOUT_S = 150
+PYTEST_TIMEOUT_S = 300
+TEARDOWN_S = 15  # kept from the budget for the last write and copy
+# A unit does not start with less of the budget left than this (full size; a dry run starts everything): it
+# could only be killed, the minutes lost.
+MIN_START_S = {"probe": 30, "pytest": 60, "e2e": 100, "e2e compiled": 180, "memory eager": 150,
+               "memory compiled": 200, "cold": 200}
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One process's work: `name` is what --configs selects (a bench_e2e configuration for e2e units)."""
+    stage: int
+    preset: str  # preset key: "default" or "fast"
+    name: str
+    kind: str  # probe, pytest, e2e, memory eager, memory compiled, cold
+    optional: bool = False  # run only when --configs names it
+
+    @property
+    def key(self) -> str:
+        return f"{self.stage}:{self.name}"
+
+    @property
+    def min_start_s(self) -> int:
+        compiled = self.kind == "e2e" and "compile" in self.name
+        return MIN_START_S["e2e compiled" if compiled else self.kind]
+
+
+UNITS = (  # table order; within a stage the preset's reference (eager) runs first
+    Unit(1, "default", "probe", "probe"),
+    Unit(1, "default", "pytest", "pytest", optional=True),
+    Unit(2, "default", "diffusers", "e2e"),
+    Unit(2, "default", "eager", "e2e"),
+    Unit(3, "default", FP8_COMPILED, "e2e"),
+    Unit(4, "default", BF16_COMPILED, "e2e"),
+    Unit(5, "fast", "diffusers", "e2e"),
+    Unit(5, "fast", "eager", "e2e"),
+    Unit(5, "fast", FP8_COMPILED, "e2e"),
+    Unit(6, "default", "eager", "memory eager"),
+    Unit(6, "default", "compiled", "memory compiled"),
+    Unit(7, "default", COLD_START, "cold"),
+    Unit(8, "default", FP8_GRAPHS, "e2e"),
+    Unit(8, "default", FP8_TORCHAO, "e2e"),
+)
+UNIT_ORDER = {(u.stage, u.name): i for i, u in enumerate(UNITS)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One `run` call of the plan: `--step NAME` runs these units within budget_s."""
+    name: str
+    stages: tuple[int, ...]
+    configs: tuple[str, ...] | None  # None: every unit of those stages but the optional ones
+    budget_s: int
+    est_s: int  # expected at full size on an H100: a guess until measured
+    what: str
+
+    @property
+    def timeout_s(self) -> int:  # run's timeout_s: the budget, the interpreter's start and the last copy
+        return self.budget_s + 40
+
+
+PLAN = (
+    Step("A", (1, 3), None, 480, 330, "probe-lite (versions, SDPA kernel choice, flash vs cuDNN vs cuDNN FP8 attention "
+         "at 33,600 tokens, FFN linear BF16 vs FP8) + the headline: default preset, FP8 + compile, resident"),
+    Step("B", (2,), None, 420, 300, "default preset: our eager BF16 (the preset's reference) and diffusers' BF16 "
+         "pipeline (vs_diffusers)"),
+    Step("C", (5,), None, 480, 300, "fast preset: eager (its reference), diffusers, FP8 + compile"),
+    Step("D", (6,), None, 480, 330, "memory modes: eager offload (resident: B's row when the machine kept it), "
+         "compiled (FP8 + compile) offload as build_runtime builds it"),
+    Step("E", (4,), None, 420, 270, "default preset, BF16 + compile (the serving default with --no-fp8)"),
+    Step("F", (7,), None, 480, 300, "cold start: `wanrt generate --backend compiled` to its first MP4, empty compile "
+         "caches"),
+    Step("G", (8,), (FP8_GRAPHS,), 480, 300, "opt-in: FP8 + compile + CUDA graphs"),
+    Step("H", (8,), (FP8_TORCHAO,), 480, 300, "opt-in: torchao's FP8 + compile"),
+    Step("P", (1,), ("pytest",), 360, 200, "optional: pytest -m gpu on the test files with GPU tests"),
+)
+STEPS = {s.name: s for s in PLAN}
+
+
+PLAN_RULES = """\
+  Each step:  run(command="python benchmarks/gpu_proof.py --step A --copy-to $OUT", carry=["wheels"],
+              timeout_s=520)   (or: make gpu-proof STEP=A; COPY_TO defaults to $OUT)
+  - A machine start takes ~2-3 of the 15 minutes: a session gets A and B; C onwards go to later sessions, two
+    steps each. Before each call read `status`: run a step only while budget_left_s covers its timeout_s (a
+    fresh machine: ~3 minutes more; none starts under 4 minutes left); with less, add --budget-s <left - 60> and
+    timeout_s <left - 20>, or stop. Units that cannot start inside the budget are listed as not run.
+  - Call the next step at once, before reading the last one's output: the machine goes back after 30 s idle. A
+    fresh machine re-installs wheels/ and has lost .wanrt/proof (the JSON and the reference latents); every step
+    still stands alone, but rows that ran before their preset's reference (A's headline before B's eager row)
+    then keep latent_cos and psnr_db empty.
+  - After each call copy its JSON before the next: mkdir -p .wanrt/returned && cp <files_at>/gpu_*.json
+    .wanrt/returned/<step>.json. Here, with no GPU: python benchmarks/gpu_proof.py --render
+    benchmarks/results/gpu_<gpu>_<date>.json .wanrt/returned/*.json merges them (a later row replaces an
+    earlier one of the same stage, preset and config; an error never replaces a result) and regenerates the .md
+    table, the .png chart and README.md's block; commit those four.
+  - pytest -m gpu (P) and a real VAE's PSNR (--vae-model DIR, on A) are optional extras."""
+
+
+def plan_text() -> str:
+    """The plan as --plan prints it (the docstring and benchmarks/README.md carry the same lines)."""
+    import textwrap
+
+    lines = ["  step  stages  configs               budget_s  timeout_s  est_s  what"]
+    for s in PLAN:
+        what = textwrap.wrap(s.what, 48)
+        configs = textwrap.wrap(", ".join(s.configs) if s.configs else "all", 21)
+        for i in range(max(len(what), len(configs))):
+            head = (f"  {s.name:<6}{','.join(map(str, s.stages)):<8}" if i == 0 else " " * 16)
+            nums = f"{s.budget_s:<10}{s.timeout_s:<11}{s.est_s:<7}" if i == 0 else " " * 28
+            cell = configs[i] if i < len(configs) else ""
+            lines.append(f"{head}{cell:<22}{nums}{what[i] if i < len(what) else ''}".rstrip())
+    return "\n".join(lines) + "\n\n" + PLAN_RULES
 
 
 # --------------------------------------------------------------------------------------------- context
 class Ctx:
-    def __init__(self, args):
+    def __init__(self, args, started: float | None = None):
         self.dry = args.dry_run
         self.model = "tiny" if self.dry else args.model
         self.device = "cpu" if self.dry else args.device
         self.out = Path(args.out)
-        self.ref_dir = self.out / "ref"
+        self.ref_dir = Path(args.ref_dir) if args.ref_dir else self.out / "ref"
+        self.logs = self.out / "logs"
         self.presets = {"default": "smoke", "fast": "smoke_fast"} if self.dry else {"default": "default", "fast": "fast"}
-        self.repeats = 1
-        self.row_timeout = ROW_TIMEOUT_S
+        if args.presets:  # e.g. default=cli_min: the plumbing at full model size in seconds, not a figure
+            self.presets |= dict(kv.split("=", 1) for kv in args.presets.split(","))
+        self.repeats, self.warmup = 1, 1
         self.date = args.date
-        self.vae_model = "tiny" if self.dry else (args.vae_model or args.model)
-        # a dry run rewrites a copy of the README (tests never touch tracked files)
-        self.readme_src = Path(args.readme) if args.readme else ROOT / "README.md"
-        self.readme = Path(args.readme) if args.readme else (self.out / "README.md" if self.dry else self.readme_src)
+        self.vae_model = "tiny" if self.dry else args.vae_model
+        self.site = Path(args.site)
+        self.env = proof_env(self.site)
+        self.copy_to = Path(args.copy_to) if args.copy_to else None
+        self.readme = Path(args.readme) if args.readme else self.out / "README.md"  # a copy: never the tracked one
+        started = time.monotonic() if started is None else started
+        self.deadline = started + args.budget_s if args.budget_s else None
+        self.row_cap = args.row_timeout
+        self.path: Path | None = None  # the results JSON, once the GPU's name is known
+        self.info: dict | None = None  # the header's GPU and CUDA stack, asked once
 
-    def e2e_row(self, stage: int, preset_key: str, config: str, warmup: int = 1) -> dict:
-        """A bench_e2e row: in its own process on the GPU, in this one in a dry run (CPU, FP8 on copies).
-        warmup: runs before the timed one (compiles for the compiled rows, cuDNN/cuBLAS heuristics)."""
-        preset = self.presets[preset_key]
-        warmup = 0 if self.dry else warmup
-        if self.dry:
-            row = bench_e2e.run_row(self.model, self.device, preset, config, self.repeats, warmup, self.ref_dir,
-                                    compile_off=True)
-        else:
-            row = bench_e2e.spawn_row(self.model, self.device, preset, config, self.repeats, warmup,
-                                      self.ref_dir, timeout=self.row_timeout)
-        return from_e2e(stage, row, self.dry)
+    def left_s(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic() - TEARDOWN_S
+
+    def log(self, unit: Unit) -> Path:
+        return self.logs / (re.sub(r"[^A-Za-z0-9]+", "_", unit.key).strip("_") + ".log")
 
 
 def empty_row(stage: int, preset: str, config: str) -> dict:
@@ -146,7 +347,7 @@ def from_e2e(stage: int, e2e: dict, dry: bool = False) -> dict:
                warmup_s=e2e.get("warmup_s"), peak_allocated_gb=e2e.get("peak_memory_gb"),
                peak_reserved_gb=e2e.get("peak_reserved_gb"), latent_cos=guard.get("latent_cosine"),
                psnr_db=guard.get("frames_psnr_db"))
-    for extra in ("error", "fp8_layers", "load_s"):
+    for extra in ("error", "fp8_layers", "load_s", "warmup_steps", "pending"):
         if e2e.get(extra) is not None:
             row[extra] = e2e[extra]
     if e2e.get("config") in OPT_IN:
@@ -156,19 +357,94 @@ def from_e2e(stage: int, e2e: dict, dry: bool = False) -> dict:
     return row
 
 
-# --------------------------------------------------------------------------------------------- stages
-def stage_probe(ctx: Ctx) -> tuple[list[dict], dict]:
+# --------------------------------------------------------------------------------------------- units
+def run_unit(ctx: Ctx, unit: Unit, timeout: float, doc: dict) -> tuple[list[dict], dict | None]:
+    """(rows, probe findings or None) of one unit: in a process of its own on the GPU (its process group killed at
+    `timeout`), in this one in a dry run (the cold start always in its own)."""
+    preset = ctx.presets[unit.preset]
+    if unit.kind == "e2e":
+        if ctx.dry:
+            e2e = bench_e2e.run_row(ctx.model, ctx.device, preset, unit.name, ctx.repeats, ctx.warmup, ctx.ref_dir,
+                                    compile_off=True)
+        else:
+            e2e = bench_e2e.spawn_row(ctx.model, ctx.device, preset, unit.name, ctx.repeats, ctx.warmup, ctx.ref_dir,
+                                      timeout=timeout, env=ctx.env, log=ctx.log(unit))
+        if e2e.get("skipped"):
+            print(f"  left out: {e2e['skipped']}", file=sys.stderr, flush=True)
+            return [], None
+        return [from_e2e(unit.stage, e2e, ctx.dry)], None
+    if unit.kind == "cold":
+        return [cold_start_row(ctx, timeout, unit)], None
+    if unit.kind == "pytest":
+        return [], {"pytest_gpu": _pytest_gpu(ctx, timeout, unit)}
+    reused = _stage2_eager(doc, preset) if unit.kind == "memory eager" else None
+    reuse = reused is not None and bench_e2e.reference_path(ctx.ref_dir, ctx.model, preset).is_file()
+    if ctx.dry:
+        rows, probe = unit_here(ctx, unit, reuse)
+    else:
+        rows, probe = _spawn_unit(ctx, unit, timeout, reuse)
+    for row in rows:
+        if row.get("reused"):
+            _fill_from(row, reused)
+    return rows, probe
+
+
+def unit_here(ctx: Ctx, unit: Unit, reuse: bool = False) -> tuple[list[dict], dict | None]:
+    """A probe or memory unit in this process."""
+    if unit.kind == "probe":
+        return [], stage_probe(ctx)
+    if unit.kind == "memory eager":
+        return memory_eager_rows(ctx, reuse), None
+    if unit.kind == "memory compiled":
+        return [compiled_offload_row(ctx)], None
+    raise ValueError(f"unit {unit.key} does not run in a unit process")
+
+
+def _spawn_unit(ctx: Ctx, unit: Unit, timeout: float, reuse: bool) -> tuple[list[dict], dict | None]:
+    """unit_here in a fresh process of this script (`--unit`): rows and probe come back as a file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "unit.json"
+        cmd = [sys.executable, str(HERE), "--unit", unit.key, "--unit-out", str(out), "--out", str(ctx.out),
+               "--ref-dir", str(ctx.ref_dir), "--model", ctx.model, "--device", ctx.device, "--date", ctx.date,
+               "--site", str(ctx.site)]
+        cmd += (["--vae-model", ctx.vae_model] if ctx.vae_model else []) + (["--reuse-resident"] if reuse else [])
+        cmd += ["--presets", ",".join(f"{k}={v}" for k, v in ctx.presets.items())]
+        rc, _, err = bench_e2e.run_group(cmd, timeout, ctx.env, ctx.log(unit))
+        if rc == 0 and out.is_file():
+            got = json.loads(out.read_text())
+            return got["rows"], got.get("probe")
+        why = f"killed after {timeout:.0f} s (its process group)" if rc is None else f"unit process exited {rc}"
+    if unit.kind == "probe":
+        return [], {"error": f"{why}: {err[-600:]}"}
+    config = {"memory eager": "offload (eager)", "memory compiled": MEMORY_COMPILED}[unit.kind]
+    return [empty_row(unit.stage, ctx.presets[unit.preset], config) | {"error": f"{why}: {err[-600:]}"}], None
+
+
+def _stage2_eager(doc: dict, preset: str) -> dict | None:
+    return next((r for r in doc["rows"] if r["stage"] == 2 and r["preset"] == preset and r["config"] == "eager"
+                 and not r.get("error")), None)
+
+
+def _fill_from(row: dict, src: dict) -> None:
+    """The resident row from stage 2's eager row: the same request on the same backend, measured there."""
+    for k in ("total_s", *STAGE_KEYS, "loop_tflops", "pct_bf16_peak", "pct_fp8_peak", "warmup_s", "peak_allocated_gb",
+              "peak_reserved_gb", "latent_cos", "psnr_db"):
+        row[k] = src.get(k)
+    row["bit_identical"] = True  # stage 2's eager row wrote the reference
+    row["note"] = "stage 2's eager row (the same request on the same backend), not run again"
+
+
+def stage_probe(ctx: Ctx) -> dict:
     import torch
 
     from wanrt.runtime import attention
 
-    probe = {"python": sys.version.split()[0], "versions": _versions(), "wanrt_path": _wanrt_path()}
+    probe = {"python": sys.version.split()[0], "versions": _versions(), "wanrt_path": _wanrt_path(), "error": None}
     if ctx.dry or not torch.cuda.is_available():
         # the report's plumbing at Wan's shapes on the CPU (allocated, never written: no pages touched)
         probe.update(attention=attention.kernel_report(**attention.WAN_SELF_ATTENTION, device="cpu"),
-                     sdpa_default=None, sdpa=None, fp8_linear=None, vae=_probe_vae(ctx), pytest_gpu=None,
-                     note="dry run: no GPU")
-        return [], probe
+                     sdpa_default=None, sdpa=None, fp8_linear=None, vae=_probe_vae(ctx), note="dry run: no GPU")
+        return probe
     dev = torch.device("cuda")
     free, total = torch.cuda.mem_get_info(dev)
     probe["device"] = {"name": torch.cuda.get_device_name(dev), "capability": list(torch.cuda.get_device_capability(dev)),
@@ -177,8 +453,7 @@ def stage_probe(ctx: Ctx) -> tuple[list[dict], dict]:
     probe["sdpa_default"], probe["sdpa"] = _probe_sdpa(dev)
     probe["fp8_linear"] = _probe_fp8_linear(dev)
     probe["vae"] = _probe_vae(ctx)
-    probe["pytest_gpu"] = _pytest_gpu()
-    return [], probe
+    return probe
 
 
 def _versions() -> dict:
@@ -186,7 +461,7 @@ def _versions() -> dict:
 
     out = {}
     for name in ("torch", "diffusers", "transformers", "accelerate", "torchao", "nvidia-cudnn-frontend", "av", "ftfy",
-                 "numpy", "wanrt"):
+                 "numpy"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -276,20 +551,28 @@ def _probe_fp8_attention(q, k, v, flop: float) -> dict:
 
 
 def _probe_fp8_linear(dev) -> dict:
+    """BF16, torch._scaled_mm, Fp8Linear and torchao on the FFN's up projection; each part stored as it finishes
+    (a part that raises leaves {"error": ...} and the others stand)."""
     import torch
 
-    from wanrt.engine_build.quantize import quantize_weight
-    from wanrt.runtime.fp8 import Fp8Linear
     M, K, N = 33_600, 5120, 13_824
     flop = 2 * M * K * N
     x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
     lin = torch.nn.Linear(K, N, bias=True, device=dev, dtype=torch.bfloat16).requires_grad_(False)
     out = {"shape": [M, K, N]}
+
+    def timed(fn) -> dict:
+        s = _cuda_time(fn, warmup=3, reps=10)
+        return {"ms": s * 1e3, "tflops": flop / s / 1e12, "speedup": out["bf16"]["ms"] / (s * 1e3)}
+
     with torch.inference_mode():
         y_ref = lin(x)
         s = _cuda_time(lambda: lin(x), warmup=3, reps=10)
         out["bf16"] = {"ms": s * 1e3, "tflops": flop / s / 1e12}
         try:
+            from wanrt.engine_build.quantize import quantize_weight
+            from wanrt.runtime.fp8 import Fp8Linear
+
             wq, ws = quantize_weight(lin.weight, "channel")
             wq, ws = wq.to(dev), ws.to(dev, torch.float32)
             xq, xs = Fp8Linear.quantize_activation(x)
@@ -298,18 +581,17 @@ def _probe_fp8_linear(dev) -> dict:
                 return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.bfloat16,
                                         use_fast_accum=True)
 
-            s = _cuda_time(mm, warmup=3, reps=10)
-            y = mm()
-            out["fp8_scaled_mm"] = {"ms": s * 1e3, "tflops": flop / s / 1e12, "speedup": out["bf16"]["ms"] / (s * 1e3),
-                                    "cosine": torch.nn.functional.cosine_similarity(
-                                        y.float().flatten(), (y_ref - lin.bias).float().flatten(), dim=0).item()}
-            fp8 = Fp8Linear(lin, emulate=False)
-            s = _cuda_time(lambda: fp8(x), warmup=3, reps=10)
-            out["fp8_linear_module"] = {"ms": s * 1e3, "tflops": flop / s / 1e12,
-                                        "speedup": out["bf16"]["ms"] / (s * 1e3),
-                                        "note": "activation quantisation + scaled_mm + bias"}
+            out["fp8_scaled_mm"] = timed(mm) | {"cosine": torch.nn.functional.cosine_similarity(
+                mm().float().flatten(), (y_ref - lin.bias).float().flatten(), dim=0).item()}
         except Exception as e:
-            out["fp8_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            out["fp8_scaled_mm"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        try:
+            from wanrt.runtime.fp8 import Fp8Linear
+
+            fp8 = Fp8Linear(lin, emulate=False)
+            out["fp8_linear_module"] = timed(lambda: fp8(x)) | {"note": "activation quantisation + scaled_mm + bias"}
+        except Exception as e:
+            out["fp8_linear_module"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         out["torchao"] = _probe_torchao_linear(lin, x, y_ref, out["bf16"]["ms"], flop)
     return out
 
@@ -338,14 +620,17 @@ def _probe_torchao_linear(lin, x, y_ref, bf16_ms: float, flop: int) -> dict:
 
 
 def _probe_vae(ctx: Ctx) -> dict:
-    """benchmarks/bench_vae.py on --vae-model: decode seconds in fp32 and bf16 (on CUDA also bf16 without
-    channels_last_3d) and each one's frame PSNR against fp32, the figure vae_dtype=auto is gated on."""
+    """benchmarks/bench_vae.py on --vae-model, one repeat: decode seconds in fp32 and bf16 (on CUDA also bf16
+    without channels_last_3d) and each one's frame PSNR against fp32, the figure vae_dtype=auto is gated on. Only
+    real weights give that figure: without --vae-model (or with random-full) nothing is decoded."""
+    if ctx.vae_model in (None, "random-full"):
+        return {"skipped": "no --vae-model with real weights: a random VAE's PSNR proves nothing"}
     import bench_vae
 
     out = ctx.out / f"vae_{Path(ctx.vae_model).name}_{ctx.device}_{ctx.date}.json"
-    argv = ["--model", ctx.vae_model, "--device", ctx.device, "--out", str(out), "--repeats", "2"]
+    argv = ["--model", ctx.vae_model, "--device", ctx.device, "--out", str(out), "--repeats", "1"]
     if ctx.dry:  # seconds on two cores; 128x128x17 gives about the same PSNR
-        argv += ["--width", "64", "--height", "64", "--frames", "9", "--repeats", "1"]
+        argv += ["--width", "64", "--height", "64", "--frames", "9"]
     try:
         report = bench_vae.main(argv)
     except Exception as e:  # a missing checkpoint or diffusers says why; the probe goes on
@@ -359,44 +644,22 @@ def _probe_vae(ctx: Ctx) -> dict:
             "report": str(out)}
 
 
-def _pytest_gpu() -> dict:
+def _pytest_gpu(ctx: Ctx, timeout: float, unit: Unit) -> dict:
     """`pytest -m gpu` on the test files that carry GPU tests (the others need the CPU suite's extras)."""
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in p.read_text())
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *files]
     t0 = time.perf_counter()
-    try:
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        tail = (r.stdout + r.stderr).strip().splitlines()
-        return {"files": files, "returncode": r.returncode, "summary": tail[-1] if tail else "",
-                "seconds": time.perf_counter() - t0, "tail": "\n".join(tail[-15:])}
-    except subprocess.TimeoutExpired:
-        return {"files": files, "returncode": None, "summary": "timed out after 300 s"}
+    rc, stdout, stderr = bench_e2e.run_group(cmd, timeout, ctx.env, ctx.log(unit), cwd=ROOT)
+    tail = (stdout + stderr).strip().splitlines()
+    summary = f"killed after {timeout:.0f} s" if rc is None else (tail[-1] if tail else "")
+    return {"files": files, "returncode": rc, "summary": summary, "seconds": time.perf_counter() - t0,
+            "tail": "\n".join(tail[-15:])}
 
 
-def stage_e2e(ctx: Ctx, n: int):
-    """Stages 2-5: E2E_PLAN's rows, each a bench_e2e row."""
-    kept = bench_e2e.runnable([c for _, c, _ in E2E_PLAN[n]], ctx.device, f"stage {n}")
-    plan = [p for p in E2E_PLAN[n] if p[1] in kept]
-    # the eager reference first: every other row of its preset compares against the latents it writes
-    order = sorted(plan, key=lambda p: p[1] != bench_e2e.REFERENCE_CONFIG)
-    done = {p: ctx.e2e_row(n, *p) for p in order}
-    return [done[p] for p in plan], None
-
-
-def stage_memory(ctx: Ctx):
-    """Eager BF16 resident vs offload on one loaded model (the same request, timed and measured), then the
-    compiled backend under offload as the runtime builds it. That row runs first, in a process of its own on
-    the GPU: the GPU and the host RAM are its alone (the eager offload row pins two BF16 experts, ~57 GB, which
-    the pinned-memory cache would keep)."""
-    compiled, latents = compiled_offload_row(ctx) if ctx.dry else _spawn_compiled_offload_row(ctx)
-    rows, reference = _eager_memory_rows(ctx)
-    if latents is not None and reference is not None:
-        _compare(compiled, latents, reference)
-    return rows + [compiled], None
-
-
-def _eager_memory_rows(ctx: Ctx):
-    """MEMORY_EAGER's rows and the resident row's latents (every memory row's reference)."""
+def memory_eager_rows(ctx: Ctx, reuse: bool = False) -> list[dict]:
+    """Eager BF16 resident vs offload on one loaded model (the same request, timed and measured). reuse: stage 2's
+    eager row measured resident already (its reference is here): the resident row gets the plan only, the run
+    is not repeated. A resident run writes the preset's reference when there is none (latents only)."""
     import torch
 
     from wanrt.config import Settings
@@ -409,10 +672,11 @@ def _eager_memory_rows(ctx: Ctx):
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     cuda = device.startswith("cuda")
     dtype_name = str(dtype).replace("torch.", "")
+    preset = ctx.presets["default"]
     model = load_model(ctx.model, device, dtype)
-    rows, reference = [], None
+    rows = []
     for mode in MEMORY_EAGER:
-        row = empty_row(6, ctx.presets["default"], f"{mode} (eager {dtype_name})")
+        row = empty_row(6, preset, f"{mode} (eager {dtype_name})")
         try:
             backend, swapper = EagerBackend(model), None
             if mode == "offload":
@@ -428,30 +692,37 @@ def _eager_memory_rows(ctx: Ctx):
                 row["plan_need_gb"] = plan.need_bytes / 2**30
                 row["plan_phases_gb"] = {k: round(v / 2**30, 2) for k, v in plan.phases.items()}
             row["plan_mode"] = mode
+            if mode == "resident" and reuse:
+                row["reused"] = "stage 2: eager"
+                rows.append(row)
+                continue
             pipe = WanI2VPipeline(model, backend, device=device, dtype=dtype)
-            # offload: a second request shows the steady state (the first expert prefetched during the decode)
-            latents = _measure(ctx, row, pipe, swapper, 2 if mode == "offload" and not ctx.dry else 1)
-            reference = latents if reference is None else reference
-            _compare(row, latents, reference)
+            # a warm-up request first (the offload one leaves the steady state: the first expert prefetched)
+            latents = _measure(ctx, row, pipe, swapper, 1 if ctx.dry else 2)
+            ref = bench_e2e.reference_path(ctx.ref_dir, ctx.model, preset)
+            if mode == "resident" and bench_e2e.guard_against(ref, PRESETS[preset], latents) is None:
+                ref.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"latents": latents, "frames": None, "params": PRESETS[preset], "device": device}, ref)
+            _guard(ctx, row, latents)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             if cuda:
                 torch.cuda.empty_cache()
         rows.append(row)
-    return rows, reference
+    return rows
 
 
-def compiled_offload_row(ctx: Ctx):
+def compiled_offload_row(ctx: Ctx) -> dict:
     """The serving default's backend (compiled: FP8 + compile) under memory=offload, built by build_runtime as
     the worker builds it (the model loads on the host, each linear is quantised on the device, the tier's
-    swapper pins the FP8 experts): the path that used to crash. (row, latents or None)."""
+    swapper pins the FP8 experts): the path that used to crash."""
     import torch
 
     from wanrt.config import Settings
     from wanrt.runtime.factory import build_runtime
 
     settings = Settings(model=ctx.model, device=ctx.device, backend="compiled", memory="offload", compile=not ctx.dry)
-    row, latents = empty_row(6, ctx.presets["default"], MEMORY_COMPILED), None
+    row = empty_row(6, ctx.presets["default"], MEMORY_COMPILED)
     try:
         t0 = time.perf_counter()
         pipe = build_runtime(settings)
@@ -466,43 +737,35 @@ def compiled_offload_row(ctx: Ctx):
         row["plan_mode"] = "offload" if backend.tier == "swap" else backend.tier
         row["fp8_layers"] = bench_e2e.fp8_layer_count(*pipe.model.experts.values(),
                                                       *getattr(backend.inner, "experts", {}).values())
-        # the first request compiles (and swaps); the second is the steady state
-        latents = _measure(ctx, row, pipe, backend.swapper, 1 if ctx.dry else 2)
+        # the first (warm-up) request compiles (and swaps); the second is the steady state
+        _guard(ctx, row, _measure(ctx, row, pipe, backend.swapper, 1 if ctx.dry else 2))
         if ctx.dry:
             row["note"] = "dry run: torch.compile off"
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    return row, latents
+    return row
 
 
-def _spawn_compiled_offload_row(ctx: Ctx):
-    """compiled_offload_row in a fresh process of this script (`--memory-row`): its row and latents come back
-    as files."""
-    import tempfile
-
+def _guard(ctx: Ctx, row: dict, latents) -> None:
+    """latent_cos and bit_identical against the preset's reference; without one, the latents are left pending."""
     import torch
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, str(HERE), "--memory-row", tmp, "--out", str(ctx.out), "--model", ctx.model,
-               "--device", ctx.device, "--date", ctx.date] + (["--dry-run"] if ctx.dry else [])
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=ctx.row_timeout)
-        except subprocess.TimeoutExpired:
-            r = None
-        row_file, latents_file = Path(tmp) / "row.json", Path(tmp) / "latents.pt"
-        if r is None or r.returncode != 0 or not row_file.is_file():
-            row = empty_row(6, ctx.presets["default"], MEMORY_COMPILED)
-            row["error"] = (f"timed out after {ctx.row_timeout} s" if r is None
-                            else f"row process exited {r.returncode}: {r.stderr[-600:]}")
-            return row, None
-        latents = torch.load(latents_file, weights_only=True) if latents_file.is_file() else None
-        return json.loads(row_file.read_text()), latents
+    preset = row["preset"]
+    ref = bench_e2e.reference_path(ctx.ref_dir, ctx.model, preset)
+    guard = bench_e2e.guard_against(ref, PRESETS[preset], latents)
+    if guard is None:
+        pending = bench_e2e.pending_path(ctx.ref_dir, ctx.model, preset, row["config"])
+        pending.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"latents": latents, "frames": None, "params": PRESETS[preset]}, pending)
+        row["pending"] = str(pending)
+        return
+    row["latent_cos"], row["bit_identical"] = guard["latent_cosine"], guard["bit_identical"]
 
 
 def _measure(ctx: Ctx, row: dict, pipe, swapper, requests: int):
-    """`requests` default requests on `pipe`, the last one timed (the ones before it are the warm-up): stage
-    seconds, peak memory since the caller's reset, the loop's TFLOP/s and one synchronised swap of each expert.
-    Returns the last request's latents (float32, CPU)."""
+    """`requests` requests on `pipe`, the last one the default preset's and timed (the ones before it are the
+    warm-up, of bench_e2e.WARMUP_STEPS steps): stage seconds, peak memory since the caller's reset, the loop's
+    TFLOP/s and one synchronised swap of each expert. Returns the last request's latents (float32, CPU)."""
     import torch
     from PIL import Image
 
@@ -510,13 +773,15 @@ def _measure(ctx: Ctx, row: dict, pipe, swapper, requests: int):
 
     preset = ctx.presets["default"]
     params = GenerateParams(prompt=bench_e2e.PROMPT, **PRESETS[preset])
+    warm = GenerateParams(prompt=bench_e2e.PROMPT,
+                          **bench_e2e.warmup_params(PRESETS[preset], pipe.model.boundary_ratio))
     image = Image.open(bench_e2e.IMAGE)
     video = ctx.out / "memory.mp4"
     t_warm = time.perf_counter()
     for i in range(requests):
         if i == requests - 1:
             row["warmup_s"] = time.perf_counter() - t_warm
-        result = pipe.generate(params, image, video, keep_latents=True)
+        result = pipe.generate(params if i == requests - 1 else warm, image, video, keep_latents=True)
     video.unlink(missing_ok=True)
     row["total_s"] = result.timings["total_s"]
     for key, src in STAGE_KEYS.items():
@@ -543,13 +808,6 @@ def _measure(ctx: Ctx, row: dict, pipe, swapper, requests: int):
     return result.latents.float().cpu()
 
 
-def _compare(row: dict, latents, reference) -> None:
-    import torch
-
-    row["latent_cos"] = torch.nn.functional.cosine_similarity(latents.flatten(), reference.flatten(), dim=0).item()
-    row["bit_identical"] = bool(torch.equal(latents, reference))
-
-
 def _peak_pct(row: dict, device: str) -> None:
     name = device_name(device)
     key = next((v for k, v in bench_e2e.GPU_PEAK_KEYS.items() if k in name), None)
@@ -559,21 +817,25 @@ def _peak_pct(row: dict, device: str) -> None:
         row["pct_fp8_peak"] = 100 * row["loop_tflops"] / peaks["fp8"] if peaks["fp8"] else None
 
 
-def stage_cold_start(ctx: Ctx):
+def cold_start_row(ctx: Ctx, timeout: float, unit: Unit) -> dict:
     """Process start to the first MP4. GPU: `wanrt generate --backend compiled` with the Settings defaults (the
-    serving default: FP8 + compile, no CUDA graphs; the compile happens inside the first request). Dry run: a bench_e2e row process (eager), since the CLI
-    refuses sizes under 256 and the tiny VAE needs ~40 s at 256x256 on two CPU cores."""
+    serving default: FP8 + compile, no CUDA graphs; the compile happens inside the first request), Inductor's and
+    Triton's caches empty. Dry run: a bench_e2e row process (eager), since the CLI refuses sizes under 256 and the
+    tiny VAE needs ~40 s at 256x256 on two CPU cores."""
     preset = ctx.presets["default"]
     if ctx.dry:
         t0 = time.perf_counter()
-        e2e = bench_e2e.spawn_row(ctx.model, ctx.device, preset, "eager", 1, 0, ctx.ref_dir, timeout=ctx.row_timeout)
+        e2e = bench_e2e.spawn_row(ctx.model, ctx.device, preset, "eager", 1, 0, ctx.ref_dir, timeout=timeout,
+                                  env=ctx.env, log=ctx.log(unit))
         row = from_e2e(7, e2e, ctx.dry)
-        row.update(config="cold start: process -> first MP4 (bench_e2e row, eager)", total_s=time.perf_counter() - t0,
-                   latent_cos=None, psnr_db=None, note="dry run: a bench_e2e row process instead of the CLI")
+        row.update(config=COLD_START, total_s=time.perf_counter() - t0, latent_cos=None, psnr_db=None,
+                   note="dry run: a bench_e2e row process (eager) instead of the CLI")
+        row.pop("pending", None)
         row["warmup_s"] = row["total_s"] - (e2e.get("median_s") or {}).get("total_s", 0.0)
-        return [row], None
-    cold = bench_e2e.cold_start(ctx.model, ctx.device, preset, extra=("--backend", "compiled"))
-    row = empty_row(7, preset, "cold start: process -> first MP4 (compiled)")
+        return row
+    cold = bench_e2e.cold_start(ctx.model, ctx.device, preset, extra=("--backend", "compiled"), timeout=timeout,
+                                env=ctx.env, fresh_caches=True, log=ctx.log(unit))
+    row = empty_row(7, preset, COLD_START)
     row["total_s"] = cold["seconds"]
     timings = cold.get("request_timings_s") or {}
     for key, src in STAGE_KEYS.items():
@@ -582,36 +844,69 @@ def stage_cold_start(ctx: Ctx):
         row["warmup_s"] = cold["seconds"] - timings["total_s"]  # imports + model load before the request
     if cold["returncode"] != 0:
         row["error"] = f"exit {cold['returncode']}: {cold['stderr_tail']}"
-    row["note"] = "FP8 + compile (the serving default, no CUDA graphs); the compile happens inside the first request"
-    return [row], None
-
-
-STAGES = {1: stage_probe, **{n: functools.partial(stage_e2e, n=n) for n in E2E_PLAN}, 6: stage_memory,
-          7: stage_cold_start}
+    row["cache"] = cold["cache"]
+    row["note"] = ("`wanrt generate --backend compiled`: FP8 + compile (the serving default, no CUDA graphs), the "
+                   "compile inside the first request, Inductor's and Triton's caches empty")
+    return row
 
 
 # --------------------------------------------------------------------------------------------- results
-def gpu_slug() -> str:
-    import torch
-
-    if not torch.cuda.is_available():
-        return "cpu"
-    name = torch.cuda.get_device_name(0).lower()
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
-def results_path(out: Path, slug: str, date: str) -> Path:
-    return Path(out) / f"gpu_{slug}_{date}.json"
+def _gpu_info(env: dict | None = None) -> dict:
+    """The GPU's name and the CUDA stack, asked of a one-off process (this one keeps no CUDA context)."""
+    code = ("import json, torch; c = torch.cuda.is_available(); print(json.dumps({'name': torch.cuda.get_device_name(0) "
+            "if c else None, 'torch': torch.__version__, 'cuda': torch.version.cuda if c else None, "
+            "'cudnn': torch.backends.cudnn.version() if c else None}))")
+    rc, out, err = bench_e2e.run_group([sys.executable, "-c", code], 180, env)
+    if rc != 0:
+        raise SystemExit(f"could not read the GPU's name and the CUDA stack: {err[-500:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def gpu_name(env: dict | None = None) -> str:
+    """The GPU's name from NVML (nvidia-ml-py: no CUDA context), else from a one-off process."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+        finally:
+            pynvml.nvmlShutdown()
+        return name.decode() if isinstance(name, bytes) else name
+    except Exception:
+        return _gpu_info(env).get("name") or "cpu"
+
+
+def results_path(out: Path, gpu_slug: str, date: str) -> Path:
+    return Path(out) / f"gpu_{gpu_slug}_{date}.json"
 
 
 def header(ctx: Ctx) -> dict:
-    import torch
+    if ctx.info is None:
+        if ctx.dry:
+            import torch
 
-    cuda = torch.cuda.is_available() and not ctx.dry
-    return {"schema": SCHEMA_VERSION, "gpu": torch.cuda.get_device_name(0) if cuda else device_name("cpu"),
-            "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
-            "cudnn": torch.backends.cudnn.version() if cuda else None, "dry_run": ctx.dry, "model": ctx.model,
-            "rows": []}
+            ctx.info = {"name": device_name("cpu"), "torch": torch.__version__, "cuda": None, "cudnn": None}
+        else:
+            ctx.info = _gpu_info(ctx.env)
+    info = ctx.info
+    return {"schema": SCHEMA_VERSION, "gpu": info["name"], "torch": info["torch"], "cuda": info["cuda"],
+            "cudnn": info["cudnn"], "dry_run": ctx.dry, "model": ctx.model, "rows": []}
+
+
+def load_doc(ctx: Ctx) -> dict:
+    if ctx.path.is_file():
+        doc = json.loads(ctx.path.read_text())
+        if doc.get("schema") == SCHEMA_VERSION:
+            return doc
+        old = ctx.path.with_suffix(f".schema{doc.get('schema')}.json")
+        ctx.path.replace(old)
+        print(f"{ctx.path} has schema {doc.get('schema')!r}: kept as {old.name}, starting a new one", file=sys.stderr)
+    return header(ctx)
 
 
 def validate(doc: dict) -> list[str]:
@@ -623,7 +918,7 @@ def validate(doc: dict) -> list[str]:
         missing = [k for k in ROW_FIELDS if k not in row]
         if missing:
             problems.append(f"row {i}: missing {missing}")
-        if not isinstance(row.get("stage"), int) or not 1 <= row["stage"] <= 7:
+        if not isinstance(row.get("stage"), int) or row["stage"] not in STAGE_NAMES:
             problems.append(f"row {i}: stage {row.get('stage')!r}")
         for k in ROW_FIELDS[3:]:
             if row.get(k) is not None and not isinstance(row[k], (int, float)):
@@ -631,15 +926,82 @@ def validate(doc: dict) -> list[str]:
     return problems
 
 
+def _row_key(row: dict) -> tuple:
+    return row["stage"], row["preset"], row["config"]
+
+
+def upsert(doc: dict, row: dict) -> bool:
+    """Put `row` in the document: it replaces the row of the same stage, preset and config, unless it is an
+    error and that one is not (a failed rerun never wipes a measurement). Rows stay in table order (stage, then
+    the unit's place in UNITS). False when the row was not taken."""
+    rows = doc["rows"]
+    i = next((i for i, r in enumerate(rows) if _row_key(r) == _row_key(row)), None)
+    if i is not None and row.get("error") and not rows[i].get("error"):
+        return False
+    if i is None:
+        rows.append(row)
+    else:
+        rows[i] = row
+    rows.sort(key=lambda r: (r["stage"], UNIT_ORDER.get((r["stage"], r.get("unit")), len(UNIT_ORDER))))
+    return True
+
+
+def merge_docs(docs: list[dict]) -> dict:
+    """Results documents of one GPU merged in order: later rows replace earlier ones (upsert), probe keys too."""
+    doc = json.loads(json.dumps(docs[0]))
+    for d in docs[1:]:
+        if d.get("gpu") != doc.get("gpu") or d.get("model") != doc.get("model"):
+            raise SystemExit(f"cannot merge results of {d.get('gpu')!r} / {d.get('model')!r} into "
+                             f"{doc.get('gpu')!r} / {doc.get('model')!r}")
+        for row in d["rows"]:
+            upsert(doc, row)
+        if d.get("probe"):
+            doc["probe"] = {**(doc.get("probe") or {}), **d["probe"]}
+        for k in ("torch", "cuda", "cudnn"):
+            doc[k] = d.get(k) or doc.get(k)
+    return doc
+
+
+def backfill(doc: dict, ref_dir: Path) -> int:
+    """Rows that ran before their preset's reference (their latents and frames left pending) compared now that
+    it is here: latent_cos, psnr_db (where both have frames), bit_identical for the memory rows. Returns how many."""
+    done = 0
+    for row in doc["rows"]:
+        pending = Path(row["pending"]) if row.get("pending") else None
+        if pending is None or not pending.is_file() or row.get("error"):
+            continue
+        import torch
+
+        saved = torch.load(pending, weights_only=True)
+        ref = bench_e2e.reference_path(ref_dir, doc["model"], row["preset"])
+        frames = saved["frames"].numpy() if saved.get("frames") is not None else None
+        guard = bench_e2e.guard_against(ref, saved["params"], saved["latents"], frames)
+        if guard is None:
+            continue
+        row["latent_cos"], row["psnr_db"] = guard["latent_cosine"], guard["frames_psnr_db"]
+        if row["stage"] == 6:
+            row["bit_identical"] = guard["bit_identical"]
+        row["backfilled"] = True
+        del row["pending"]
+        pending.unlink()
+        done += 1
+    return done
+
+
 def add_vs_diffusers(rows: list[dict]) -> None:
-    """diffusers' total / ours without the MP4 encode, per preset (the latest diffusers row of that preset)."""
-    base = {}
+    """vs_diffusers: the diffusers row's seconds / ours over COMPARED (text + vae_encode + denoise_high +
+    denoise_low + vae_decode: the parts both measure), for the bench_e2e rows (VS_DIFFUSERS_STAGES) of a preset
+    that has a diffusers row; null for every other row."""
+    base = {r["preset"]: r for r in rows
+            if r["config"] == "diffusers" and r["stage"] in VS_DIFFUSERS_STAGES and not r.get("error")}
     for r in rows:
-        if r["config"] == "diffusers" and r.get("total_s"):
-            base[r["preset"]] = r["total_s"]
-    for r in rows:
-        ours = (r.get("total_s") or 0) - (r.get("mp4") or 0)
-        r["vs_diffusers"] = base[r["preset"]] / ours if r["preset"] in base and ours > 0 and not r.get("error") else None
+        b = base.get(r["preset"])
+        r["vs_diffusers"] = None
+        if b is None or r["stage"] not in VS_DIFFUSERS_STAGES or r.get("error"):
+            continue
+        keys = [k for k in COMPARED if b.get(k) is not None and r.get(k) is not None]
+        ours = sum(r[k] for k in keys)
+        r["vs_diffusers"] = sum(b[k] for k in keys) / ours if keys and ours > 0 else None
 
 
 def _fmt(v, digits=2) -> str:
@@ -648,6 +1010,72 @@ def _fmt(v, digits=2) -> str:
     if isinstance(v, float):
         return "inf" if v == float("inf") else f"{v:.{digits}f}"
     return str(v)
+
+
+def _timing(v: dict) -> str:
+    return f"{v['ms']:.1f} ms, {v['tflops']:.0f} TFLOP/s" if "ms" in v else str(v.get("error", "not measured"))
+
+
+def _probe_sdpa_lines(probe: dict) -> list[str]:
+    if not probe.get("sdpa"):
+        return []
+    default = (probe.get("sdpa_default") or {}).get("backend", "?")
+    lines = ["", f"SDPA default for B=2, 40 heads, 33,600 tokens, head dim 128 (bf16): **{default}**", ""]
+    return lines + [f"- {k}: {_timing(v)}" + (f", PSNR {v['psnr_db']:.1f} dB vs BF16 (gate {v.get('gate_db', 40):.0f} dB)"
+                                              if "psnr_db" in v else "") for k, v in probe["sdpa"].items()]
+
+
+def _probe_attention_lines(probe: dict) -> list[str]:
+    a = probe.get("attention")
+    if not a:
+        return []
+    usable = ", ".join(k for k, v in (a.get("kernels") or {}).items() if v.get("available"))
+    auto = a.get("auto") or {}
+    return ["", f"Attention report ({a.get('device')}): PyTorch picks **{a.get('chosen')}** (can run: {usable}); "
+                f"attn=auto -> {auto.get('kernel')} ({auto.get('reason')}); cudnn_fp8: {a.get('cudnn_fp8')}"]
+
+
+def _probe_fp8_lines(probe: dict) -> list[str]:
+    f = probe.get("fp8_linear")
+    if not f:
+        return []
+    parts = [f"BF16 {f['bf16']['tflops']:.0f} TFLOP/s"] if "tflops" in (f.get("bf16") or {}) else []
+    for key, label in (("fp8_scaled_mm", "FP8 scaled_mm"), ("fp8_linear_module", "Fp8Linear"), ("torchao", "torchao")):
+        v = f.get(key) or {}
+        if "speedup" in v:
+            parts.append(f"{label} {v['tflops']:.0f} TFLOP/s ({v['speedup']:.2f}x)")
+        elif "error" in v:
+            parts.append(f"{label}: {' '.join(str(v['error']).split())[:160]}")
+    if f.get("fp8_error"):
+        parts.append(f"FP8: {f['fp8_error']}")
+    return ["", "FFN linear 33,600x5120 @ 5120x13824: " + (", ".join(parts) or "not measured")]
+
+
+def _probe_vae_lines(probe: dict) -> list[str]:
+    vae = probe.get("vae")
+    if not vae or vae.get("skipped"):
+        return []
+    if "psnr_db" not in vae:
+        return ["", f"VAE decode ({vae.get('model')}): {vae.get('error')}"]
+    size = vae["size"]
+    return ["", f"VAE decode ({vae['model']}{'' if vae['real_weights'] else ', random weights'}, "
+                f"{size['width']}x{size['height']}x{size['frames']}): bf16 vs fp32 frame PSNR "
+                + ", ".join(f"{k} {v:.1f} dB" for k, v in vae["psnr_db"].items())
+                + f" (gate {vae['gate_db']:.0f} dB: {'passes' if vae['passes'] else 'fails'}); decode s "
+                + ", ".join(f"{k} {v:.2f}" for k, v in vae["decode_s"].items())]
+
+
+def _probe_other_lines(probe: dict) -> list[str]:
+    lines = []
+    if probe.get("pytest_gpu"):
+        lines += ["", f"pytest -m gpu: {probe['pytest_gpu'].get('summary')}"]
+    if probe.get("error"):
+        lines += ["", f"probe: {' '.join(str(probe['error']).split())[:300]}"]
+    return lines
+
+
+PROBE_SECTIONS = (("SDPA", _probe_sdpa_lines), ("attention report", _probe_attention_lines),
+                  ("FFN linear", _probe_fp8_lines), ("VAE", _probe_vae_lines), ("probe", _probe_other_lines))
 
 
 def markdown(doc: dict) -> str:
@@ -670,36 +1098,12 @@ def markdown(doc: dict) -> str:
                  _fmt(r["warmup_s"], 1), _fmt(r["peak_allocated_gb"], 1), _fmt(r["peak_reserved_gb"], 1),
                  "" if vs is None else f"{vs:.2f}x", _fmt(r["latent_cos"], 5), _fmt(r["psnr_db"], 1)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    probe = doc.get("probe")
-    if probe and probe.get("sdpa"):
-        lines += ["", f"SDPA default for B=2, 40 heads, 33,600 tokens, head dim 128 (bf16): "
-                      f"**{probe['sdpa_default']['backend']}**", ""]
-        lines += [f"- {k}: " + (f"{v['ms']:.1f} ms, {v['tflops']:.0f} TFLOP/s" if "ms" in v else v["error"])
-                  + (f", PSNR {v['psnr_db']:.1f} dB vs BF16 (gate {v['gate_db']:.0f} dB)" if "psnr_db" in v else "")
-                  for k, v in probe["sdpa"].items()]
-    if probe and probe.get("attention"):
-        a = probe["attention"]
-        usable = ", ".join(k for k, v in a["kernels"].items() if v["available"])
-        lines += ["", f"Attention report ({a['device']}): PyTorch picks **{a['chosen']}** (can run: {usable}); "
-                      f"attn=auto -> {a['auto']['kernel']} ({a['auto']['reason']}); cudnn_fp8: {a['cudnn_fp8']}"]
-    if probe and probe.get("fp8_linear"):
-        f = probe["fp8_linear"]
-        lines += ["", f"FFN linear 33,600x5120 @ 5120x13824: BF16 {f['bf16']['tflops']:.0f} TFLOP/s"
-                  + (f", FP8 scaled_mm {f['fp8_scaled_mm']['tflops']:.0f} TFLOP/s ({f['fp8_scaled_mm']['speedup']:.2f}x), "
-                     f"Fp8Linear {f['fp8_linear_module']['speedup']:.2f}x" if "fp8_scaled_mm" in f else f", FP8: {f.get('fp8_error')}")
-             + (f", torchao {f['torchao']['speedup']:.2f}x" if "speedup" in f.get("torchao", {}) else "")]
-    vae = (probe or {}).get("vae")
-    if vae and "psnr_db" in vae:
-        size = vae["size"]
-        lines += ["", f"VAE decode ({vae['model']}{'' if vae['real_weights'] else ', random weights'}, "
-                      f"{size['width']}x{size['height']}x{size['frames']}): bf16 vs fp32 frame PSNR "
-                      + ", ".join(f"{k} {v:.1f} dB" for k, v in vae["psnr_db"].items())
-                      + f" (gate {vae['gate_db']:.0f} dB: {'passes' if vae['passes'] else 'fails'}); decode s "
-                      + ", ".join(f"{k} {v:.2f}" for k, v in vae["decode_s"].items())]
-    elif vae:
-        lines += ["", f"VAE decode ({vae['model']}): {vae.get('error')}"]
-    if probe and probe.get("pytest_gpu"):
-        lines += ["", f"pytest -m gpu: {probe['pytest_gpu'].get('summary')}"]
+    probe = doc.get("probe") or {}
+    for name, section in PROBE_SECTIONS:  # a partial probe renders what it has; a malformed part says so
+        try:
+            lines += section(probe)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            lines += ["", f"{name}: partial probe, not rendered ({type(e).__name__}: {e})"]
     return "\n".join(lines) + "\n"
 
 
@@ -740,27 +1144,28 @@ def readme_block(doc: dict, path: Path, readme: Path, charted: bool) -> str:
     def rel(p: Path) -> str:
         return Path(os.path.relpath(p.resolve(), readme.resolve().parent)).as_posix()
 
-    lines = [f"Measured by `python benchmarks/gpu_proof.py`, regenerated from [{path.name}]({rel(path)}) after each "
-             "stage:", "", markdown(doc).rstrip("\n")]
+    lines = [f"Measured by `python benchmarks/gpu_proof.py` (the plan: `--plan`), regenerated from "
+             f"[{path.name}]({rel(path)}):", "", markdown(doc).rstrip("\n")]
     if charted:
         lines += ["", f"![GPU proof: seconds per row]({rel(path.with_suffix('.png'))})"]
     return "\n".join(lines)
 
 
-def update_readme(src: Path, dst: Path, block: str) -> bool:
-    """Write `src` to `dst` with its GPU block replaced (bytes outside the markers unchanged); False, and
-    nothing written, when `src` has no markers."""
+def update_readme(dst: Path, block: str, src: Path = ROOT / "README.md") -> bool:
+    """Write `src` (the checkout's README.md) to `dst` with its GPU block replaced (bytes outside the markers
+    unchanged); False, and nothing written, when `src` has no markers."""
     text = replace_block(src.read_bytes().decode("utf-8"), block)
     if text is None:
         print(f"{src} has no {README_START} ... {README_END} block: README not updated", file=sys.stderr)
         return False
+    dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_bytes(text.encode("utf-8"))
     return True
 
 
-def write_results(path: Path, doc: dict, readme: Path | None = None, readme_src: Path | None = None) -> None:
-    """The JSON, then what is regenerated from it: the .md table, the .png chart and the README block
-    (`readme`, rewritten from `readme_src`, default `readme` itself)."""
+def write_results(path: Path, doc: dict, readme: Path | None = None) -> None:
+    """The JSON, then what is regenerated from it: the .md table, the .png chart and the README block (the
+    checkout's README.md rewritten to `readme`)."""
     add_vs_diffusers(doc["rows"])
     problems = validate(doc)
     if problems:
@@ -768,23 +1173,62 @@ def write_results(path: Path, doc: dict, readme: Path | None = None, readme_src:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2, default=str))
-    tmp.replace(path)
+    tmp.replace(path)  # a command killed mid-write leaves the previous document whole
     path.with_suffix(".md").write_text(markdown(doc))
     charted = chart(doc, path.with_suffix(".png"))
     if readme is not None:
-        update_readme(readme_src or readme, readme, readme_block(doc, path, readme, charted))
+        update_readme(readme, readme_block(doc, path, readme, charted))
 
 
-def run_stage(ctx: Ctx, n: int) -> Path:
-    path = results_path(ctx.out, gpu_slug() if not ctx.dry else "cpu", ctx.date)
-    t0 = time.perf_counter()
-    rows, probe = STAGES[n](ctx)
-    doc = json.loads(path.read_text()) if path.is_file() else header(ctx)
-    doc["rows"] = [r for r in doc["rows"] if r["stage"] != n] + rows  # a stage run again replaces its rows
+def copy_out(ctx: Ctx) -> None:
+    """The JSON, .md, .png, the README copy and proof.log into --copy-to ($OUT): what comes back from the device
+    (each well under its 16 MiB; the reference latents stay)."""
+    if ctx.copy_to is None or ctx.path is None:
+        return
+    ctx.copy_to.mkdir(parents=True, exist_ok=True)
+    for p in (ctx.path, ctx.path.with_suffix(".md"), ctx.path.with_suffix(".png"), ctx.readme, ctx.out / "proof.log"):
+        if p.is_file() and p.resolve() != (ctx.copy_to / p.name).resolve():
+            shutil.copyfile(p, ctx.copy_to / p.name)
+
+
+def record(ctx: Ctx, unit: Unit, rows: list[dict], probe: dict | None) -> dict:
+    """A unit's rows and probe findings into the JSON at once (then the table, chart, README copy and --copy-to):
+    a command killed later keeps them."""
+    doc = load_doc(ctx)
+    for row in rows:
+        row.setdefault("unit", unit.name)
+        if not upsert(doc, row):
+            print(f"  kept the earlier {row['config']} row: this run failed ({row['error'][:200]})", file=sys.stderr)
     if probe is not None:
-        doc["probe"] = probe
-    write_results(path, doc, ctx.readme, ctx.readme_src)
-    print(f"stage {n} ({STAGE_NAMES[n]}): {len(rows)} rows in {time.perf_counter() - t0:.1f} s -> {path}", flush=True)
+        doc["probe"] = {**(doc.get("probe") or {}), **probe}
+    if n := backfill(doc, ctx.ref_dir):
+        print(f"  compared {n} pending row(s) with their reference", flush=True)
+    write_results(ctx.path, doc, ctx.readme)
+    copy_out(ctx)
+    return doc
+
+
+def _log_tail(ctx: Ctx, unit: Unit, lines: int = 200) -> None:
+    """The unit's log tail into proof.log (it comes back with --copy-to)."""
+    log = ctx.log(unit)
+    if not log.is_file():
+        return
+    tail = log.read_text(errors="replace").splitlines()[-lines:]
+    with open(ctx.out / "proof.log", "a") as fh:
+        fh.write(f"== {unit.key} ({datetime.datetime.now():%H:%M:%S})\n" + "\n".join(tail) + "\n")
+
+
+def render(files: list[str], readme: Path) -> Path:
+    """--render: the documents merged in order into the first path (created when missing), then its .md, .png and
+    the README block regenerated. No GPU needed."""
+    docs = [json.loads(Path(f).read_text()) for f in files if Path(f).is_file()]
+    if not docs:
+        raise SystemExit(f"none of {files} exists")
+    path = Path(files[0])
+    doc = merge_docs(docs)
+    write_results(path, doc, readme)
+    print(f"rendered {path} ({len(doc['rows'])} rows from {len(docs)} document(s)) -> {path.with_suffix('.md')}, "
+          f"{readme}")
     return path
 
 
@@ -812,85 +1256,162 @@ def missing_wheels(files: list[Path], wanted: list[str]) -> list[str]:
 
 
 def install_wheels(wheels: Path, site: Path) -> None:
-    """Every wheel in `wheels` (what `make wheelhouse` put there) into `site`; refuses a wheelhouse that lacks
-    one of the Makefile's packages or wanrt (made before a package or a pin was added)."""
-    files = sorted(Path(wheels).glob("*.whl"))
+    """Every wheel in `wheels` (what `make wheelhouse` put there) into `site`, once per machine (a stamp of the
+    files); refuses a wheelhouse that lacks one of the Makefile's packages. A wanrt wheel is never installed: the
+    proof measures this checkout's src/."""
+    files = sorted(p for p in Path(wheels).glob("*.whl") if not p.name.startswith("wanrt-"))
     if not files:
-        raise SystemExit(f"no wheels in {wheels}: run `make wheelhouse` where pip can reach PyPI, copy wheels/ here")
-    missing = missing_wheels(files, [*wheelhouse_packages(), "wanrt"])
+        raise SystemExit(f"no wheels in {wheels}: run `make wheelhouse` where pip can reach PyPI, carry wheels/ here")
+    missing = missing_wheels(files, wheelhouse_packages())
     if missing:
-        raise SystemExit(f"{wheels} lacks {', '.join(missing)}: run `make wheelhouse` again, copy wheels/ here")
+        raise SystemExit(f"{wheels} lacks {', '.join(missing)}: run `make wheelhouse` again, carry wheels/ here")
+    stamp = "".join(f"{p.name} {p.stat().st_size}\n" for p in files)
+    marker = Path(site) / ".wanrt-proof-installed"
+    if marker.is_file() and marker.read_text() == stamp:
+        print(f"wheels already installed in {site}", flush=True)
+        return
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade",
            "--target", str(site), *map(str, files)]
     subprocess.run(cmd, check=True)
+    marker.write_text(stamp)
     print(f"installed {len(files)} wheels into {site}", flush=True)
 
 
+def select_units(stages: list[int], configs: list[str] | None) -> list[Unit]:
+    """The units of `stages` (in that order) named by `configs` (None: all but the optional ones); in a stage the
+    preset's reference (eager) first, then table order."""
+    chosen = []
+    for n in stages:
+        units = [u for u in UNITS if u.stage == n and (u.name in configs if configs else not u.optional)]
+        chosen += sorted(units, key=lambda u: not (u.kind == "e2e" and u.name == bench_e2e.REFERENCE_CONFIG))
+    if configs:
+        unknown = [c for c in configs if not any(u.name == c for u in chosen)]
+        if unknown:
+            names = "; ".join(f"{u.stage}: {u.name}" for u in UNITS if u.stage in stages)
+            raise SystemExit(f"no unit {unknown} in stages {stages} (there: {names})")
+    return chosen
+
+
 def main(argv=None) -> int:
+    started = time.monotonic()
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", type=int, choices=sorted(STAGES), help="run this stage here (no install)")
-    ap.add_argument("--stages", default="1,2,3,4,5,6,7", help="stages the orchestrator runs, in order")
+    ap.add_argument("--plan", action="store_true", help="print the 15-minute session's steps and exit")
+    ap.add_argument("--step", choices=sorted(STEPS), help="run a plan step: its stages, configs and budget")
+    ap.add_argument("--stages", default=None, help="comma list, in the order run (default: the plan's order)")
+    ap.add_argument("--stage", type=int, choices=sorted(STAGE_NAMES), help="one stage (= --stages N)")
+    ap.add_argument("--configs", default=None,
+                    help="comma list of unit names within the stages (e.g. eager, diffusers, '+fp8 +compile')")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help=f"this command's seconds, install included (default: the step's, else {DEFAULT_BUDGET_S}; 0: "
+                         "no limit): a unit starts only with its minimum left and is killed when the budget ends")
+    ap.add_argument("--row-timeout", type=float, default=ROW_TIMEOUT_S, help="a cap on any one unit's seconds")
+    ap.add_argument("--copy-to", default=None, help="after every unit: JSON, .md, .png, README.md, proof.log here ($OUT)")
+    ap.add_argument("--render", nargs="+", metavar="JSON", default=None,
+                    help="no GPU: merge these results documents into the first and regenerate its .md, .png and the "
+                         "README block")
     ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: plumbing and schema")
     ap.add_argument("--model", default="random-full")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--out", default=str(HERE.parent / "results"))
+    ap.add_argument("--out", default=str(ROOT / ".wanrt" / "proof"), help="the work dir (git-ignored)")
+    ap.add_argument("--ref-dir", default=None, help="reference and pending latents (default: <out>/ref)")
     ap.add_argument("--wheels", default=str(ROOT / "wheels"))
-    ap.add_argument("--site", default="/tmp/wanrt_gpu_proof_site", help="where the wheels are installed")
+    ap.add_argument("--site", default=str(SITE), help="where the wheels are installed (env WANRT_PROOF_SITE)")
     ap.add_argument("--no-install", action="store_true", help="use the packages already importable")
-    ap.add_argument("--stage-timeout", type=float, default=STAGE_TIMEOUT_S)
     ap.add_argument("--date", default=datetime.date.today().strftime("%Y%m%d"), help="the results file's date")
     ap.add_argument("--readme", default=None,
-                    help="the README whose GPU block is rewritten (default: README.md; a dry run: a copy in --out)")
+                    help="where the README with its GPU block regenerated goes (runs: <out>/README.md; --render: "
+                         "README.md); the source is always the checkout's README.md")
+    ap.add_argument("--presets", default=None,
+                    help="what the stages' presets mean, e.g. default=cli_min,fast=cli_min (bench_runtime.PRESETS; "
+                         "default: default=default,fast=fast, a dry run smoke and smoke_fast)")
     ap.add_argument("--vae-model", default=None,
-                    help="stage 1's VAE PSNR on this model (default --model): a diffusers dir gives the real figure")
-    ap.add_argument("--memory-row", default=None, help=argparse.SUPPRESS)  # internal: stage 6's compiled row, here
+                    help="stage 1's VAE PSNR on this model: a diffusers dir with real weights (none: not measured)")
+    ap.add_argument("--unit", default=None, help=argparse.SUPPRESS)  # internal: run this unit here
+    ap.add_argument("--unit-out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--reuse-resident", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--die-before", default=None, help=argparse.SUPPRESS)  # tests: a kill between units
     args = ap.parse_args(argv)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
 
-    if args.memory_row:
-        import torch
-
-        row, latents = compiled_offload_row(Ctx(args))
-        if latents is not None:
-            torch.save(latents, Path(args.memory_row) / "latents.pt")
-        (Path(args.memory_row) / "row.json").write_text(json.dumps(row, default=str))
+    if args.plan:
+        print(plan_text())
         return 0
+    if args.render:
+        render(args.render, Path(args.readme) if args.readme else ROOT / "README.md")
+        return 0
+    step = STEPS.get(args.step)
+    if args.budget_s is None:  # a dry run: no limit (the CPU is slow, and there is no device command to fit)
+        args.budget_s = step.budget_s if step else 0 if args.dry_run else DEFAULT_BUDGET_S
+    ctx = Ctx(args, started)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    if args.unit:
+        unit = next(u for u in UNITS if u.key == args.unit)
+        rows, probe = unit_here(ctx, unit, args.reuse_resident)
+        Path(args.unit_out).write_text(json.dumps({"rows": rows, "probe": probe}, default=str))
+        return 0
+
     if args.stage:
-        run_stage(Ctx(args), args.stage)
-        return 0
+        stages = [args.stage]
+    elif args.stages:
+        stages = [int(s) for s in args.stages.split(",")]
+    else:
+        stages = list(step.stages) if step else list(dict.fromkeys(n for s in PLAN for n in s.stages))
+    configs = args.configs.split(",") if args.configs else (list(step.configs) if step and step.configs else None)
+    if configs is None and not (args.step or args.stage or args.stages):  # the whole plan: each step's own units
+        units = list(dict.fromkeys(u for s in PLAN for u in select_units(list(s.stages), s.configs)
+                                   if not u.optional))
+    else:
+        units = select_units(stages, configs)
+    if not (ctx.dry or args.no_install):
+        install_wheels(Path(args.wheels), ctx.site)
+        use_paths(ctx.site)
+        ctx.env = proof_env(ctx.site)
+    ctx.path = results_path(ctx.out, "cpu" if ctx.dry else slug(gpu_name(ctx.env)), ctx.date)
 
-    env = dict(os.environ)
-    if not (args.dry_run or args.no_install):
-        install_wheels(Path(args.wheels), Path(args.site))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (args.site, env.get("PYTHONPATH")) if p)
-    failed = []
-    for n in (int(s) for s in args.stages.split(",")):
-        cmd = [sys.executable, str(HERE), "--stage", str(n), "--out", args.out, "--model", args.model,
-               "--device", args.device, "--date", args.date] + (["--dry-run"] if args.dry_run else [])
-        cmd += [f"--{k.replace('_', '-')}={v}" for k in ("readme", "vae_model") if (v := getattr(args, k))]
-        print(f"== stage {n}: {STAGE_NAMES[n]}", flush=True)
-        try:
-            r = subprocess.run(cmd, env=env, timeout=args.stage_timeout)
-            if r.returncode != 0:
-                failed.append(f"{n} (exit {r.returncode})")
-        except subprocess.TimeoutExpired:
-            failed.append(f"{n} (timed out after {args.stage_timeout:.0f} s)")
-    path = results_path(Path(args.out), "cpu" if args.dry_run else _slug_in(env), args.date)
-    if path.is_file():
-        print(path.with_suffix(".md").read_text())
-        print(f"results: {path}")
+    failed, not_run = [], []
+    for unit in units:
+        if args.die_before == unit.name:
+            os._exit(137)  # what the device's limit does to a command: no cleanup
+        left = ctx.left_s()
+        if not ctx.dry and left < unit.min_start_s:
+            not_run.append(f"{unit.key} ({left:.0f} s left, it needs {unit.min_start_s})")
+            continue
+        cap = {"probe": PROBE_TIMEOUT_S, "pytest": PYTEST_TIMEOUT_S}.get(unit.kind, ctx.row_cap)
+        timeout = max(1.0, min(cap, left))
+        print(f"== stage {unit.stage} ({STAGE_NAMES[unit.stage]}): {unit.name} [{ctx.presets[unit.preset]}], "
+              f"up to {timeout:.0f} s", flush=True)
+        t0 = time.perf_counter()
+        doc = load_doc(ctx)
+        rows, probe = run_unit(ctx, unit, timeout, doc)
+        _log_tail(ctx, unit)
+        doc = record(ctx, unit, rows, probe)
+        for row in rows:
+            print(f"   {row['config']}: total {_fmt(row.get('total_s'))} s" + (f"; error: {row['error'][:300]}"
+                                                                              if row.get("error") else ""), flush=True)
+        errors = [r for r in rows if r.get("error")] + ([probe] if probe and probe.get("error") else [])
+        if errors:
+            failed.append(unit.key)
+            log = ctx.log(unit)
+            if log.is_file():
+                print("\n".join(log.read_text(errors="replace").splitlines()[-30:]), file=sys.stderr, flush=True)
+        print(f"   {time.perf_counter() - t0:.1f} s -> {ctx.path}", flush=True)
+    if ctx.path.is_file():
+        print(ctx.path.with_suffix(".md").read_text())
+        print(f"results: {ctx.path}" + (f" (copied to {ctx.copy_to})" if ctx.copy_to else ""))
+    copy_out(ctx)
+    if not_run:
+        print(f"not run (budget): {', '.join(not_run)}", file=sys.stderr)
     if failed:
-        print(f"stages that failed: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+        print(f"units that failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed or not_run else 0
 
 
-def _slug_in(env: dict) -> str:
-    """The results file's GPU slug, asked in the stages' environment (this process may lack CUDA's torch)."""
-    r = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(HERE.parent)!r}); "
-                        "import gpu_proof; print(gpu_proof.gpu_slug())"], env=env, capture_output=True, text=True)
-    return r.stdout.strip() or "cpu"
+def _on_signal(signum, frame):  # killed from outside: take the units' process groups along
+    bench_e2e.kill_live_groups()
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":
+    for _sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(_sig, _on_signal)
     sys.exit(main())
