@@ -101,6 +101,7 @@ def test_clients_that_hang_up_at_once_give_back_their_event_stream(server, compl
     (b'{"image_url": "x", "prompt": "p", "steps": 99}', 422, "steps: Expected `int` <= 20 (allowed: 1-20)"),
     (b'{"prompt": "p"}', 422, "image_url: field required"),
     (b'[]', 400, "Invalid JSON body: Expected `object`, got `array`"),
+    (b'{"image_url": "x", "prompt": "p", "z": "' + b"a" * (17 << 20) + b'"}', 413, "Request Entity Too Large"),
 ])
 def test_odd_json_bodies_are_4xx_with_detail(api_only, body, code, detail):
     r = httpx.post(api_only.base + "/generate", content=body, headers={"content-type": "application/json"})
