@@ -18,16 +18,19 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
 # CUDA torch from PyTorch's index, then wanrt with the GPU extras (ONNX export, TensorRT build tooling).
+# tensorrt-cu12, not `tensorrt`: that one now resolves to the CUDA 13 build (driver >= 580, and a placeholder
+# nvidia-cuda-runtime-cu13 that fails to install: NVIDIA/TensorRT#4614), beside a cu128 torch.
 # DL3013: "." is this repository; its dependencies' ranges live in pyproject.toml.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
- && pip install --no-cache-dir "tensorrt==${TENSORRT_VERSION}" \
+ && pip install --no-cache-dir "tensorrt-cu12==${TENSORRT_VERSION}" \
  && pip install --no-cache-dir ".[gpu]"
 
 # ---- runtime stage: the venv, a non-root user, volumes for models, artifacts and job data
 FROM ${CUDA_IMAGE} AS runtime
+# gcc, libc headers and Python.h: torch.compile's Triton builds small C helpers at run time (--backend compiled)
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 curl \
+ && apt-get install -y --no-install-recommends python3 python3-dev gcc libc6-dev curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 wanrt \
  && mkdir -p /data /models /artifacts \
@@ -42,7 +45,8 @@ USER 10001
 WORKDIR /home/wanrt
 VOLUME ["/data", "/models", "/artifacts"]
 EXPOSE 8189
+# The API's port as configured (workers serve no HTTP: compose turns this off for them)
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-  CMD ["curl", "-fsS", "http://127.0.0.1:8189/"]
+  CMD ["sh", "-c", "curl -fsS http://127.0.0.1:${WANRT_PORT:-8189}/ || exit 1"]
 ENTRYPOINT ["wanrt"]
 CMD ["serve"]

@@ -20,15 +20,16 @@ generate: install
 
 # The tests start their own redis-server on a free port and drive Debian's chromium (no browser download):
 # install them from the system package manager when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)  # root (CI, containers) needs none; anyone else does
 redis:
-	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
+	@command -v redis-server >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null)
 
 chromium:
-	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	@command -v chromium >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null)
 
 # wrk: bench_api's load generator (compiled, so the client does not starve the server on a small machine)
 wrk:
-	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
+	@command -v wrk >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null)
 
 lint: install
 	$(PYTHON) -m ruff check .

@@ -52,6 +52,43 @@ def test_doctor_reports_each_component():
     assert info["h264_encoder"] == "libx264"
 
 
+def test_a_gpu_query_nvml_does_not_support_leaves_a_null_not_a_crash(monkeypatch, tmp_path):
+    """NVML says Not Supported for some queries on some GPUs (utilisation on a MIG slice): doctor, /debug/gpu and
+    /metrics crashed on it. A stand-in pynvml (no NVIDIA driver here) answers like such a GPU."""
+    import sys
+    import types
+
+    from wanrt import doctor
+
+    class NVMLError(Exception):
+        pass
+
+    def unsupported(*a):
+        raise NVMLError("Not Supported")
+
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=lambda i: unsupported() if i else "h0",
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=80 << 30, used=1 << 30),
+        nvmlDeviceGetUtilizationRates=unsupported, nvmlDeviceGetPowerUsage=unsupported,
+        nvmlDeviceGetName=lambda h: b"NVIDIA H100 80GB HBM3 MIG 3g.40gb", nvmlDeviceGetTemperature=unsupported,
+        nvmlDeviceGetClockInfo=unsupported, nvmlSystemGetDriverVersion=lambda: b"580.1",
+        NVML_TEMPERATURE_GPU=0, NVML_CLOCK_SM=1, NVML_CLOCK_MEM=2)
+    monkeypatch.setitem(sys.modules, "pynvml", types.ModuleType("pynvml"))
+    sys.modules["pynvml"].__dict__.update(vars(fake))
+    report = doctor.gpu_report()
+    first, second = report["gpus"]
+    assert report["available"] and first["memory_total_mb"] == 80 << 10 and first["utilization_gpu_pct"] is None
+    assert second == {"index": 1, "error": "NVML could not open this GPU"}
+    from wanrt.api import routes
+    from wanrt.jobs.paths import DataPaths
+    from wanrt.jobs.store import SqliteJobStore
+
+    monkeypatch.setattr(routes, "_gpu_cache", [0.0, None])
+    text = routes.metrics_text(SqliteJobStore(DataPaths(tmp_path).ensure().db), None, 0.0)
+    assert 'wanrt_gpu_memory_total_mb{gpu="0",name="NVIDIA H100 80GB HBM3 MIG 3g.40gb"} 81920' in text
+
+
 def test_each_setting_has_one_definition_env_flag_and_readme_entry():
     """Env name, flag and help come from the Settings field; README lists every variable."""
     import dataclasses

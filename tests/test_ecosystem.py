@@ -49,7 +49,7 @@ def test_dockerfile_paths_and_commands_exist():
     assert user not in ("root", "0")
     assert any(l.startswith("VOLUME") and "/data" in l and "/models" in l for l in lines)
     health = next(l for l in lines if l.startswith("HEALTHCHECK"))
-    assert "http://127.0.0.1:8189/" in health
+    assert "http://127.0.0.1:${WANRT_PORT:-8189}/" in health  # the port as configured
     entry = json.loads(next(l for l in lines if l.startswith("ENTRYPOINT"))[len("ENTRYPOINT"):])
     cmd = json.loads(next(l for l in lines if l.startswith("CMD"))[len("CMD"):])
     assert entry == ["wanrt"] and cmd == ["serve"]
@@ -97,6 +97,9 @@ def test_compose_example_is_consistent():
     assert all("--no-worker" in s["command"] for s in apis)
     for s in apis + workers:
         assert "redis://redis:6379/0" in s["command"] and any(v.startswith("data:") for v in s["volumes"])
+    # outside `wanrt serve` nothing restarts a dead process; workers serve no HTTP for the image's health check
+    assert all(s.get("restart") == "unless-stopped" for s in services.values())
+    assert all(s["healthcheck"] == {"disable": True} and s["stop_grace_period"] for s in workers)
 
 
 # ------------------------------------------------------------------------------------------------ live server

@@ -24,34 +24,38 @@ def gpu_report() -> dict:
         pynvml.nvmlInit()
     except Exception as e:
         return {"available": False, "reason": f"no NVIDIA GPU (NVML: {e})"}
+    def safe(fn, *a):  # any one query may be unsupported (utilisation on a MIG GPU): that field is null
+        try:
+            return fn(*a)
+        except Exception:
+            return None
+
     try:
         gpus = []
         for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            util = pynvml.nvmlDeviceGetUtilizationRates(h)
-
-            def safe(fn, *a):
-                try:
-                    return fn(*a)
-                except Exception:
-                    return None
-
+            h = safe(pynvml.nvmlDeviceGetHandleByIndex, i)
+            if h is None:
+                gpus.append({"index": i, "error": "NVML could not open this GPU"})
+                continue
+            mem = safe(pynvml.nvmlDeviceGetMemoryInfo, h)
+            util = safe(pynvml.nvmlDeviceGetUtilizationRates, h)
             power = safe(pynvml.nvmlDeviceGetPowerUsage, h)
-            name = pynvml.nvmlDeviceGetName(h)
+            name = safe(pynvml.nvmlDeviceGetName, h)
             gpus.append({
                 "index": i,
                 "name": name.decode() if isinstance(name, bytes) else name,
-                "memory_total_mb": mem.total // 2**20,
-                "memory_used_mb": mem.used // 2**20,
-                "utilization_gpu_pct": util.gpu,
-                "utilization_memory_pct": util.memory,
+                "memory_total_mb": mem.total // 2**20 if mem is not None else None,
+                "memory_used_mb": mem.used // 2**20 if mem is not None else None,
+                "utilization_gpu_pct": util.gpu if util is not None else None,
+                "utilization_memory_pct": util.memory if util is not None else None,
                 "temperature_c": safe(pynvml.nvmlDeviceGetTemperature, h, pynvml.NVML_TEMPERATURE_GPU),
                 "power_w": power / 1000 if power is not None else None,
                 "clock_sm_mhz": safe(pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_SM),
                 "clock_mem_mhz": safe(pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_MEM),
             })
-        return {"available": True, "driver": _s(pynvml.nvmlSystemGetDriverVersion()), "gpus": gpus}
+        return {"available": True, "driver": _s(safe(pynvml.nvmlSystemGetDriverVersion)), "gpus": gpus}
+    except Exception as e:  # the count itself failed: no view, never a crash of doctor, /debug/gpu or /metrics
+        return {"available": False, "reason": f"NVML: {type(e).__name__}: {e}"}
     finally:
         pynvml.nvmlShutdown()
 
