@@ -46,3 +46,17 @@ def as_format(lora: dict, fmt: str) -> dict[str, torch.Tensor]:
         if alpha is not None:
             sd[f"{base}.alpha"] = torch.tensor(float(alpha))
     return sd
+
+
+def lightx2v_like(expert, seed=11):
+    """What the lightx2v distill LoRAs ship beside their pairs: `blocks.N.diff_m` (block N's modulation delta),
+    Kijai's `blocks.N.modulation.diff`, and a full `head.head.diff` + `diff_b` (the Wan2.2 4-step ones)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = as_format(random_lora(expert, rank=4, seed=seed, alpha=4.0, targets=["blocks.0.attn1.to_q", "blocks.1.ffn.net.2"]),
+                   "comfy")
+    sd["diffusion_model.blocks.0.diff_m"] = torch.randn(1, 6, 32, generator=g) * 0.1
+    sd["diffusion_model.blocks.1.modulation.diff"] = torch.randn(1, 6, 32, generator=g) * 0.1
+    sd["diffusion_model.head.modulation.diff"] = torch.randn(1, 2, 32, generator=g) * 0.1
+    sd["diffusion_model.head.head.diff"] = torch.randn(64, 32, generator=g) * 0.05
+    sd["diffusion_model.head.head.diff_b"] = torch.randn(64, generator=g) * 0.05
+    return sd

@@ -1,6 +1,7 @@
 """LoRA fusion: every format equals diffusers' fuse_lora (where diffusers reads it), errors name keys."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from wanrt.engine_build.lora import LoraError, LoraSpec, fuse_lora, fuse_loras
 from wanrt.runtime.sampler import make_scheduler
 
-from lora_fixtures import TARGETS, as_format, random_lora, to_original
+from lora_fixtures import TARGETS, as_format, lightx2v_like, random_lora, to_original
 
 
 def diffusers_fused(model, sd, strength, expert="high"):
@@ -146,3 +147,121 @@ def test_spec_parsing_and_per_expert_targets(tiny_model, tmp_path):
     reports = fuse_loras(model, [LoraSpec("low", path, 1.0)])
     assert reports["high"] == [] and reports["low"][0].layers_touched == len(TARGETS)
     assert max_weight_diff(model.transformer_high, tiny_model.transformer_high) == 0.0
+
+
+# --------------------------------------------------------------------------------------------- formats from the wild
+def test_modulation_deltas_fuse_into_scale_shift_tables(tiny_model):
+    expert = copy.deepcopy(tiny_model.transformer_high)
+    before = {n: p.detach().clone() for n, p in expert.named_parameters()}
+    sd = lightx2v_like(expert)
+    report = fuse_lora(expert, sd, 0.5)
+    assert report.layers_touched == 6 and report.skipped == []
+    after = dict(expert.named_parameters())
+    for name, key in (("blocks.0.scale_shift_table", "blocks.0.diff_m"), ("blocks.1.scale_shift_table",
+                                                                          "blocks.1.modulation.diff"),
+                      ("scale_shift_table", "head.modulation.diff"), ("proj_out.weight", "head.head.diff"),
+                      ("proj_out.bias", "head.head.diff_b")):
+        assert torch.allclose(after[name], before[name] + 0.5 * sd[f"diffusion_model.{key}"], atol=1e-7), name
+
+
+def test_a_diff_must_have_its_weights_shape_and_only_conv_pairs_are_reshaped(tiny_model):
+    expert = copy.deepcopy(tiny_model.transformer_high)
+    with pytest.raises(LoraError, match=r"blocks.0.ffn.net.2: .diff shape \(64, 32\) does not fit weight \(32, 64\)"):
+        fuse_lora(expert, {"diffusion_model.blocks.0.ffn.2.diff": torch.ones(64, 32)}, 1.0)  # transposed
+    w0 = expert.patch_embedding.weight.detach().clone()  # (32, 36, 1, 2, 2): a conv LoRA is its flattened kernel
+    down, up = torch.randn(4, 36, 1, 2, 2) * 0.1, torch.randn(32, 4, 1, 1, 1) * 0.1
+    fuse_lora(expert, {"diffusion_model.patch_embedding.lora_down.weight": down,
+                       "diffusion_model.patch_embedding.lora_up.weight": up}, 1.0)
+    want = w0 + (up.flatten(1) @ down.flatten(1)).reshape(w0.shape)
+    assert torch.allclose(expert.patch_embedding.weight, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["videox-fun", "lycoris", "diffsynth"])
+def test_videox_fun_lycoris_and_diffsynth_names(tiny_model, fmt):
+    lora = random_lora(tiny_model.transformer_high, alpha=2.0)
+    sd = {}
+    for k, v in as_format(lora, "comfy").items():
+        base, _, suffix = k[len("diffusion_model."):].partition(".lora_")
+        base, suffix = (base.rpartition(".")[0], "alpha") if k.endswith(".alpha") else (base, "lora_" + suffix)
+        if fmt == "videox-fun":  # lora_unet__blocks_0_cross_attn_k: kohya names after a double underscore
+            sd[f"lora_unet__{base.replace('.', '_')}.{suffix}"] = v
+        elif fmt == "diffsynth":
+            sd[f"pipe.dit.{base}.{suffix}"] = v
+    if fmt == "lycoris":  # SimpleTuner: diffusers names, underscored
+        for name, (a, b, alpha) in lora.items():
+            sd[f"lycoris_{name.replace('.', '_')}.lora_down.weight"] = a
+            sd[f"lycoris_{name.replace('.', '_')}.lora_up.weight"] = b
+            sd[f"lycoris_{name.replace('.', '_')}.alpha"] = torch.tensor(alpha)
+    ours, ref = copy.deepcopy(tiny_model.transformer_high), copy.deepcopy(tiny_model.transformer_high)
+    assert fuse_lora(ours, sd, 0.7).layers_touched == len(TARGETS)
+    fuse_lora(ref, as_format(lora, "comfy"), 0.7)
+    assert max_weight_diff(ours, ref) == 0.0
+
+
+def test_text_encoder_and_wan21_image_keys_are_skipped_and_logged(tiny_model, caplog):
+    sd = as_format(random_lora(tiny_model.transformer_high, targets=["blocks.0.attn1.to_q"]), "peft")
+    harmless = {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8),
+                "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4),
+                "text_encoders.umt5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": torch.zeros(4, 8),
+                # a diffusers-format Wan 2.1 I2V LoRA: the image embedder diffusers calls condition_embedder.image_embedder
+                "transformer.condition_embedder.image_embedder.ff.net.0.proj.lora_A.weight": torch.zeros(4, 32),
+                "transformer.condition_embedder.image_embedder.ff.net.0.proj.lora_B.weight": torch.zeros(32, 4),
+                "transformer.blocks.0.attn2.add_k_proj.lora_A.weight": torch.zeros(4, 32)}
+    with caplog.at_level(logging.INFO, logger="wanrt.lora"):
+        report = fuse_lora(copy.deepcopy(tiny_model.transformer_high), {**sd, **harmless}, 1.0, "style.safetensors")
+    assert report.layers_touched == 1 and sorted(report.skipped) == sorted(harmless)
+    line = next(r.getMessage() for r in caplog.records if "skipped" in r.getMessage())
+    assert "style.safetensors" in line and "3 text-encoder keys" in line and "3 Wan 2.1 image keys" in line
+    assert "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight" in line
+    bad = {**sd, "diffusion_model.blocks.7.self_attn.q.lora_down.weight": torch.zeros(4, 32)}
+    with pytest.raises(LoraError, match="wanrt build --allow-unmatched"):  # the flag this path has
+        fuse_lora(copy.deepcopy(tiny_model.transformer_high), bad, 1.0)
+
+
+@pytest.mark.parametrize("keys, fmt", [
+    (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), "LoHa"),
+    (("lokr_w1", "lokr_w2"), "LoKr"),
+    (("lora_down.weight", "lora_up.weight", "dora_scale"), "DoRA"),
+    (("lora_down.weight", "lora_up.weight", "lora_mid.weight"), "LoCon (Tucker lora_mid)"),
+])
+def test_loha_lokr_dora_and_lora_mid_are_refused_by_name(tiny_model, keys, fmt):
+    sd = {f"lycoris_blocks_0_attn1_to_q.{k}": torch.zeros(4, 4) for k in keys}
+    with pytest.raises(LoraError) as e:
+        fuse_lora(copy.deepcopy(tiny_model.transformer_high), sd, 1.0, "wild.safetensors")
+    assert f"wild.safetensors is a {fmt}" in str(e.value) and "not supported" in str(e.value)
+    assert "match no layer" not in str(e.value)
+
+
+def test_peft_lora_b_bias_is_a_bias_delta_scaled_like_the_pair(tiny_model):
+    lora = random_lora(tiny_model.transformer_high, targets=["blocks.0.attn1.to_q"], seed=5)
+    sd = as_format(lora, "peft")
+    bias = torch.randn(32) * 0.1
+    sd["transformer.blocks.0.attn1.to_q.lora_B.bias"] = bias
+    expert = copy.deepcopy(tiny_model.transformer_high)
+    assert fuse_lora(expert, sd, 0.8).layers_touched == 1
+    assert max_weight_diff(expert, diffusers_fused(tiny_model, sd, 0.8)) <= 1e-6  # diffusers reads it as lora_bias
+    scaled = copy.deepcopy(tiny_model.transformer_high)  # alpha 8 on rank 4: the pair and its bias scale by 2
+    fuse_lora(scaled, {**sd, "transformer.blocks.0.attn1.to_q.alpha": torch.tensor(8.0)}, 1.0)
+    b0 = tiny_model.transformer_high.blocks[0].attn1.to_q.bias
+    assert torch.allclose(scaled.blocks[0].attn1.to_q.bias, b0 + 2.0 * bias, atol=1e-7)
+
+
+def test_alpha_from_diffusers_lora_adapter_metadata(tiny_model, tmp_path):
+    """A diffusers-saved file has no .alpha keys: alpha is in its header (lora_alpha, alpha_pattern)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    lora = random_lora(tiny_model.transformer_high, rank=4, seed=8)
+    meta = {"transformer.r": 4, "transformer.lora_alpha": 8, "transformer.alpha_pattern": {"blocks.0.attn1.to_q": 2},
+            "transformer.rank_pattern": {}, "transformer.target_modules": sorted(lora)}
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(as_format(lora, "peft"), str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    model = copy.copy(tiny_model)
+    model.transformer_high, model.transformer_low = copy.deepcopy(tiny_model.transformer_high), tiny_model.transformer_low
+    fuse_loras(model, [LoraSpec("high", path, 1.0)])
+    base = dict(tiny_model.transformer_high.named_modules())
+    for name, (a, b, _) in lora.items():
+        scale = 2 / 4 if name == "blocks.0.attn1.to_q" else 8 / 4
+        got = dict(model.transformer_high.named_modules())[name].weight
+        assert torch.allclose(got, base[name].weight + scale * b @ a, atol=1e-6), name

@@ -210,3 +210,22 @@ def test_queued_jobs_say_why_they_wait(tmp_path):
         finally:
             worker.terminate()
             worker.wait(30)
+
+
+def test_a_set_past_the_workers_rank_is_422_naming_the_ranks(server, tmp_path):
+    """The workers run at max_lora_rank 16: a rank-12 file with motion (8) needs 20 on both experts. Refused up
+    front from the ranks the workers publish (it used to be accepted and fail on the worker); no job is made."""
+    save_file(as_format(random_lora(server.tiny_model.transformer_high, rank=12, seed=12), "comfy"),
+              str(tmp_path / "wide.safetensors"))
+    (tmp_path / "wide.safetensors").rename(server.lib / "wide.safetensors")
+    with server.client() as c:
+        deadline = time.time() + 30
+        while time.time() < deadline and "wide" not in (c.get("/loras").json()["available"] or []):
+            time.sleep(0.3)
+        before = c.get("/jobs?limit=1").json()["total"]
+        r = c.post("/generate", json={**TINY, "image_url": data_url(),
+                                      "loras": [{"name": "wide"}, {"name": "motion", "strength": 0.5}]})
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"]
+        assert "high-noise expert need rank 20 (wide 12 + motion 8)" in detail and "max_lora_rank 16" in detail
+        assert c.get("/jobs?limit=1").json()["total"] == before

@@ -29,7 +29,7 @@ from wanrt.runtime.lora import (
 from wanrt.runtime.pipeline import WanI2VPipeline
 
 from conftest import make_image
-from lora_fixtures import TARGETS, as_format, random_lora, to_original
+from lora_fixtures import TARGETS, as_format, lightx2v_like, random_lora, to_original
 
 MAX_RANK = 16
 # cfg > 1 on the high expert (cond + uncond batched), 1 on the low one: both paths run.
@@ -376,6 +376,117 @@ def test_rescan_and_describe(tiny_model, lora_dir, tmp_path):
     assert lightning["format"] == "comfy+diff" and lightning["layers"] == {"high": 5}
 
 
+# --------------------------------------------------------------------------------------------- formats from the wild
+def expert_out(expert, seed=0):
+    """One forward of a tiny expert on fixed inputs: what a side path or a modulation delta changes."""
+    g = torch.Generator().manual_seed(seed)
+    x, ctx = torch.randn(1, 36, 3, 8, 8, generator=g), torch.randn(1, 512, 32, generator=g)
+    with torch.no_grad():
+        return expert(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=ctx, return_dict=False)[0]
+
+
+def test_modulation_deltas_and_a_full_head_diff_are_served_as_fused(tiny_model, tmp_path):
+    """lightx2v distill LoRAs: `diff_m` / `modulation.diff` land in the scale_shift_tables (in place, bits back on a
+    clear), `head.head.diff` is a rank-32 pair with an identity factor; compiled blocks (compile_scope=blocks) see
+    the tables they read without a recompile."""
+    from torch._dynamo.utils import counters
+
+    sd = lightx2v_like(tiny_model.transformer_high)
+    save_file(sd, str(tmp_path / "distill.safetensors"))
+    expert = copy.deepcopy(tiny_model.transformer_high)
+    group = LoraSlotGroup.install({"high": expert}, max_rank=40, lora_dir=tmp_path)
+    [entry] = group.library.describe()
+    assert entry["available"], entry["error"]
+    assert entry["rank"] == 32 and entry["layers"] == {"high": 6} and group.describe()["experts"]["high"]["tables"] == 3
+    fused = copy.deepcopy(tiny_model.transformer_high)
+    fuse_lora(fused, sd, 0.7)
+    base, want = expert_out(tiny_model.transformer_high), expert_out(fused)
+    tables = {n: p.detach().clone() for n, p in expert.named_parameters() if "scale_shift_table" in n}
+    torch._dynamo.reset()
+    counters.clear()
+    for block in expert.blocks:
+        block.compile(backend="eager", dynamic=False)
+    try:
+        assert torch.equal(expert_out(expert), base)
+        graphs = counters["stats"]["unique_graphs"]
+        group.apply_request(None, [{"name": "distill", "strength": 0.7}])
+        assert (expert_out(expert) - want).abs().max().item() <= 1e-5 and (want - base).abs().max().item() > 1e-2
+        group.apply_request(None, [])
+        assert torch.equal(expert_out(expert), base) and counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.reset()
+    assert all(torch.equal(p, tables[n]) for n, p in expert.named_parameters() if n in tables)
+    assert set(expert.state_dict()) == set(tiny_model.transformer_high.state_dict())
+
+
+def test_what_serving_cannot_do_is_refused_with_the_way_out(tiny_model, tmp_path):
+    d = tmp_path / "lib"
+    d.mkdir()
+    save_file({"diffusion_model.head.head.diff": torch.zeros(64, 32)}, str(d / "head.safetensors"))
+    save_file({"diffusion_model.patch_embedding.lora_down.weight": torch.zeros(4, 36, 1, 2, 2),
+               "diffusion_model.patch_embedding.lora_up.weight": torch.zeros(32, 4, 1, 1, 1)}, str(d / "conv.safetensors"))
+    save_file({"diffusion_model.blocks.0.ffn.2.diff": torch.zeros(64, 32)}, str(d / "transposed.safetensors"))
+    layout = ExpertLayout.of(tiny_model.transformer_high)
+    desc = {e["name"]: e for e in LoraLibrary(d, {"high": layout}, MAX_RANK).describe()}
+    head = desc["head"]["error"]  # a full diff on proj_out (64 x 32) is a rank-32 pair: over 16
+    assert "proj_out" in head and "needs rank 32" in head and "max_lora_rank 16" in head and "WANRT_MAX_LORA_RANK" in head
+    assert desc["conv"]["error"].startswith("patch_embedding: a conv LoRA cannot be served per request")
+    assert "`wanrt build --lora` fuses it" in desc["conv"]["error"]
+    assert "does not fit the layer (32 x 64)" in desc["transposed"]["error"]
+    assert LoraLibrary(d, {"high": layout}, 32).available() == {"head"}  # at rank 32 it is served
+
+
+def test_library_skips_harmless_keys_by_name_and_unmatched_ones_by_setting(tiny_model, tmp_path, caplog):
+    d = tmp_path / "lib"
+    d.mkdir()
+    high = tiny_model.transformer_high
+    plain = as_format(random_lora(high, targets=["blocks.0.attn1.to_q"]), "comfy")
+    save_file({**plain, "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8),
+               "transformer.condition_embedder.image_embedder.ff.net.0.proj.lora_A.weight": torch.zeros(4, 32)},
+              str(d / "with_te.safetensors"))
+    save_file({f"lora_unet__{k[len('lora_unet_'):]}": v for k, v in as_format(random_lora(high), "kohya").items()},
+              str(d / "videox_fun.safetensors"))
+    save_file({**plain, "diffusion_model.blocks.0.self_attn.q.hada_w1_a": torch.zeros(4, 32)}, str(d / "loha.safetensors"))
+    save_file({**plain, "diffusion_model.blocks.9.self_attn.q.lora_down.weight": torch.zeros(4, 32)},
+              str(d / "extra.safetensors"))
+    layouts = {"high": ExpertLayout.of(high)}
+    with caplog.at_level(logging.INFO, logger="wanrt.lora"):
+        library = LoraLibrary(d, layouts, MAX_RANK)
+    assert library.available() == {"with_te", "videox_fun"}
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("'with_te': skipped 1 text-encoder keys, 1 Wan 2.1 image keys: lora_te_text_model" in m for m in lines)
+    errors = {e["name"]: e["error"] for e in library.describe()}
+    assert "loha.safetensors is a LoHa file" in errors["loha"] and "not supported" in errors["loha"]
+    assert "blocks.9.self_attn.q" in errors["extra"] and "WANRT_LORA_ALLOW_UNMATCHED=1" in errors["extra"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="wanrt.lora"):
+        assert "extra" in LoraLibrary(d, layouts, MAX_RANK, allow_unmatched=True).available()
+    assert any(r.levelno == logging.WARNING and "'extra': skipped 1 unmatched keys: diffusion_model.blocks.9" in
+               r.getMessage() for r in caplog.records)
+    group = LoraSlotGroup.install({"high": copy.deepcopy(high)}, max_rank=MAX_RANK, lora_dir=d,
+                                  allow_unmatched=True)  # the factory passes settings.lora_allow_unmatched
+    assert group.library.available() == {"with_te", "videox_fun", "extra"}
+    assert group.apply_request(None, [{"name": "extra"}]) == {"high": "swap"}
+
+
+def test_adapter_metadata_alpha_and_lora_b_bias_are_served(tiny_model, tmp_path):
+    import json
+
+    lora = random_lora(tiny_model.transformer_high, rank=4, seed=6, targets=["blocks.0.attn1.to_q"])
+    bias = torch.randn(32) * 0.1
+    save_file({**as_format(lora, "peft"), "transformer.blocks.0.attn1.to_q.lora_B.bias": bias},
+              str(tmp_path / "saved.safetensors"),
+              metadata={"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8})})
+    expert = copy.deepcopy(tiny_model.transformer_high)
+    group = LoraSlotGroup.install({"high": expert}, max_rank=MAX_RANK, lora_dir=tmp_path)
+    assert group.library.describe()[0]["alpha"] == [8.0]
+    group.apply_request(None, [{"name": "saved", "strength": 0.5}])
+    q, (a, b, _) = expert.blocks[0].attn1.to_q, lora["blocks.0.attn1.to_q"]
+    x = torch.randn(3, 32)
+    with torch.no_grad():  # alpha 8 / rank 4 = 2, on the pair and on lora_B's bias
+        assert torch.allclose(q(x), q.base(x) + 0.5 * 2 * ((x @ a.t()) @ b.t() + bias), atol=1e-6)
+
+
 def test_install_wraps_linears_and_norms_and_refuses_twice(tiny_model):
     expert = copy.deepcopy(tiny_model.transformer_high)
     slots = install_lora_slots(expert, max_rank=8, targets=r"^blocks\.0\.", name="high")
@@ -391,7 +502,8 @@ def test_install_wraps_linears_and_norms_and_refuses_twice(tiny_model):
     with pytest.raises(LoraError, match="already installed"):
         install_lora_slots(expert, 8)
     layout = ExpertLayout.of(expert)
-    assert set(layout.slots) == set(slots.modules) and "blocks.0.attn1.to_q" in layout.table
+    assert set(slots.tables) == {"blocks.0.scale_shift_table"}  # a modulation table: a parameter, no wrapper
+    assert set(layout.slots) == set(slots.modules) | set(slots.tables) and "blocks.0.attn1.to_q" in layout.table
     entry = LoraEntry.from_state_dict("x", as_format(random_lora(tiny_model.transformer_high, targets=TARGETS[:2]), "peft"),
                                       layout, 8, experts=["high"])
     assert entry.available and slots.apply([(entry, 1.0, "both")]) == "swap"
@@ -521,6 +633,33 @@ def test_published_loras_for_the_api():
     assert available == {"b"}  # a job may land on either live worker
     assert [(e["name"], e["workers"]) for e in listing] == [("a", 1), ("b", 2), ("c", 0)]
     assert listing[0]["rank"] == 4
+
+
+def test_rank_problem_sums_published_ranks_per_expert():
+    """The API's 422 for a set past max_lora_rank: each LoRA at its published rank, on the experts it targets,
+    against every live LoRA-serving worker's rank (a job may land on any); the default rank takes a rank-64
+    Lightning LoRA with a rank-64 style LoRA."""
+    from wanrt.config import Settings
+    from wanrt.lora_request import rank_problem
+
+    def worker(max_rank, updated=99.0):
+        lib = [{"name": "lightning", "rank": 64, "layers": {"high": 400, "low": 400}, "available": True},
+               {"name": "style", "rank": 64, "layers": {"high": 400, "low": 400}, "available": True},
+               {"name": "tiny", "rank": 8, "layers": {"high": 10, "low": 10}, "available": True}]
+        experts = {"high": {"max_rank": max_rank}, "low": {"max_rank": max_rank}}
+        return {"id": "w", "updated_at": updated, "loras": {"library": lib, "experts": experts}}
+
+    both = parse_loras([{"name": "lightning"}, {"name": "style", "strength": 0.6}])
+    assert Settings.from_env({}).max_lora_rank == 128 and rank_problem(both, [worker(128)], 100.0) is None
+    problem = rank_problem(both + parse_loras([{"name": "tiny", "expert": "low"}]), [worker(128)], 100.0)
+    assert problem == ("loras: the LoRAs on the low-noise expert need rank 136 (lightning 64 + style 64 + tiny 8), "
+                       "more than the workers' max_lora_rank 128: use fewer or lower-rank LoRAs on that expert, or "
+                       "serve with a larger WANRT_MAX_LORA_RANK")
+    assert "high-noise expert need rank 128" in rank_problem(both, [worker(128), worker(64)], 100.0)
+    split = parse_loras([{"name": "lightning", "expert": "high"}, {"name": "style", "expert": "low"}])
+    assert rank_problem(split, [worker(64)], 100.0) is None  # 64 on each expert
+    assert rank_problem(both, [worker(64, updated=-500.0)], 100.0) is None  # a worker gone: nothing to check against
+    assert rank_problem(both, [{"id": "plain", "updated_at": 99.0}], 100.0) is None  # no LoRA slots: no ranks
 
 
 def test_lora_request_imports_no_torch():

@@ -36,11 +36,13 @@ def lora_dir(tmp_path_factory, tiny_model):
 
 @pytest.fixture(scope="module")
 def runtime(lora_dir):
-    return build_runtime(Settings(model="tiny", device="cpu", dtype="fp32", lora_dir=str(lora_dir), max_lora_rank=16))
+    return build_runtime(Settings(model="tiny", device="cpu", dtype="fp32", lora_dir=str(lora_dir), max_lora_rank=16,
+                                  lora_allow_unmatched=True))
 
 
 def test_factory_installs_slots_and_library_from_settings(runtime, lora_dir):
     assert runtime.loras is not None and runtime.loras.library.available() == {"style", "motion"}
+    assert runtime.loras.library.allow_unmatched  # the setting, on every command that builds a runtime
     for expert in runtime.model.experts.values():  # the experts the eager backend runs carry the slots
         assert any(isinstance(m, LoraLinear) for m in expert.modules())
     plain = build_runtime(Settings(model="tiny", device="cpu", dtype="fp32"))

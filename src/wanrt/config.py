@@ -74,8 +74,11 @@ class Settings:
     # --- LoRAs per request ---
     lora_dir: str | None = setting(None, "directory of LoRA .safetensors files served per request (named by stem)",
                                    cli=RUN)
-    max_lora_rank: int = setting(64, "rank of the per-layer LoRA buffers: the summed rank of a request's LoRAs "
-                                 "(0 = no LoRA slots)", int, RUN)
+    max_lora_rank: int = setting(128, "rank of the per-layer LoRA buffers: the summed rank of a request's LoRAs "
+                                 "(a rank-64 Lightning LoRA and a rank-64 style LoRA; 0 = no LoRA slots)", int, RUN)
+    lora_allow_unmatched: bool = setting(False, "serve LoRA files with keys that match no layer of the expert, those "
+                                         "keys skipped with a warning (text-encoder and Wan 2.1 image keys are "
+                                         "always skipped)", _bool, RUN)
     lora_cache_gb: float = setting(2.0, "prepared LoRA tensors kept on the device for fast swaps (GB)", float, RUN)
     lora_affinity_skip: int = setting(4, "a worker may run a job whose LoRA set is loaded before at most this many "
                                       "older queued jobs (0 = FIFO)", int, JOBS)

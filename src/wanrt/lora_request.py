@@ -200,3 +200,40 @@ def published_loras(workers: Sequence[Mapping], now: float, max_age_s: float = L
                 names.add(name)
         available = names if available is None else available & names
     return [listing[n] for n in sorted(listing)], available
+
+
+def worker_max_rank(worker: Mapping) -> int | None:
+    """The max_lora_rank a LoRA-serving worker's report publishes (its slots' rank, the same on both experts)."""
+    experts = (worker.get("loras") or {}).get("experts")
+    ranks = [e.get("max_rank") for e in experts.values() if isinstance(e, Mapping)] if isinstance(experts, Mapping) else []
+    ranks = [r for r in ranks if isinstance(r, int)]
+    return min(ranks) if ranks else None
+
+
+def rank_problem(loras: Sequence[Mapping], workers: Sequence[Mapping], now: float,
+                 max_age_s: float = LIVE_REPORT_S) -> str | None:
+    """Why a request's LoRAs (parse_loras' output) cannot load on every live LoRA-serving worker (a job may land on
+    any of them): on some expert, the ranks of the LoRAs it gets add up past that worker's max_lora_rank. Each
+    LoRA counts with the rank its library entry publishes, its largest on one layer, so the sum is an upper bound
+    of what a layer needs (LoRAs on disjoint layers may fit where this says no); the worker checks per layer.
+    None when the set fits, or when no worker has published ranks yet."""
+    for w in live_workers(workers, now, max_age_s):
+        max_rank = worker_max_rank(w) if serves_loras(w) else None
+        if max_rank is None:
+            continue
+        ranks = {e.get("name"): e for e in w["loras"]["library"] if isinstance(e, Mapping)}
+        for expert in ("high", "low"):
+            parts = []
+            for d in loras:
+                entry = ranks.get(d["name"]) or {}
+                rank = entry.get("rank")
+                touches = (entry.get("layers") or {}).get(expert, 1)  # a file that touches no layer there adds nothing
+                if d["expert"] in ("both", expert) and isinstance(rank, int) and rank > 0 and touches:
+                    parts.append((d["name"], rank))
+            total = sum(r for _, r in parts)
+            if total > max_rank:
+                shown = " + ".join(f"{n} {r}" for n, r in parts)
+                return (f"loras: the LoRAs on the {expert}-noise expert need rank {total} ({shown}), more than the "
+                        f"workers' max_lora_rank {max_rank}: use fewer or lower-rank LoRAs on that expert, or serve "
+                        f"with a larger WANRT_MAX_LORA_RANK")
+    return None

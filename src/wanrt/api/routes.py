@@ -56,7 +56,15 @@ from wanrt.jobs.paths import DataPaths
 from wanrt.jobs.protocol import JobStore
 from wanrt.jobs.store import STATES, TERMINAL, Job, QueueFull, WebhookDelivery
 from wanrt.jobs.webhooks import Target, WebhookRefused, parse_events, split_url
-from wanrt.lora_request import LIVE_REPORT_S, live_workers, parse_loras, published_loras, report_age, serves_loras
+from wanrt.lora_request import (
+    LIVE_REPORT_S,
+    live_workers,
+    parse_loras,
+    published_loras,
+    rank_problem,
+    report_age,
+    serves_loras,
+)
 from wanrt.params import FIELDS_BY_NAME, GenerateParams, ParamError
 
 log = logging.getLogger("wanrt.api")
@@ -471,13 +479,17 @@ def lora_catalog(workers: list[dict]) -> tuple[list[dict], set[str] | None, bool
 
 
 def request_loras(workers: list[dict], raw: Any) -> list[dict]:
-    """A request's `loras`, checked against what the workers serve (422 naming the entry). Before any worker
-    has reported, names are not checked here: the worker refuses an unknown one (invalid_lora)."""
+    """A request's `loras`, checked against what the workers serve (422 naming the entry, or the ranks of a set
+    past the workers' max_lora_rank). Before any worker has reported, names and ranks are not checked here: the
+    worker refuses an unknown name (invalid_lora) and a set over its rank."""
     _, available, live = lora_catalog(workers)
     loras = parse_loras(raw, available)
     if loras and available is None and live:
         raise ParamError("loras", "loras: this server serves no LoRAs per request (its workers run without "
                                   "--lora-dir)")
+    too_big = rank_problem(loras, workers, time.time()) if loras else None
+    if too_big:
+        raise ParamError("loras", too_big)
     return loras
 
 
@@ -941,7 +953,7 @@ def metrics_text(store: JobStore, dispatcher, started_at: float) -> str:
     lines += ["# HELP wanrt_gpu_available 1 when NVML sees an NVIDIA GPU.", "# TYPE wanrt_gpu_available gauge",
               f"wanrt_gpu_available {1 if gpu.get('available') else 0}"]
     for g in gpu.get("gpus", []):
-        label = f'gpu="{g["index"]}",name="{g["name"]}"'
+        label = f'gpu="{g["index"]}",name="{g.get("name")}"'
         for key in ("memory_used_mb", "memory_total_mb", "utilization_gpu_pct", "temperature_c", "power_w", "clock_sm_mhz"):
             if g.get(key) is not None:
                 lines.append(f"wanrt_gpu_{key}{{{label}}} {g[key]}")

@@ -19,11 +19,19 @@ class WorkerSupervisor:
     """Keeps `count` worker processes alive; a worker that dies (OOM, kill -9) is started again and
     re-queues its orphaned job at start."""
 
+    QUICK_EXIT_S = 120.0  # a worker that dies sooner than this after its start failed to start (or at once)
+    BACKOFF_S = (1.0, 60.0)  # the wait before restarting it: doubling from the first, at most the second
+    GIVE_UP_AFTER = 6  # quick exits in a row: its start cannot succeed (a model path that is not there...)
+
     def __init__(self, settings, count: int):
         self.settings, self.count = settings, count
         self.procs: list[subprocess.Popen | None] = [None] * count
+        self.started = [0.0] * count
+        self.quick_exits = [0] * count
+        self.due = [0.0] * count  # monotonic time of a pending restart (0: none)
         self.stopping = threading.Event()
         self.restarts = 0
+        self.gpu_count = _gpu_count() if count > 1 and settings.device in ("auto", "cuda") else 0
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def worker_id(self, slot: int) -> str:
@@ -40,34 +48,60 @@ class WorkerSupervisor:
         n = self.settings.gpus_per_worker
         if n > 1:  # a worker group over GPUs slot*n .. slot*n+n-1
             cmd += ["--gpus", ",".join(str(slot * n + i) for i in range(n))]
-        elif self.count > 1 and self.settings.device in ("auto", "cuda"):  # one worker per GPU
-            cmd += ["--gpu", str(slot)]
+        elif self.gpu_count:  # one worker per GPU (none seen: CPU workers, as the device 'auto' says)
+            cmd += ["--gpu", str(slot % self.gpu_count)]
+        self.started[slot] = time.monotonic()
         return subprocess.Popen(cmd, env=env)
 
     def start(self) -> "WorkerSupervisor":
+        if self.gpu_count and self.count > self.gpu_count:
+            log.warning("%d workers on %d GPUs: some GPUs run two (each with a model of its own)", self.count,
+                        self.gpu_count)
         for i in range(self.count):
             self.procs[i] = self._spawn(i)
         self._thread.start()
         return self
 
     def _watch(self) -> None:
-        while not self.stopping.wait(1.0):
+        while not self.stopping.wait(0.5):
             for i, p in enumerate(self.procs):
-                if p is not None and p.poll() is not None and not self.stopping.is_set():
-                    if p.returncode == 2:  # a usage error (bad settings): starting it again cannot help
-                        log.error("worker %d refused its settings (exit 2); not restarting it", i)
-                        self.procs[i] = None
-                        continue
-                    log.warning("worker %d exited with %s; starting it again", i, p.returncode)
+                if self.stopping.is_set():
+                    return
+                if self.due[i] and time.monotonic() >= self.due[i]:
+                    self.due[i] = 0.0
                     self.restarts += 1
                     self.procs[i] = self._spawn(i)
+                elif p is not None and p.poll() is not None and not self.due[i]:
+                    self._exited(i, p.returncode)
 
-    def stop(self, timeout: float = 60.0) -> None:
-        """SIGTERM: each worker stops at the next step and re-queues its job; kill after `timeout`."""
+    def _exited(self, i: int, code: int) -> None:
+        if code == 2:  # a usage error (bad settings, no such model): starting it again cannot help
+            log.error("worker %d refused its settings (exit 2); not restarting it", i)
+            self.procs[i] = None
+            return
+        quick = time.monotonic() - self.started[i] < self.QUICK_EXIT_S
+        self.quick_exits[i] = self.quick_exits[i] + 1 if quick else 0
+        if self.quick_exits[i] >= self.GIVE_UP_AFTER:  # each restart re-loads the model: never a loop
+            log.error("worker %d exited with %s %d times in a row within %.0f s of its start; not restarting it "
+                      "(see its log above)", i, code, self.quick_exits[i], self.QUICK_EXIT_S)
+            self.procs[i] = None
+            return
+        first, longest = self.BACKOFF_S
+        wait = min(longest, first * 2 ** (self.quick_exits[i] - 1)) if quick else first
+        log.warning("worker %d exited with %s; starting it again in %.0f s", i, code, wait)
+        self.due[i] = time.monotonic() + wait
+
+    def signal_stop(self) -> None:
+        """At the signal, before the API drains its connections: each worker stops at its next step and re-queues
+        its job while the container still has time (docker stop waits 10 s), and none is restarted."""
         self.stopping.set()
         for p in self.procs:
             if p is not None and p.poll() is None:
                 p.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM: each worker stops at the next step and re-queues its job; kill after `timeout`."""
+        self.signal_stop()
         deadline = time.time() + timeout
         for p in self.procs:
             if p is None:
@@ -86,13 +120,35 @@ def serve(settings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(settings)
     supervisor = WorkerSupervisor(settings, settings.workers).start() if settings.workers > 0 else None
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # the workers hear of it now, not after up to 10 s of draining
+            if supervisor is not None:
+                supervisor.signal_stop()
+            super().handle_exit(sig, frame)
+
     # uvicorn handles SIGTERM/SIGINT (stops accepting, finishes in-flight requests) and then re-raises the
     # signal to the handler that was there before: make that one a no-op so we go on to drain the workers.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10)
+        Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                              timeout_graceful_shutdown=10)).run()
     finally:
         if supervisor is not None:
             supervisor.stop()
     return 0
+
+
+def _gpu_count() -> int:
+    """NVIDIA GPUs NVML sees (0 without a driver): the API process never imports torch."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return 0

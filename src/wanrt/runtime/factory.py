@@ -219,7 +219,8 @@ class _LoraInstaller:
             return
         s = self.settings
         fresh = LoraSlotGroup.install(experts, s.max_lora_rank, cache_bytes=int(s.lora_cache_gb * 2**30),
-                                      lora_dir=None if self.group is not None else s.lora_dir)
+                                      lora_dir=None if self.group is not None else s.lora_dir,
+                                      allow_unmatched=s.lora_allow_unmatched)
         if self.group is None:
             self.group = fresh
         else:  # same library, new slots (nothing loaded in them yet)

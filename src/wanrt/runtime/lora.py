@@ -2,15 +2,22 @@
 request as low-rank side paths beside base weights that never change.
 
 Reading (shared with `wanrt build`, which imports it from here; formats detected per key):
-- diffusers / peft: `transformer.blocks.0.attn1.to_q.lora_A.weight` + `lora_B` (optional `.alpha`)
+- diffusers / peft: `transformer.blocks.0.attn1.to_q.lora_A.weight` + `lora_B` (optional `.alpha`; `lora_B.bias`
+  is a bias delta scaled like the pair, as PEFT scales lora_B's whole output; without `.alpha` keys, alpha comes
+  from a diffusers-saved file's `lora_adapter_metadata` header: lora_alpha, alpha_pattern, use_rslora)
 - ComfyUI / kohya: `diffusion_model.blocks.0.self_attn.q.lora_down.weight` + `lora_up` + `.alpha`
-- kohya underscored: `lora_unet_blocks_0_self_attn_q.lora_down.weight`
-- original Wan (DiffSynth): `blocks.0.self_attn.q.lora_A.weight` (also `.lora_A.default.weight`)
-- full diffs: `.diff` (weight) and `.diff_b` (bias), as in Lightning / CausVid LoRAs
-A layer's scale is alpha / rank (1 without alpha). Keys that match no layer are an error that names them, except
-Wan 2.1 I2V image cross-attention (`k_img`, `v_img`, `norm_k_img`), which Wan 2.2 I2V does not have: those are
-reported as skipped. diffusers' own converter scales the caller's tensors in place and does not report what it
-matched, so we read the files ourselves.
+- kohya underscored: `lora_unet_blocks_0_self_attn_q.lora_down.weight`; VideoX-Fun `lora_unet__blocks_0_...`;
+  SimpleTuner `lycoris_blocks_0_attn1_to_q` (diffusers names)
+- original Wan (DiffSynth): `blocks.0.self_attn.q.lora_A.weight` (also `.lora_A.default.weight`, `pipe.dit.`)
+- full diffs: `.diff` (weight) and `.diff_b` (bias), as in Lightning / CausVid LoRAs; lightx2v's `blocks.N.diff_m`
+  and Kijai's `blocks.N.modulation.diff` are deltas of a block's modulation table (diffusers `scale_shift_table`)
+A layer's scale is alpha / rank (1 without alpha). Keys that match no layer are an error that names them (the
+build's --allow-unmatched, the server's WANRT_LORA_ALLOW_UNMATCHED skip them with a warning), except keys that
+cannot apply to a Wan 2.2 I2V expert: text-encoder keys (`lora_te*`, `text_encoders.`) and Wan 2.1 I2V image
+keys (`k_img`, `v_img`, `norm_k_img`, `img_emb`, diffusers' `condition_embedder.image_embedder`), which are
+skipped and logged. LoHa / LoKr / DoRA / LoCon-with-lora_mid files are recognised and refused by name.
+diffusers' own converter scales the caller's tensors in place and does not report what it matched, so we read
+the files ourselves.
 
 Serving (issue 15): every targeted linear becomes `LoraLinear(base)`:
     y = base(x) + ((x A^T) * scale) B^T + bias_delta
@@ -18,8 +25,13 @@ with A (max_rank x in), B (out x max_rank), scale (max_rank, fp32) and bias_delt
 Several LoRAs stack along the rank: each takes its own rows, whose scale entries carry its strength * alpha / rank;
 rows nobody uses are zero. A swap is `copy_` into those buffers, so compiled graphs (which read buffers by
 address) stay valid and nothing is re-quantised. Affine norms become `LoraNorm(base)` (weight + delta) for the
-1-D `.diff` keys of Lightning-style LoRAs. Full 2-D `.diff` weights and conv LoRAs cannot be a rank-limited side
-path: such files are served only by `wanrt build --lora` (fusion) and the library says so.
+1-D `.diff` keys of Lightning-style LoRAs. A full 2-D `.diff` on a linear is served as a pair with an identity
+factor on its smaller side (rank min(out, in): the 4-step distill LoRAs' `head.head.diff` is rank 64 at A14B), as
+diffusers loads it; above max_lora_rank, and for conv LoRAs (`patch_embedding`), only `wanrt build --lora`
+(fusion) serves the file and the library says so. Modulation tables (`scale_shift_table`) are Parameters that
+diffusers' forward reads directly, so there is no module to wrap: a set's table deltas are written into the
+parameter in place (`copy_` of base + sum of strength * diff, the base kept on the host, so a clear gives its
+bits back); like the buffers, its address never changes.
 
 No LoRA loaded (the choice, with bench_lora's numbers): eager forwards skip the side path on a per-module Python
 flag that is read only outside compiled regions (`torch.compiler.is_compiling()` short-circuits it, so dynamo never
@@ -38,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -55,14 +68,30 @@ from wanrt.model import keymaps
 
 log = logging.getLogger("wanrt.lora")
 
-WAN21_IMAGE_KEYS = ("k_img", "v_img", "norm_k_img", "add_k_proj", "add_v_proj", "norm_added_k", "img_emb")
+WAN21_IMAGE_KEYS = ("k_img", "v_img", "norm_k_img", "add_k_proj", "add_v_proj", "norm_added_k", "img_emb",
+                    "image_embedder")  # the last: diffusers' condition_embedder.image_embedder (= img_emb)
 _WAN21_IMAGE = re.compile(r"(^|[._])(" + "|".join(WAN21_IMAGE_KEYS) + r")([._]|$)")
-_PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.", "model.diffusion_model.", "unet.")
+# Keys for a text encoder (kohya `lora_te*_`, ComfyUI `text_encoders.`, diffusers `text_encoder.`): a Wan LoRA
+# trained with its UMT5 carries them; the expert has nothing they could apply to (ComfyUI loads them into the CLIP).
+_TEXT_ENCODER = re.compile(r"^(lora_te\d*_|text_encoders?(_\d+)?\.)")
+_PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.", "model.diffusion_model.", "unet.", "pipe.dit.")
 _SUFFIX = re.compile(
-    r"^(?P<module>.+?)\.(?:(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight|(?P<alpha>alpha)|(?P<diff>diff|diff_b))$")
-DEFAULT_MAX_RANK = 64
-DEFAULT_TARGETS = r".*"  # every linear and affine norm of the expert: whatever a LoRA file may touch
+    r"^(?P<module>.+?)\.(?:(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.(?P<param>weight|bias)"
+    r"|(?P<alpha>alpha)|(?P<diff>diff|diff_b|diff_m))$")
+# LyCORIS / PEFT adapters that are not a low-rank pair: recognised so that the refusal names them (ComfyUI's
+# weight_adapter reads them; a side path cannot be one, and we do not fuse them either).
+_ADAPTER = re.compile(r"\.(?P<kind>hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t[12]|dora_scale"
+                      r"|lora_magnitude_vector(?:\.default)?(?:\.weight)?|lora_mid\.weight)$")
+_ADAPTER_NAMES = {"hada": "LoHa", "lokr": "LoKr", "dora": "DoRA", "lora_magnitude_vector": "DoRA",
+                  "lora_mid": "LoCon (Tucker lora_mid)"}
+DEFAULT_MAX_RANK = 128
+DEFAULT_TARGETS = r".*"  # every linear, affine norm and modulation table: whatever a LoRA file may touch
 EXPERT_NAMES = ("high", "low")
+# diffusers' modulation tables (Parameters): blocks.N.scale_shift_table (original blocks.N.modulation) and the
+# head's scale_shift_table (original head.modulation)
+TABLE = "scale_shift_table"
+BUILD_UNMATCHED = "`wanrt build --allow-unmatched` skips them"
+SERVE_UNMATCHED = "the server skips them with WANRT_LORA_ALLOW_UNMATCHED=1"
 
 
 class LoraError(ValueError):
@@ -98,7 +127,7 @@ class LoraSpec:
 
 @dataclass
 class LoraLayer:
-    module: str  # diffusers module name, e.g. blocks.0.attn1.to_q
+    module: str  # diffusers module name, e.g. blocks.0.attn1.to_q (or a modulation table's parameter name)
     down: torch.Tensor | None = None  # A: (r, in)
     up: torch.Tensor | None = None  # B: (out, r)
     alpha: float | None = None
@@ -134,10 +163,16 @@ def _is_layer(module) -> bool:
     return getattr(module, "weight", None) is not None
 
 
+def _is_table(name: str) -> bool:
+    return name == TABLE or name.endswith("." + TABLE)
+
+
 def layer_names(expert) -> list[str]:
-    """The expert's layer names as a LoRA names them (wrappers count as their base, their insides do not)."""
+    """The expert's layer names as a LoRA names them (wrappers count as their base, their insides do not), and its
+    modulation tables (parameters, named like one)."""
     names, wrapped = [], set()
-    for name, module in getattr(expert, "_orig_mod", expert).named_modules():
+    expert = getattr(expert, "_orig_mod", expert)
+    for name, module in expert.named_modules():
         if name.rpartition(".")[0] in wrapped:
             continue
         if isinstance(module, (LoraLinear, LoraNorm)):
@@ -145,7 +180,13 @@ def layer_names(expert) -> list[str]:
             names.append(name)
         elif name and _is_layer(module):
             names.append(name)
-    return names
+    return names + [n for n, _ in expert.named_parameters() if _is_table(n)]
+
+
+def _original_name(name: str) -> str:
+    if _is_table(name):  # a parameter: blocks.0.modulation, head.modulation
+        return next(iter(keymaps.transformer_to_original({name: None})))
+    return next(iter(keymaps.transformer_to_original({f"{name}.weight": None})))[: -len(".weight")]
 
 
 def _name_table(names: Iterable[str]) -> dict[str, str]:
@@ -153,9 +194,11 @@ def _name_table(names: Iterable[str]) -> dict[str, str]:
     table = {}
     names = list(names)
     for name in names:
-        original = next(iter(keymaps.transformer_to_original({f"{name}.weight": None})))[: -len(".weight")]
+        original = _original_name(name)
         table[original] = name
         table[original.replace(".", "_")] = name  # kohya lora_unet_ names
+    for name in names:  # SimpleTuner's lycoris_ names: diffusers names underscored (original ones win a clash)
+        table.setdefault(name.replace(".", "_"), name)
     table.update({name: name for name in names})  # a module's own name wins over another's original name
     return table
 
@@ -169,22 +212,104 @@ def _module_name_table(expert) -> dict[str, str]:
 
 
 def _strip(key: str) -> str:
-    if key.startswith("lora_unet_"):
-        return key[len("lora_unet_"):]
+    if key.startswith("lora_unet__"):  # VideoX-Fun. Copied from ComfyUI (2bffe2f) lora_convert.convert_lora_wan_fun
+        key = "lora_unet_" + key[len("lora_unet__"):]
+    for p in ("lora_unet_", "lycoris_"):
+        if key.startswith(p):
+            return key[len(p):]
     for p in _PREFIXES:
         if key.startswith(p):
             return key[len(p):]
     return key
 
 
-def read_lora(sd: dict[str, torch.Tensor], expert, allow_unmatched: bool = False) -> tuple[dict[str, LoraLayer], list[str]]:
+def _skip_reason(key: str) -> str:
+    """Why a skipped key was skipped (the log line and the library's error say so)."""
+    if _TEXT_ENCODER.match(key):
+        return "text-encoder"
+    m = _SUFFIX.match(_strip(key))
+    if _WAN21_IMAGE.search(m.group("module") if m else _strip(key)):
+        return "Wan 2.1 image"
+    return "unmatched"
+
+
+def describe_skipped(keys: list[str], shown: int = 5) -> str:
+    """'3 text-encoder keys, 2 unmatched keys: a, b, c, d, e ...' for a log line or an error."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        counts[_skip_reason(k)] = counts.get(_skip_reason(k), 0) + 1
+    kinds = ", ".join(f"{n} {r} keys" for r, n in counts.items())
+    return f"{kinds}: {', '.join(keys[:shown])}" + (" ..." if len(keys) > shown else "")
+
+
+def _adapter_error(keys: list[str], name: str | None) -> LoraError:
+    kinds = []
+    for key in keys:
+        kind = _ADAPTER.search(key).group("kind")
+        label = next(v for k, v in _ADAPTER_NAMES.items() if kind.startswith(k))
+        if label not in kinds:
+            kinds.append(label)
+    fmt = " + ".join(kinds)
+    return LoraError(f"{name or 'this file'} is a {fmt} file ({', '.join(keys[:3])}"
+                     f"{' ...' if len(keys) > 3 else ''}): LoHa/LoKr/DoRA and lora_mid adapters are not supported "
+                     "(wanrt reads lora_A/lora_B or lora_down/lora_up pairs and .diff deltas); convert it to a "
+                     "plain LoRA")
+
+
+# Copied from peft 0.21 peft.utils.other.get_pattern_key: a pattern names a module by a dotted suffix.
+def _pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str | None:
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", key_to_match):
+            return key
+    return None
+
+
+def adapter_metadata(metadata: dict[str, str] | None) -> dict | None:
+    """The transformer's LoRA config from a safetensors header's `lora_adapter_metadata` (diffusers writes it,
+    prefixed `transformer.` by a pipeline's save_lora_weights, bare by a model's save_lora_adapter)."""
+    raw = (metadata or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except ValueError as e:
+        raise LoraError(f"lora_adapter_metadata in the file header is not JSON: {e}") from None
+    if not isinstance(config, dict):
+        return None
+    if any(k.startswith("transformer.") for k in config):
+        config = {k[len("transformer."):]: v for k, v in config.items() if k.startswith("transformer.")}
+    return config
+
+
+def _metadata_alpha(config: dict, module: str, rank: int) -> float | None:
+    """alpha such that alpha / rank is PEFT's scaling for `module`: alpha_pattern, else lora_alpha; use_rslora
+    scales by alpha / sqrt(r)."""
+    patterns = config.get("alpha_pattern") or {}
+    key = _pattern_key(patterns, module)
+    alpha = patterns[key] if key is not None else config.get("lora_alpha")
+    if alpha is None:
+        return None
+    return float(alpha) * (rank ** 0.5 if config.get("use_rslora") else 1.0)
+
+
+def read_lora(sd: dict[str, torch.Tensor], expert, allow_unmatched: bool = False,
+              metadata: dict[str, str] | None = None, name: str | None = None,
+              unmatched_hint: str = BUILD_UNMATCHED) -> tuple[dict[str, LoraLayer], list[str]]:
     """Group a LoRA state dict by the expert's layers (`expert`: the module, an ExpertLayout, or layer names).
-    Returns (layers, skipped keys). The caller's tensors are never modified (each layer holds an fp32 copy)."""
+    Returns (layers, skipped keys). The caller's tensors are never modified (each layer holds an fp32 copy).
+    `metadata`: the file's safetensors header (alpha for diffusers-saved files); `name`: the file, for errors."""
     table = _module_name_table(expert)
     layers: dict[str, LoraLayer] = {}
-    unmatched, skipped = [], []
+    unmatched, skipped, adapters, biases = [], [], [], {}
     for key, value in sd.items():
-        m = _SUFFIX.match(_strip(key))
+        if _TEXT_ENCODER.match(key):
+            skipped.append(key)
+            continue
+        stripped = _strip(key)
+        if _ADAPTER.search(stripped):
+            adapters.append(key)
+            continue
+        m = _SUFFIX.match(stripped)
         if m is None:
             unmatched.append(key)
             continue
@@ -192,29 +317,47 @@ def read_lora(sd: dict[str, torch.Tensor], expert, allow_unmatched: bool = False
         if _WAN21_IMAGE.search(module_key):
             skipped.append(key)
             continue
+        if m.group("diff") == "diff_m":  # lightx2v: the modulation delta of block N (or the head), named on it
+            module_key += ".modulation"
         module = table.get(module_key) or table.get(module_key.replace(".", "_"))
-        if module is None:
+        if module is None or (m.group("param") == "bias" and m.group("kind") in ("lora_A", "lora_down")):
             unmatched.append(key)
             continue
         layer = layers.setdefault(module, LoraLayer(module))
         # our own copy: the caller's tensors stay untouched (meta stand-ins, from a library scan, stay meta)
         value = value.detach().to("meta" if value.is_meta else "cpu", torch.float32)
-        if m.group("kind") in ("lora_A", "lora_down"):
+        if m.group("param") == "bias":  # PEFT lora_bias: lora_B's bias, scaled with the pair (below)
+            biases[module] = value
+        elif m.group("kind") in ("lora_A", "lora_down"):
             layer.down = value
         elif m.group("kind") in ("lora_B", "lora_up"):
             layer.up = value
         elif m.group("alpha"):
             layer.alpha = float(value.reshape(-1)[0])
-        elif m.group("diff") == "diff":
+        elif m.group("diff") in ("diff", "diff_m"):
             layer.diff = value
         else:
             layer.diff_b = value
+    if adapters:
+        raise _adapter_error(adapters, name)
     if unmatched and not allow_unmatched:
         shown = ", ".join(unmatched[:20]) + (f" ... ({len(unmatched)} in all)" if len(unmatched) > 20 else "")
-        raise LoraError(f"LoRA keys match no layer of the Wan 2.2 I2V expert: {shown} (--allow-unmatched to ignore)")
+        raise LoraError(f"LoRA keys match no layer of the Wan 2.2 I2V expert: {shown} ({unmatched_hint})")
     for layer in layers.values():
         if (layer.down is None) != (layer.up is None):
             raise LoraError(f"LoRA layer {layer.module} has only one of lora_A/lora_down and lora_B/lora_up")
+    config = adapter_metadata(metadata)
+    if config is not None and not any(layer.alpha is not None for layer in layers.values()):
+        for layer in layers.values():  # no .alpha keys: diffusers keeps alpha in the header
+            if layer.down is not None:
+                layer.alpha = _metadata_alpha(config, layer.module, layer.rank)
+    for module, bias in biases.items():
+        layer = layers[module]
+        if layer.up is None:
+            raise LoraError(f"LoRA layer {module} has lora_B.bias without lora_A/lora_B")
+        # PEFT applies the scaling to lora_B's output, its bias included
+        delta = bias * layer.scale
+        layer.diff_b = delta if layer.diff_b is None else layer.diff_b + delta
     return layers, skipped + (unmatched if allow_unmatched else [])
 
 
@@ -224,18 +367,44 @@ def load_lora_file(path: Path) -> dict[str, torch.Tensor]:
     return read_state_dict(Path(path), "cpu")
 
 
+def lora_file_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's header metadata ({} for other files)."""
+    if Path(path).suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file's bytes (safetensors.torch.load drops it)."""
+    n = int.from_bytes(data[:8], "little")
+    return dict(json.loads(data[8:8 + n]).get("__metadata__") or {})
+
+
 def detect_format(keys: Iterable[str]) -> str:
-    """peft | comfy | kohya | wan, '+diff' when full diffs come along, 'diff' for diffs alone."""
+    """peft | comfy | kohya | lycoris | wan, '+diff' when full diffs come along, 'diff' for diffs alone; loha,
+    lokr, dora, locon-mid for the adapters we refuse."""
     kinds = set()
     for key in keys:
-        m = _SUFFIX.match(_strip(key))
-        if m is None:
+        stripped = _strip(key)
+        adapter = _ADAPTER.search(stripped)
+        if adapter:
+            kind = adapter.group("kind")
+            kinds.add("loha" if kind.startswith("hada") else "lokr" if kind.startswith("lokr") else
+                      "locon-mid" if kind.startswith("lora_mid") else "dora")
+            continue
+        m = _SUFFIX.match(stripped)
+        if m is None or _TEXT_ENCODER.match(key):
             continue
         if m.group("diff"):
             kinds.add("diff")
         elif m.group("kind"):
             if key.startswith("lora_unet_"):
                 kinds.add("kohya")
+            elif key.startswith("lycoris_"):
+                kinds.add("lycoris")
             elif m.group("kind") in ("lora_down", "lora_up"):
                 kinds.add("comfy")
             elif key.startswith(("transformer.", "base_model.model.", "unet.")):
@@ -251,10 +420,11 @@ def detect_format(keys: Iterable[str]) -> str:
 # --------------------------------------------------------------------------------------------- expert layout
 @dataclass(frozen=True)
 class SlotInfo:
-    kind: str  # "linear" or "norm"
+    kind: str  # "linear", "norm" or "table" (a modulation table: a parameter, written in place)
     in_features: int
     out_features: int
     has_bias: bool
+    shape: tuple = ()  # a table's shape
 
 
 def _slot_info(module) -> SlotInfo | None:
@@ -265,6 +435,10 @@ def _slot_info(module) -> SlotInfo | None:
         n = module.weight.shape[0]
         return SlotInfo("norm", n, n, getattr(module, "bias", None) is not None)
     return None
+
+
+def _table_info(param: torch.Tensor) -> SlotInfo:
+    return SlotInfo("table", param.numel(), param.numel(), False, tuple(param.shape))
 
 
 def _norm_kind(module) -> str | None:
@@ -295,14 +469,35 @@ class ExpertLayout:
         expert = getattr(expert, "_orig_mod", expert)
         installed = {n: m.info for n, m in expert.named_modules() if isinstance(m, (LoraLinear, LoraNorm))}
         if installed:
-            return cls(layer_names(expert), installed)
+            tables = {n: _table_info(expert.get_parameter(n)) for n in getattr(expert, "_lora_tables", ())}
+            return cls(layer_names(expert), installed | tables)
         slots = {n: info for n, m in _wrappable(expert, targets) if (info := _slot_info(m)) is not None}
-        return cls(layer_names(expert), slots)
+        return cls(layer_names(expert), slots | {n: _table_info(p) for n, p in _tables(expert, targets)})
 
 
 def _wrappable(expert, targets: str) -> list[tuple[str, torch.nn.Module]]:
     pattern = re.compile(targets)
     return [(n, m) for n, m in expert.named_modules() if n and pattern.search(n) and _slot_info(m) is not None]
+
+
+def _tables(expert, targets: str) -> list[tuple[str, torch.nn.Parameter]]:
+    pattern = re.compile(targets)
+    return [(n, p) for n, p in expert.named_parameters() if _is_table(n) and pattern.search(n)]
+
+
+def fits_shape(shape, target) -> bool:
+    """The same shape, or the same but for size-1 dims ((6, dim) for a (1, 6, dim) table): never a transpose or
+    another layout of the same element count."""
+    return tuple(shape) == tuple(target) or [d for d in shape if d != 1] == [d for d in target if d != 1]
+
+
+def side_rank(layer: LoraLayer, info: SlotInfo | None) -> int:
+    """Rows the layer takes in a side path: its pair's rank, plus min(out, in) for a full .diff on a linear (served
+    as a pair with an identity factor on its smaller side)."""
+    rank = layer.rank
+    if info is not None and info.kind == "linear" and layer.diff is not None and layer.diff.ndim == 2:
+        rank += min(layer.diff.shape)
+    return rank
 
 
 def runtime_problems(layers: dict[str, LoraLayer], layout: ExpertLayout, max_rank: int) -> list[str]:
@@ -311,26 +506,39 @@ def runtime_problems(layers: dict[str, LoraLayer], layout: ExpertLayout, max_ran
     for name, layer in layers.items():
         info = layout.slots.get(name)
         if info is None:
-            problems.append(f"{name}: no runtime LoRA slot on this layer (only linears and affine norms have one; "
-                            "fuse it with `wanrt build --lora`)")
+            conv = any(t is not None and t.ndim > 2 for t in (layer.down, layer.diff))
+            problems.append(f"{name}: {'a conv LoRA' if conv else 'a LoRA on this layer'} cannot be served per "
+                            "request (the serving path has side paths on linears, affine norms and modulation "
+                            "tables only); `wanrt build --lora` fuses it")
             continue
         if info.kind == "linear":
-            if layer.diff is not None:
-                problems.append(f"{name}: full-weight .diff on a linear cannot be a rank-{max_rank} side path "
-                                "(fuse it with `wanrt build --lora`)")
+            fits = True
             if layer.down is not None:
                 a, b = layer.down, layer.up
                 if a.ndim != 2 or b.ndim != 2 or a.shape[1] != info.in_features or b.shape[0] != info.out_features \
                         or a.shape[0] != b.shape[1]:
+                    fits = False
                     problems.append(f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the "
                                     f"layer ({info.out_features} x {info.in_features})")
-                elif a.shape[0] > max_rank:
-                    problems.append(f"{name}: rank {a.shape[0]} exceeds max_lora_rank {max_rank}")
+            if layer.diff is not None and tuple(layer.diff.shape) != (info.out_features, info.in_features):
+                fits = False
+                problems.append(f"{name}: .diff {tuple(layer.diff.shape)} does not fit the layer "
+                                f"({info.out_features} x {info.in_features})")
+            rank = side_rank(layer, info)
+            if fits and rank > max_rank and layer.diff is not None:
+                problems.append(f"{name}: a full-weight .diff on this linear ({info.out_features} x "
+                                f"{info.in_features}) is served as a rank-{min(layer.diff.shape)} pair, which needs "
+                                f"rank {rank} here, more than max_lora_rank {max_rank} (set WANRT_MAX_LORA_RANK to "
+                                f"{rank} or more, or fuse it with `wanrt build --lora`)")
+            elif fits and rank > max_rank:
+                problems.append(f"{name}: rank {rank} exceeds max_lora_rank {max_rank}")
         else:
+            what, shape = ("norm", (info.out_features,)) if info.kind == "norm" else ("modulation table", info.shape)
             if layer.down is not None:
-                problems.append(f"{name}: a low-rank pair on a norm layer")
-            if layer.diff is not None and tuple(layer.diff.shape) != (info.out_features,):
-                problems.append(f"{name}: .diff {tuple(layer.diff.shape)} does not fit the norm ({info.out_features},)")
+                problems.append(f"{name}: a low-rank pair on a {what}")
+            if layer.diff is not None and not (fits_shape(layer.diff.shape, shape) if info.kind == "table"
+                                               else tuple(layer.diff.shape) == shape):
+                problems.append(f"{name}: .diff {tuple(layer.diff.shape)} does not fit the {what} {shape}")
         if layer.diff_b is not None:
             if not info.has_bias:
                 problems.append(f"{name}: .diff_b on a layer without bias")
@@ -436,10 +644,10 @@ class LoraEntry:
     mtime_ns: int
     sha256: str = ""
     format: str = ""
-    rank: int = 0  # largest rank of its low-rank pairs (0: diffs only)
+    rank: int = 0  # largest side-path rank on one layer: its pair's, plus min(out, in) for a full .diff on a linear
     alphas: list[float] = field(default_factory=list)
     layers: dict[str, int] = field(default_factory=dict)  # expert -> layers touched
-    skipped: list[str] = field(default_factory=list)  # Wan 2.1 image keys
+    skipped: list[str] = field(default_factory=list)  # text-encoder and Wan 2.1 image keys (and unmatched, if allowed)
     error: str | None = None
     _loader: Callable[[], dict[str, LoraLayer]] | None = field(default=None, repr=False, compare=False)
 
@@ -462,19 +670,20 @@ class LoraEntry:
         return {"name": self.name, "file": self.path.name, "size": self.size, "sha256": self.sha256,
                 "format": self.format, "rank": self.rank, "alpha": sorted(set(self.alphas)) or None,
                 "experts": self.experts, "layers": dict(self.layers), "skipped_keys": len(self.skipped),
-                "available": self.available, "error": self.error}
+                "skipped": self.skipped[:5], "available": self.available, "error": self.error}
 
     @classmethod
     def from_state_dict(cls, name: str, sd: dict[str, torch.Tensor], layout: ExpertLayout,
-                        max_rank: int = DEFAULT_MAX_RANK, experts: Iterable[str] = EXPERT_NAMES) -> "LoraEntry":
+                        max_rank: int = DEFAULT_MAX_RANK, experts: Iterable[str] = EXPERT_NAMES,
+                        metadata: dict[str, str] | None = None, allow_unmatched: bool = False) -> "LoraEntry":
         """An in-memory LoRA (benchmarks, tests): validated like a file; the sha256 is over its tensors."""
         h = hashlib.sha256()
         for k in sorted(sd):
             h.update(k.encode())
             h.update(sd[k].detach().float().cpu().numpy().tobytes())
         entry = cls(name, Path(f"<memory:{name}>"), 0, 0, h.hexdigest())
-        _inspect(entry, sd, {e: layout for e in experts}, max_rank)
-        layers = read_lora(sd, layout)[0] if entry.error is None else {}
+        _inspect(entry, sd, {e: layout for e in experts}, max_rank, metadata, allow_unmatched)
+        layers = read_lora(sd, layout, allow_unmatched, metadata)[0] if entry.error is None else {}
         entry._loader = lambda: layers
         return entry
 
@@ -485,24 +694,25 @@ def _read_verified(path: Path) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-def _inspect(entry: LoraEntry, sd: dict[str, torch.Tensor], layouts: dict[str, ExpertLayout], max_rank: int) -> None:
+def _inspect(entry: LoraEntry, sd: dict[str, torch.Tensor], layouts: dict[str, ExpertLayout], max_rank: int,
+             metadata: dict[str, str] | None = None, allow_unmatched: bool = False) -> None:
     """Fill format, rank, alphas and per-expert layers of `entry`, or its error."""
     entry.format = detect_format(sd)
     try:
         problems, ranks, alphas = [], set(), []
         for expert, layout in layouts.items():
-            layers, skipped = read_lora(sd, layout)
+            layers, skipped = read_lora(sd, layout, allow_unmatched, metadata, entry.path.name, SERVE_UNMATCHED)
             entry.skipped = skipped
             problems += [p for p in runtime_problems(layers, layout, max_rank) if p not in problems]
             entry.layers[expert] = len(layers)
-            ranks.update(layer.rank for layer in layers.values())
+            ranks.update(side_rank(layer, layout.slots.get(n)) for n, layer in layers.items())
             alphas = [layer.alpha for layer in layers.values() if layer.alpha is not None]
         entry.rank, entry.alphas = max(ranks, default=0), alphas
         if problems:
             shown = "; ".join(problems[:5]) + (f" ... ({len(problems)} problems in all)" if len(problems) > 5 else "")
             raise LoraError(shown)
         if not any(entry.layers.values()):
-            raise LoraError("touches no layer of the expert" + (f" ({len(entry.skipped)} Wan 2.1 image keys skipped)"
+            raise LoraError("touches no layer of the expert" + (f" (skipped {describe_skipped(entry.skipped)})"
                                                                  if entry.skipped else ""))
     except LoraError as e:
         entry.error = str(e)
@@ -512,13 +722,14 @@ class LoraLibrary:
     """Every `*.safetensors` file of `directory`, named by file stem, validated against the experts' layouts
     (`layouts`: expert name -> ExpertLayout, e.g. `{n: s.layout for n, s in group.slots.items()}`) at `max_rank`.
     A bad file (unreadable, unmatched keys, a shape or rank that does not fit) gets one warning line and is
-    unavailable; the others keep serving. Files are only read. `rescan()` picks up added, removed and changed
-    files (by mtime and size; the sha256 is recomputed for a changed file)."""
+    unavailable; the others keep serving. Skipped keys (text encoder, Wan 2.1 image; with `allow_unmatched`, any
+    that match no layer) are named in the log. Files are only read. `rescan()` picks up added, removed and
+    changed files (by mtime and size; the sha256 is recomputed for a changed file)."""
 
     def __init__(self, directory: str | Path, layouts: dict[str, ExpertLayout], max_rank: int = DEFAULT_MAX_RANK,
-                 scan: bool = True):
+                 scan: bool = True, allow_unmatched: bool = False):
         self.directory = Path(directory)
-        self.layouts, self.max_rank = dict(layouts), max_rank
+        self.layouts, self.max_rank, self.allow_unmatched = dict(layouts), max_rank, allow_unmatched
         self.entries: dict[str, LoraEntry] = {}
         self._lock = threading.RLock()
         self._warned_missing = False
@@ -563,6 +774,7 @@ class LoraLibrary:
             entry.sha256 = file_sha256(path)
             sd = {}
             with safe_open(str(path), framework="pt") as fh:  # read-only memory map
+                metadata = fh.metadata() or {}
                 for key in fh.keys():
                     sd[key] = fh.get_tensor(key) if key.endswith(".alpha") else \
                         torch.empty(fh.get_slice(key).get_shape(), device="meta")
@@ -570,13 +782,17 @@ class LoraLibrary:
             entry.error = f"not a readable safetensors file: {type(e).__name__}: {e}"
         else:
             try:
-                _inspect(entry, sd, self.layouts, self.max_rank)
+                _inspect(entry, sd, self.layouts, self.max_rank, metadata, self.allow_unmatched)
             except Exception as e:  # a LoRA we do not understand: refused by name, never a crash
                 entry.error = f"{type(e).__name__}: {e}"
         if entry.error is None:
             entry._loader = lambda e=entry: self._load(e)
             log.info("LoRA %r: %s, rank %d, layers %s, sha256 %s", name, entry.format, entry.rank, entry.layers,
                      entry.sha256[:12])
+            if entry.skipped:  # unmatched keys (allowed) are a warning: the file may not act as its author meant
+                unmatched = any(_skip_reason(k) == "unmatched" for k in entry.skipped)
+                log.log(logging.WARNING if unmatched else logging.INFO, "LoRA %r: skipped %s", name,
+                        describe_skipped(entry.skipped))
         else:
             log.warning("LoRA %r (%s) unavailable: %s", name, path, entry.error)
         return entry
@@ -589,7 +805,8 @@ class LoraLibrary:
             raise LoraError(f"LoRA {entry.name!r} changed on disk since it was scanned (sha256 {sha[:12]} != "
                             f"{entry.sha256[:12]}): rescan the library")
         layout = next(iter(self.layouts.values()))
-        return read_lora(st_load(data), layout)[0]
+        return read_lora(st_load(data), layout, self.allow_unmatched, _header_metadata(data), entry.path.name,
+                         SERVE_UNMATCHED)[0]
 
     def get(self, name: str) -> LoraEntry:
         """The entry, re-validated first when its file changed (one stat); LoraError when unknown or unavailable."""
@@ -624,9 +841,19 @@ class LoraLibrary:
 class PreparedLayer:
     A: torch.Tensor | None  # (r, in), the slot's dtype and device
     B: torch.Tensor | None  # (out, r)
-    factor: float  # alpha / r (1 without alpha)
-    diff: torch.Tensor | None  # norm weight delta, fp32
+    factor: float | torch.Tensor  # alpha / r (1 without alpha); per row (fp32, host) when a pair and a .diff share A, B
+    diff: torch.Tensor | None  # norm weight or modulation table delta, fp32
     diff_b: torch.Tensor | None  # bias delta, fp32
+
+
+def identity_pair(diff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with B @ A == diff exactly: the full delta on one side, an identity on the smaller one (rank
+    min(out, in)). Copied from diffusers 0.42.1 lora_conversion_utils._convert_non_diffusers_wan_lora_to_diffusers,
+    which loads `head.head.diff` as lora_A under an identity lora_B (out <= in there; the mirror image otherwise)."""
+    out, inp = diff.shape
+    if out <= inp:
+        return diff, torch.eye(out, dtype=diff.dtype, device=diff.device)
+    return torch.eye(inp, dtype=diff.dtype, device=diff.device), diff
 
 
 class PreparedCache:
@@ -649,17 +876,27 @@ class PreparedCache:
         t0 = time.perf_counter()
         prepared, nbytes = {}, 0
         for name, layer in entry.load().items():
-            module = slots.modules.get(name)
-            if module is None:
+            module, table = slots.modules.get(name), slots.tables.get(name)
+            if module is None and table is None:
                 raise LoraError(f"LoRA {entry.name!r} touches {name}, which has no slot on the {slots.expert} expert")
             a = b = None
-            if layer.down is not None and isinstance(module, LoraLinear):
-                a = layer.down.to(slots.device, module.lora_A.dtype)
-                b = layer.up.to(slots.device, module.lora_B.dtype)
-                nbytes += a.nbytes + b.nbytes
-            diff = None if layer.diff is None else layer.diff.to(slots.device)
+            factor, diff = layer.scale, layer.diff
+            if isinstance(module, LoraLinear):
+                pairs = [(layer.down, layer.up, layer.scale)] if layer.down is not None else []
+                if diff is not None:  # a full delta on a linear: rows of its own, scale 1
+                    pairs.append((*identity_pair(diff), 1.0))
+                    diff = None
+                if pairs:
+                    a = torch.cat([p[0] for p in pairs]).to(slots.device, module.lora_A.dtype)
+                    b = torch.cat([p[1] for p in pairs], dim=1).to(slots.device, module.lora_B.dtype)
+                    factor = pairs[0][2] if len(pairs) == 1 else \
+                        torch.cat([torch.full((p[0].shape[0],), float(p[2])) for p in pairs])
+                    nbytes += a.nbytes + b.nbytes
+            elif table is not None and diff is not None:
+                diff = diff.reshape(table.base.shape)  # (6, dim) for (1, 6, dim): runtime_problems allowed only that
+            diff = None if diff is None else diff.to(slots.device)
             diff_b = None if layer.diff_b is None else layer.diff_b.to(slots.device)
-            prepared[name] = PreparedLayer(a, b, layer.scale, diff, diff_b)
+            prepared[name] = PreparedLayer(a, b, factor, diff, diff_b)
         self._items[key] = (prepared, nbytes)
         self.misses += 1
         self.load_seconds += time.perf_counter() - t0
@@ -701,16 +938,35 @@ def _zero_all(tensors: list[torch.Tensor]) -> None:
                 t.zero_()
 
 
+class _Table:
+    """A modulation table (`blocks.N.scale_shift_table`, the head's `scale_shift_table`) that LoRAs may change.
+    diffusers' forward reads the Parameter itself, so there is no module to wrap: a set's deltas are written into
+    it in place (its address never changes: compiled graphs and CUDA graphs keep reading it), and its base stays
+    here on the host (6 x dim per block: 4.9 MB per A14B expert in fp32), so a clear gives its bits back."""
+
+    def __init__(self, owner: torch.nn.Module, attr: str):
+        self.owner, self.attr = owner, attr
+        param = getattr(owner, attr)
+        self.base = param.detach().to("meta" if param.is_meta else "cpu", copy=True)
+
+    @property
+    def param(self) -> torch.nn.Parameter:  # looked up each time: a mover may replace it (it keeps .data, usually)
+        return getattr(self.owner, self.attr)
+
+
 class LoraSlots:
     """The side-path buffers of one expert and what is loaded in them. `apply(request_loras)` loads a request's
     set, a list of (LoraEntry, strength, expert in high|low|both); entries for the other expert are ignored here,
     [] clears. Every row beyond the loaded ones is zero, so the buffers after loading a set are the same bytes
     whatever was loaded before (order independence is exact). The loaded set's key skips a reload of the same
-    set, unless the buffers were moved since (an ExpertSwapper eviction, `.to()`): their storage is checked."""
+    set, unless the buffers were moved since (an ExpertSwapper eviction, `.to()`): their storage is checked.
+    Modulation tables (`tables`) hold base + the set's deltas in place, the base once nothing is loaded."""
 
     def __init__(self, expert: str, modules: dict[str, torch.nn.Module], max_rank: int,
-                 layout: ExpertLayout, cache: PreparedCache | None = None):
+                 layout: ExpertLayout, cache: PreparedCache | None = None, tables: dict[str, _Table] | None = None):
         self.expert, self.modules, self.max_rank, self.layout = expert, modules, max_rank, layout
+        self.tables = dict(tables or {})
+        self._tables_written = False  # a table ever held a delta: a moved expert may bring an older one back
         self.cache = cache if cache is not None else PreparedCache()
         self.stats = SwapStats()
         self.linears = {n: m for n, m in modules.items() if isinstance(m, LoraLinear)}
@@ -815,6 +1071,18 @@ class LoraSlots:
                     dirty.add(name)
                 elif unmoved and name in self._dirty:
                     zeros.append(buf)
+        for name, table in self.tables.items():  # modulation tables: base + sum of strength * delta, in place
+            param = table.param
+            parts = [(s, p[name].diff) for p, s in prepared if name in p and p[name].diff is not None]
+            if parts:
+                dsts.append(param.data)
+                srcs.append((table.base.to(param.device, torch.float32)
+                             + sum(s * d.to(param.device, torch.float32) for s, d in parts)).to(param.dtype))
+                dirty.add(name)
+                self._tables_written = True
+            elif name in self._dirty or (self._tables_written and not unmoved):
+                dsts.append(param.data)
+                srcs.append(table.base.to(param.device))  # the base's own bits
         dsts += [m.lora_scale for m in self.linears.values()]
         srcs += list(scales.to(self.device).unbind(0))  # one host-to-device copy for every scale vector
         _zero_all(zeros)
@@ -849,7 +1117,7 @@ class LoraSlots:
     def describe(self) -> dict:
         s = self.stats
         return {"expert": self.expert, "max_rank": self.max_rank, "linears": len(self.linears),
-                "norms": len(self.norms), "buffer_bytes": self.buffer_bytes(),
+                "norms": len(self.norms), "tables": len(self.tables), "buffer_bytes": self.buffer_bytes(),
                 "loaded": [{"name": n, "sha256": h, "strength": st} for n, h, st in (self._key or ())],
                 "swaps": s.swaps, "rescales": s.rescales, "skips": s.skips, "clears": s.clears,
                 "swap_seconds": round(s.seconds, 6), "last_swap_ms": round(s.last_ms, 3)}
@@ -858,13 +1126,13 @@ class LoraSlots:
 def install_lora_slots(expert: torch.nn.Module, max_rank: int = DEFAULT_MAX_RANK, targets: str = DEFAULT_TARGETS,
                        name: str = "high", cache: PreparedCache | None = None) -> LoraSlots:
     """Wrap every linear (nn.Linear or Fp8Linear) and affine norm of `expert` whose name matches `targets` in
-    place, with zeroed buffers where the layer is. Call it after the FP8 swap, before the ExpertSwapper is built
-    and before the first compiled forward (a later change of modules would recompile). A torch.compile'd module
-    is unwrapped (its `_orig_mod` is what runs)."""
+    place, with zeroed buffers where the layer is, and take the base of each matching modulation table. Call it
+    after the FP8 swap, before the ExpertSwapper is built and before the first compiled forward (a later change of
+    modules would recompile). A torch.compile'd module is unwrapped (its `_orig_mod` is what runs)."""
     if max_rank < 1:
         raise LoraError("max_lora_rank must be at least 1 (0: install no slots)")
     expert = getattr(expert, "_orig_mod", expert)
-    if any(isinstance(m, (LoraLinear, LoraNorm)) for m in expert.modules()):
+    if any(isinstance(m, (LoraLinear, LoraNorm)) for m in expert.modules()) or getattr(expert, "_lora_tables", ()):
         raise LoraError(f"LoRA slots are already installed on the {name} expert")
     modules = {}
     for module_name, module in _wrappable(expert, targets):
@@ -874,8 +1142,14 @@ def install_lora_slots(expert: torch.nn.Module, max_rank: int = DEFAULT_MAX_RANK
         wrapper = LoraLinear(module, max_rank) if info.kind == "linear" else LoraNorm(module)
         setattr(parent, child, wrapper)
         modules[module_name] = wrapper
-    layout = ExpertLayout(layer_names(expert), {n: m.info for n, m in modules.items()})
-    return LoraSlots(name, modules, max_rank, layout, cache)
+    tables = {}
+    for table_name, _ in _tables(expert, targets):
+        owner, _, attr = table_name.rpartition(".")
+        tables[table_name] = _Table(expert.get_submodule(owner) if owner else expert, attr)
+    expert._lora_tables = tuple(tables)  # ExpertLayout.of finds them (a parameter has no wrapper to look for)
+    layout = ExpertLayout(layer_names(expert), {n: m.info for n, m in modules.items()}
+                          | {n: _table_info(t.param) for n, t in tables.items()})
+    return LoraSlots(name, modules, max_rank, layout, cache, tables)
 
 
 class LoraSlotGroup:
@@ -898,12 +1172,13 @@ class LoraSlotGroup:
     @classmethod
     def install(cls, experts: dict[str, torch.nn.Module], max_rank: int = DEFAULT_MAX_RANK,
                 targets: str = DEFAULT_TARGETS, cache_bytes: int = 2 << 30,
-                lora_dir: str | Path | None = None) -> "LoraSlotGroup":
-        """Slots on every expert (see install_lora_slots) and, with `lora_dir`, the library of that directory."""
+                lora_dir: str | Path | None = None, allow_unmatched: bool = False) -> "LoraSlotGroup":
+        """Slots on every expert (see install_lora_slots) and, with `lora_dir`, the library of that directory.
+        allow_unmatched: the library skips keys that match no layer (the lora_allow_unmatched setting)."""
         cache = PreparedCache(cache_bytes)
         group = cls({n: install_lora_slots(e, max_rank, targets, n, cache) for n, e in experts.items()})
         if lora_dir is not None:
-            group.library = LoraLibrary(lora_dir, group.layouts, max_rank)
+            group.library = LoraLibrary(lora_dir, group.layouts, max_rank, allow_unmatched=allow_unmatched)
         return group
 
     @property
