@@ -1,5 +1,6 @@
 """Nothing accepted is lost: kill -9 of a worker mid-job, and a full server restart with queued jobs."""
 
+import base64
 import os
 import signal
 import time
@@ -9,7 +10,7 @@ import pytest
 
 from wanrt.runtime.video import probe_mp4
 
-from servers import ImageServer, WanrtServer
+from servers import ImageServer, WanrtServer, image_bytes
 
 SMALL = {"width": 256, "height": 256, "frames": 16, "steps": 2}
 
@@ -89,14 +90,70 @@ def test_workers_do_not_outlive_a_killed_server(tmp_path):
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
 
 
-def test_a_worker_whose_settings_the_runtime_refuses_is_not_restarted(tmp_path):
-    """Settings the runtime refuses (here --deterministic with --autotune) end the worker with exit 2 and one
-    log line; `wanrt serve` keeps answering and does not restart it in a loop (it could only fail again)."""
-    with WanrtServer(tmp_path / "d", WANRT_DETERMINISTIC="1", WANRT_AUTOTUNE="1") as srv:
+@pytest.mark.parametrize("env,said", [
+    ({"WANRT_DETERMINISTIC": "1", "WANRT_AUTOTUNE": "1"}, "settings refused: deterministic and autotune do not go together"),
+    ({"WANRT_MODEL": "/nonexistent/model"}, "cannot load the model"),  # was exit 1: restarted every 2 s, for ever
+])
+def test_a_worker_whose_settings_the_runtime_refuses_is_not_restarted(tmp_path, env, said):
+    """Settings the runtime refuses (--deterministic with --autotune, a model that is not there) end the worker
+    with exit 2 and one log line; `wanrt serve` keeps answering and does not restart it in a loop (it could only
+    fail again)."""
+    with WanrtServer(tmp_path / "d", **env) as srv:
         deadline = time.time() + 60
         while time.time() < deadline and "not restarting it" not in srv.log_path.read_text():
             time.sleep(0.3)
         log = srv.log_path.read_text()
-        assert "settings refused: deterministic and autotune do not go together" in log
+        assert said in log
         assert "refused its settings (exit 2); not restarting it" in log and "starting it again" not in log
         assert httpx.get(srv.base + "/").status_code == 200 and srv.worker_pids() == []
+
+
+def test_a_worker_that_keeps_dying_at_start_is_restarted_with_backoff_then_left(tmp_path):
+    """Any other exit is restarted, but a worker that dies within QUICK_EXIT_S of its start waits 1, 2, 4... s
+    (each start re-loads the model) and after GIVE_UP_AFTER such exits in a row is left; one that ran a while
+    is restarted after the first wait, its count reset."""
+    from wanrt.api.server import WorkerSupervisor
+    from wanrt.config import Settings
+
+    sup = WorkerSupervisor(Settings(data_dir=tmp_path), 1)
+    waits = []
+    for _ in range(sup.GIVE_UP_AFTER):
+        sup.started[0] = time.monotonic()  # it had just started
+        sup._exited(0, 1)
+        if sup.due[0]:
+            waits.append(round(sup.due[0] - time.monotonic()))
+            sup.due[0] = 0.0
+    assert waits == [1, 2, 4, 8, 16] and sup.procs[0] is None  # the sixth: left
+    sup.quick_exits[0], sup.started[0] = 3, time.monotonic() - sup.QUICK_EXIT_S - 1  # it ran a while
+    sup._exited(0, -9)
+    assert sup.quick_exits[0] == 0 and round(sup.due[0] - time.monotonic()) == 1
+
+
+def test_sigterm_reaches_the_workers_before_the_api_drains_its_streams(tmp_path):
+    """docker stop gives 10 s: the workers must hear SIGTERM at once (and re-queue their job), not after uvicorn
+    has waited up to 10 s for an open event stream to close."""
+    import psutil
+
+    srv = WanrtServer(tmp_path / "d").start()
+    try:
+        job = httpx.post(srv.base + "/generate", json={
+            "image_url": "data:image/png;base64," + base64.b64encode(image_bytes("PNG")).decode(), "prompt": "x",
+            "width": 256, "height": 256, "frames": 48, "steps": 20}).json()["job_id"]
+        srv.wait_status(job, states=("processing",))
+        (worker,) = [psutil.Process(p) for p in srv.worker_pids()]
+        with httpx.stream("GET", f"{srv.base}/events/{job}", timeout=30) as stream:
+            assert stream.status_code == 200
+            t0 = time.time()
+            srv.proc.send_signal(signal.SIGTERM)
+            while True:  # ended (a zombie until serve reaps it, after the drain): its job released
+                try:
+                    if worker.status() == psutil.STATUS_ZOMBIE:
+                        break
+                except psutil.NoSuchProcess:
+                    break
+                assert time.time() - t0 < 8, "the worker heard of the stop only after the API drained"
+                time.sleep(0.1)
+    finally:
+        srv.stop()
+    with WanrtServer(tmp_path / "d", workers=0) as again:  # re-queued, not lost
+        assert httpx.get(f"{again.base}/status/{job}").json()["status"] == "queued"

@@ -406,14 +406,27 @@ def run_worker(settings, worker_id: str | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    parent = os.environ.get("WANRT_SUPERVISOR_PID")
+    if parent:  # started by `wanrt serve`: never outlive it (even if it was kill -9'd), loading included
+        threading.Thread(target=_exit_with_parent, args=(int(parent), worker), daemon=True).start()
+    from wanrt.model.loading import ModelLoadError
+
+    if str(settings.device).startswith("cuda:"):  # worker N's GPU is the current device too: TensorRT engines,
+        import torch  # cuDNN handles and anything else that uses it land there
+
+        device = torch.device(settings.device)
+        if not torch.cuda.is_available() or device.index >= torch.cuda.device_count():
+            log.error("worker: no GPU %s here (%d visible)", device, torch.cuda.device_count())
+            return 2
+        torch.cuda.set_device(device)
     try:
         _ = worker.pipeline  # the runtime the settings ask for, built before anything is claimed
     except ValueError as e:  # settings it refuses (e.g. deterministic with autotune): a usage error, exit 2, which
         log.error("worker: settings refused: %s", e)  # `wanrt serve` does not restart (it could only fail again)
         return 2
-    parent = os.environ.get("WANRT_SUPERVISOR_PID")
-    if parent:  # started by `wanrt serve`: never outlive it (even if it was kill -9'd)
-        threading.Thread(target=_exit_with_parent, args=(int(parent), worker), daemon=True).start()
+    except ModelLoadError as e:  # no such model, or not one we can read: the same
+        log.error("worker: cannot load the model: %s", e)
+        return 2
     worker.run()
     return 0
 
@@ -421,5 +434,8 @@ def run_worker(settings, worker_id: str | None = None) -> int:
 def _exit_with_parent(parent_pid: int, worker: Worker) -> None:
     while not worker.shutdown.wait(1.0):
         if os.getppid() != parent_pid:
+            if worker._pipeline is None:  # still loading: nothing claimed, nothing to hand back; a new serve's
+                log.warning("supervisor %d is gone while loading; exiting", parent_pid)  # worker needs the memory
+                os._exit(1)
             log.warning("supervisor %d is gone; stopping", parent_pid)
             worker.shutdown.set()
