@@ -461,3 +461,23 @@ def test_cuda_tiers_pin_once_copy_on_a_side_stream_and_match_resident(tier, tiny
     assert t.ledger.parts["expert_blocks"] == 0 and t.ledger.errors == 0
     if tier == "swap":
         assert t.swapper._pending is not None  # the next request's expert is on its way during the decode
+
+
+def test_engines_are_counted_under_a_tier_that_is_not_resident(tiny_model, mb):
+    """TensorRT under swap: one expert's engine is on the device at a time (the backend drops the other); the
+    ledger counted engines only when resident, so a swap plan's ledger said nothing of ~28 GB."""
+    import copy
+
+    from wanrt.runtime.backends.eager import EagerBackend
+    from wanrt.runtime.memory import TieredBackend
+
+    plan = tiered(build_runtime(Settings(device="cpu", model="tiny", warmup=BUCKET),
+                                free_bytes=lean_need(mb, "swap")).backend).plan
+    assert plan.tier == "swap"
+    model = copy.deepcopy(tiny_model)
+
+    class Engines(EagerBackend):  # reports engine bytes as TensorRTBackend does
+        expert_bytes = {"high": 1000, "low": 3000}
+
+    t = TieredBackend(model, "cpu", plan, mb, lambda tier: Engines(model))
+    assert t.ledger.parts["expert_engine"] == 3000

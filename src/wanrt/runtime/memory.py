@@ -862,10 +862,12 @@ class TieredBackend:
         self.inner = self.make_inner(tier)  # module surgery (FP8) before any host copy is taken
         if self.on_inner is not None:
             self.on_inner(self.inner)
+        engines = getattr(self.inner, "expert_bytes", {})  # TensorRT: engines hold the (released) experts' weights
         if tier == "resident":  # as the surgery left them (the inner backend may run copies: it counts the model's)
-            engines = getattr(self.inner, "expert_bytes", {})  # TensorRT: engines hold the (released) experts' weights
             for name, module in model.experts.items():  # a released expert counts 0, a kept one its own bytes too
                 self._place(f"expert_{name}", engines.get(name, 0) + module_bytes(module))
+        elif engines:  # not resident: one expert's engine loaded at a time (one_expert_at_a_time), the largest
+            self._place("expert_engine", max(engines.values()))
         experts = {n: getattr(m, "_orig_mod", m) for n, m in model.experts.items()}
         if tier == "swap":
             self.swapper = ExpertSwapper(experts, device, log=self.log, ledger=self.ledger, part="expert")
