@@ -259,6 +259,13 @@ class _Replay(torch.nn.Module):
     def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
         self.static.copy_(hidden_states[:, :16])
         return (self.static,)
+    # the fake (what compile sees) has the real op's shape, dtype and strides, a transposed weight's too
+    from torch.library import opcheck
+
+    w8 = torch.randn(12, 16).to(torch.float8_e4m3fn)
+    for w, scale in ((w8, torch.rand(12, 1)), (w8.t(), torch.rand(16, 1))):
+        assert opcheck(torch.ops.wanrt.fp8_upcast.default, (w, scale, torch.bfloat16),
+                       test_utils=("test_faketensor",)) == {"test_faketensor": "SUCCESS"}
 
 
 def test_cudagraph_outputs_survive_the_next_call_and_threads_are_counted(tiny_model, caplog):

@@ -106,7 +106,7 @@ def fp8_upcast(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 @fp8_upcast.register_fake
 def _(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return weight.new_empty(weight.shape, dtype=dtype)
+    return torch.empty_like(weight, dtype=dtype)  # the strides .to(copy=True) keeps (a transposed view too)
 
 
 class Fp8Linear(torch.nn.Module):

@@ -113,11 +113,17 @@ class _Locked(mmap.mmap):
     def __del__(self):
         if self.address:
             with contextlib.suppress(Exception):  # interpreter shutdown
+                # a non-blocking copy from these pages may still be in flight on a side stream (torch's own pinned
+                # allocator waits on an event per copy; this memory has none): let every stream finish first
+                torch.cuda.synchronize()
                 torch.cuda.cudart().cudaHostUnregister(self.address)
 
 
+_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context, not only the one current now
+
+
 def _page_lock(mapping: _Locked, buffer: torch.Tensor) -> bool:
-    if int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)) == 0:
+    if int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), _PORTABLE)) == 0:
         mapping.address = buffer.data_ptr()
         return True
     # The failure stays the CUDA runtime's last error, which torch reads at its next kernel launch: take it now.
