@@ -20,8 +20,8 @@ class WorkerSupervisor:
     re-queues its orphaned job at start."""
 
     QUICK_EXIT_S = 120.0  # a worker that dies sooner than this after its start failed to start (or at once)
-    BACKOFF_S = (1.0, 60.0)  # the wait before restarting it: doubling from the first, at most the second
-    GIVE_UP_AFTER = 6  # quick exits in a row: its start cannot succeed (a model path that is not there...)
+    BACKOFF_S = (1.0, 60.0)  # the wait before restarting it: doubling from the first, at most the second (never
+    # given up: what failed may come back, a Redis not up yet; a usage error exits 2 and is not restarted)
 
     def __init__(self, settings, count: int):
         self.settings, self.count = settings, count
@@ -30,6 +30,7 @@ class WorkerSupervisor:
         self.quick_exits = [0] * count
         self.due = [0.0] * count  # monotonic time of a pending restart (0: none)
         self.stopping = threading.Event()
+        self._spawning = threading.Lock()  # a restart and the stop signal never cross: no worker missed by SIGTERM
         self.restarts = 0
         self.gpu_count = _gpu_count() if count > 1 and settings.device in ("auto", "cuda") else 0
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -68,9 +69,12 @@ class WorkerSupervisor:
                 if self.stopping.is_set():
                     return
                 if self.due[i] and time.monotonic() >= self.due[i]:
-                    self.due[i] = 0.0
-                    self.restarts += 1
-                    self.procs[i] = self._spawn(i)
+                    with self._spawning:
+                        if self.stopping.is_set():
+                            return
+                        self.due[i] = 0.0
+                        self.restarts += 1
+                        self.procs[i] = self._spawn(i)
                 elif p is not None and p.poll() is not None and not self.due[i]:
                     self._exited(i, p.returncode)
 
@@ -81,20 +85,18 @@ class WorkerSupervisor:
             return
         quick = time.monotonic() - self.started[i] < self.QUICK_EXIT_S
         self.quick_exits[i] = self.quick_exits[i] + 1 if quick else 0
-        if self.quick_exits[i] >= self.GIVE_UP_AFTER:  # each restart re-loads the model: never a loop
-            log.error("worker %d exited with %s %d times in a row within %.0f s of its start; not restarting it "
-                      "(see its log above)", i, code, self.quick_exits[i], self.QUICK_EXIT_S)
-            self.procs[i] = None
-            return
-        first, longest = self.BACKOFF_S
+        first, longest = self.BACKOFF_S  # each restart re-loads the model: never a tight loop
         wait = min(longest, first * 2 ** (self.quick_exits[i] - 1)) if quick else first
-        log.warning("worker %d exited with %s; starting it again in %.0f s", i, code, wait)
+        (log.error if wait >= longest else log.warning)(
+            "worker %d exited with %s (%d time(s) in a row within %.0f s of its start); starting it again in %.0f s",
+            i, code, max(1, self.quick_exits[i]), self.QUICK_EXIT_S, wait)
         self.due[i] = time.monotonic() + wait
 
     def signal_stop(self) -> None:
         """At the signal, before the API drains its connections: each worker stops at its next step and re-queues
         its job while the container still has time (docker stop waits 10 s), and none is restarted."""
-        self.stopping.set()
+        with self._spawning:
+            self.stopping.set()
         for p in self.procs:
             if p is not None and p.poll() is None:
                 p.send_signal(signal.SIGTERM)

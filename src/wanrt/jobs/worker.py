@@ -87,6 +87,9 @@ class Worker:
             t.start()
         try:
             self._slot_loop(pipeline, poll_s, max_jobs, 0)
+        except BaseException:  # Ctrl-C or a bug out of slot 0: the other slots stop too, or the joins hang
+            self.shutdown.set()
+            raise
         finally:
             for t in threads:
                 t.join()
@@ -133,6 +136,10 @@ class Worker:
 
     def _slot_loop(self, pipeline, poll_s: float, max_jobs: int | None, slot: int) -> None:
         worker_id = self.worker_id if slot == 0 else f"{self.worker_id}/{slot}"
+        if getattr(pipeline.device, "type", None) == "cuda":  # the current device is per thread (run_worker set
+            import torch  # slot 0's): TensorRT, cuDNN handles use it
+
+            torch.cuda.set_device(pipeline.device)
         try:
             self._claim_loop(pipeline, poll_s, max_jobs, slot, worker_id)
         finally:  # also when the loop raised: a slot that is gone must not be re-reported as live
@@ -316,9 +323,10 @@ class Worker:
     def _record(self, call, *args):
         """A store call that ends a job, retried with backoff while the store is away (Redis restarting, SQLite
         locked) for about a lease: past that the job is claimed again anyway (no heartbeat extends it now). Raises
-        _NotRecorded then, or at shutdown after one try (run_job's caller logs it)."""
-        first, longest = self.CLAIM_BACKOFF_S
-        deadline, backoff = time.monotonic() + self.settings.lease_s, 0.0
+        _NotRecorded then (at shutdown after about 5 s; run_job's caller logs it)."""
+        first, longest = self.CLAIM_BACKOFF_S  # stopping (SIGTERM) still tries for a few seconds: a finished
+        limit = min(self.settings.lease_s, 5.0) if self.shutdown.is_set() else self.settings.lease_s  # video is
+        deadline, backoff = time.monotonic() + limit, 0.0                                          # worth it
         while True:
             try:
                 return call(*args)
@@ -326,10 +334,10 @@ class Worker:
                 backoff = min(longest, backoff * 2 or first)
                 wait = min(backoff, deadline - time.monotonic())
                 error = f"{call.__name__} failed ({type(e).__name__}: {e})"
-                if wait <= 0 or self.shutdown.is_set():
+                if wait <= 0:
                     raise _NotRecorded(error) from e
                 log.warning("job %s: %s; retrying in %.1f s", args[0], error, wait)
-                self.shutdown.wait(wait)
+                (time.sleep if self.shutdown.is_set() else self.shutdown.wait)(wait)  # set: wait() would not wait
 
     def _end_cancelled(self, job: Job, worker_id: str) -> str | None:
         """The job was cancelled or deleted while it ran: end it as such and remove its files (the input too
@@ -415,9 +423,9 @@ def run_worker(settings, worker_id: str | None = None) -> int:
         import torch  # cuDNN handles and anything else that uses it land there
 
         device = torch.device(settings.device)
-        if not torch.cuda.is_available() or device.index >= torch.cuda.device_count():
-            log.error("worker: no GPU %s here (%d visible)", device, torch.cuda.device_count())
-            return 2
+        if not torch.cuda.is_available() or device.index >= torch.cuda.device_count():  # exit 1: serve retries
+            log.error("worker: no GPU %s here (%d visible)", device, torch.cuda.device_count())  # (a driver may
+            return 1                                                                           # come back)
         torch.cuda.set_device(device)
     try:
         _ = worker.pipeline  # the runtime the settings ask for, built before anything is claimed
