@@ -696,6 +696,19 @@ def test_a_dead_workers_job_is_recovered_behind_many_live_ones(store):
     assert again is not None and again.id == ids[100] and again.attempts == 2
 
 
+def test_a_job_an_old_version_worker_took_is_indexed_by_expiry_and_recovered(store):
+    """During a rolling upgrade a schema-2 worker beside new ones takes jobs without indexing their lease; if it
+    then dies, no claim found the job (it stayed processing for good). The API's minutely expire() indexes it."""
+    _redis_only(store)
+    job = store.create({})[0]
+    assert store.claim("old", 0.2).id == job.id
+    store.r.zrem("wanrt:leases", job.id)  # as an old worker's take leaves it
+    store.expire(3600)
+    time.sleep(0.3)
+    again = store.claim("w", 30)
+    assert again is not None and again.id == job.id and again.attempts == 2
+
+
 def test_running_jobs_of_the_previous_layout_are_recovered(store):
     """A Redis written by the previous version (no lease index) still hands a dead worker's job on."""
     _redis_only(store)

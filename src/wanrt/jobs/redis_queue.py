@@ -517,6 +517,20 @@ return 1
 
 # Worker reports not refreshed for ARGV[1] seconds of the server's clock (workers re-report every 30 s while they
 # run): each report is one JSON value with its updated_at; a report refreshed meanwhile stays (one step)
+# Running jobs missing from `leases` get their hash's lease there: a worker of the previous version (schema 2)
+# beside new ones takes jobs without indexing them, and a job of a worker that then dies would never be reclaimed.
+# Run with each expiry (the API's minute); returns how many were added.
+_INDEX_LEASES = """
+local added = 0
+for _, id in ipairs(redis.call('ZRANGE', skey('processing'), 0, -1)) do
+  if not redis.call('ZSCORE', LEASES, id) then
+    redis.call('ZADD', LEASES, tonumber(redis.call('HGET', jkey(id), 'lease_until') or '') or 0, id)
+    added = added + 1
+  end
+end
+return added
+"""
+
 _EXPIRE_WORKERS = """
 local key, removed = P .. ':workers', 0
 local t = redis.call('TIME')
@@ -604,7 +618,8 @@ class RedisJobStore:
             ("heartbeat", _HEARTBEAT), ("delete", _DELETE), ("cancel", _CANCEL), ("release", _RELEASE),
             ("expire", _EXPIRE), ("migrate", _MIGRATE), ("usage", _USAGE), ("claim_webhooks", _CLAIM_WEBHOOKS),
             ("finish_webhook", _FINISH_WEBHOOK), ("expire_webhooks", _EXPIRE_WEBHOOKS), ("summaries", _SUMMARIES),
-            ("expire_workers", _EXPIRE_WORKERS), ("reclaim", _RECLAIM), ("take_head", _TAKE_HEAD),
+            ("expire_workers", _EXPIRE_WORKERS), ("index_leases", _INDEX_LEASES),
+            ("reclaim", _RECLAIM), ("take_head", _TAKE_HEAD),
             ("window", _WINDOW), ("take_pick", _TAKE_PICK), ("statuses", _STATUSES))}
         self._run("migrate")
         self._entry: dict[str, str] = {}  # job id -> stream entry id, for this process's running jobs
@@ -789,6 +804,7 @@ class RedisJobStore:
         while int(self._run("expire_webhooks", older_than_s, self.EXPIRE_BATCH)) >= self.EXPIRE_BATCH:
             pass
         self._run("expire_workers", max(older_than_s, LIVE_REPORT_S))
+        self._run("index_leases")
         return out
 
     # ------------------------------------------------------------------ worker side
