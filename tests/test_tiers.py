@@ -481,3 +481,18 @@ def test_engines_are_counted_under_a_tier_that_is_not_resident(tiny_model, mb):
 
     t = TieredBackend(model, "cpu", plan, mb, lambda tier: Engines(model))
     assert t.ledger.parts["expert_engine"] == 3000
+
+
+def test_concurrency_runs_one_slot_under_a_tier_that_is_not_resident(mb, tmp_path):
+    """Swaps, block streams and engine switches are not thread-safe (TieredBackend serves one request at a
+    time there): WANRT_CONCURRENCY 2 with a swap plan ran two jobs through one swapper. Now one slot, said."""
+    from wanrt.jobs.paths import DataPaths
+    from wanrt.jobs.store import SqliteJobStore
+    from wanrt.jobs.worker import Worker
+
+    pipe = build_runtime(Settings(device="cpu", model="tiny", warmup=BUCKET), free_bytes=lean_need(mb, "swap"))
+    assert tiered(pipe.backend).tier == "swap"
+    store = SqliteJobStore(DataPaths(tmp_path).ensure().db)
+    worker = Worker(Settings(data_dir=tmp_path, concurrency=2), "w", store=store, pipeline=pipe)
+    worker.run(poll_s=0.01, max_jobs=0)
+    assert worker.slots == 1 and [r["id"] for r in store.workers()] == ["w"]

@@ -59,6 +59,7 @@ class Worker:
         self.warmup_s: dict[str, float] = {}  # seconds per warm-up bucket (compiles included)
         self._states: dict[str, tuple] = {}  # slot's worker id -> (pipeline, state, job id): what _keep_reporting re-sends
         self._report_lock = threading.Lock()
+        self.slots = 1  # concurrent jobs (settings.concurrency where the memory tier allows it): set by run()
 
     @property
     def pipeline(self):
@@ -75,7 +76,13 @@ class Worker:
         released = self.store.release_orphans(self.worker_id)
         if released:
             log.warning("re-queued %d job(s) left by a previous run of %s", released, self.worker_id)
-        slots = max(1, int(self.settings.concurrency))
+        from wanrt.runtime.memory import tiered
+
+        slots = self.slots = max(1, int(self.settings.concurrency))
+        tier = getattr(tiered(pipeline.backend), "tier", "resident")
+        if slots > 1 and tier != "resident":  # swaps, streams and engine switches serve one request at a time
+            log.warning("concurrency %d needs the resident memory tier; this plan is %s: running one slot", slots, tier)
+            slots = self.slots = 1
         pipelines = [pipeline] + [self._clone_for_concurrency(pipeline) for _ in range(slots - 1)]
         # slot 0 runs here, on the thread that warmed up: CUDA graph trees are per thread, so graphs captured in
         # warm-up serve only this one (another thread records its own, with a private pool of its own)
@@ -290,7 +297,7 @@ class Worker:
             # a request only a leaner tier fits moves there first; an out-of-memory error moves one tier leaner and
             # runs once more (a second one ends the job: classify_error -> out_of_memory). Tiers other than resident
             # are not thread-safe, so concurrent slots run as planned.
-            result = run_within_memory(pipeline, params, attempt) if self.settings.concurrency <= 1 else attempt()
+            result = run_within_memory(pipeline, params, attempt) if self.slots <= 1 else attempt()
         except Cancelled:
             control.done.set()
             if self.shutdown.is_set() and not control.stop.is_set() and self._record(self.store.release, job.id, worker_id):
