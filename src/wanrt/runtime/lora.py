@@ -82,8 +82,17 @@ _SUFFIX = re.compile(
 # weight_adapter reads them; a side path cannot be one, and we do not fuse them either).
 _ADAPTER = re.compile(r"\.(?P<kind>hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t[12]|dora_scale"
                       r"|lora_magnitude_vector(?:\.default)?(?:\.weight)?|lora_mid\.weight)$")
-_ADAPTER_NAMES = {"hada": "LoHa", "lokr": "LoKr", "dora": "DoRA", "lora_magnitude_vector": "DoRA",
-                  "lora_mid": "LoCon (Tucker lora_mid)"}
+# (the kind's prefix, detect_format's name, the name in a refusal)
+_ADAPTER_KINDS = (("hada", "loha", "LoHa"), ("lokr", "lokr", "LoKr"), ("lora_mid", "locon-mid", "LoCon (Tucker lora_mid)"),
+                  ("dora", "dora", "DoRA"), ("lora_magnitude_vector", "dora", "DoRA"))
+
+
+def _adapter_kind(key: str) -> tuple[str, str]:
+    """(format, label) of an adapter key _ADAPTER matches."""
+    kind = _ADAPTER.search(key).group("kind")
+    return next((fmt, label) for prefix, fmt, label in _ADAPTER_KINDS if kind.startswith(prefix))
+
+
 DEFAULT_MAX_RANK = 128
 DEFAULT_TARGETS = r".*"  # every linear, affine norm and modulation table: whatever a LoRA file may touch
 EXPERT_NAMES = ("high", "low")
@@ -243,13 +252,7 @@ def describe_skipped(keys: list[str], shown: int = 5) -> str:
 
 
 def _adapter_error(keys: list[str], name: str | None) -> LoraError:
-    kinds = []
-    for key in keys:
-        kind = _ADAPTER.search(key).group("kind")
-        label = next(v for k, v in _ADAPTER_NAMES.items() if kind.startswith(k))
-        if label not in kinds:
-            kinds.append(label)
-    fmt = " + ".join(kinds)
+    fmt = " + ".join(dict.fromkeys(_adapter_kind(key)[1] for key in keys))  # each label once, in order
     return LoraError(f"{name or 'this file'} is a {fmt} file ({', '.join(keys[:3])}"
                      f"{' ...' if len(keys) > 3 else ''}): LoHa/LoKr/DoRA and lora_mid adapters are not supported "
                      "(wanrt reads lora_A/lora_B or lora_down/lora_up pairs and .diff deltas); convert it to a "
@@ -371,10 +374,9 @@ def lora_file_metadata(path: Path) -> dict[str, str]:
     """A safetensors file's header metadata ({} for other files)."""
     if Path(path).suffix != ".safetensors":
         return {}
-    from safetensors import safe_open
+    from wanrt.model.loading import safetensors_header
 
-    with safe_open(str(path), framework="pt") as fh:
-        return dict(fh.metadata() or {})
+    return dict(safetensors_header(path).get("__metadata__") or {})
 
 
 def _header_metadata(data: bytes) -> dict[str, str]:
@@ -389,11 +391,8 @@ def detect_format(keys: Iterable[str]) -> str:
     kinds = set()
     for key in keys:
         stripped = _strip(key)
-        adapter = _ADAPTER.search(stripped)
-        if adapter:
-            kind = adapter.group("kind")
-            kinds.add("loha" if kind.startswith("hada") else "lokr" if kind.startswith("lokr") else
-                      "locon-mid" if kind.startswith("lora_mid") else "dora")
+        if _ADAPTER.search(stripped):
+            kinds.add(_adapter_kind(stripped)[0])
             continue
         m = _SUFFIX.match(stripped)
         if m is None or _TEXT_ENCODER.match(key):
