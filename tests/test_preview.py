@@ -121,6 +121,24 @@ def test_pipeline_writes_a_preview_per_step_that_changes(tiny_pipeline, tmp_path
     assert preview.written == 3 and preview.hook_s < 1.0
 
 
+def test_the_last_step_is_written_at_once_not_after_the_writers_rest(tmp_path, monkeypatch):
+    """The writer rests between encodes (REST_FACTOR) and keeps only the latest step meanwhile; the last step
+    waited out that rest too, and on a busy CPU was written only by close(), after the VAE decode: a client
+    never saw it while the job ran."""
+    from wanrt.runtime import preview as preview_module
+
+    monkeypatch.setitem(preview_module.REST_FACTOR, "cpu", 10_000.0)  # rests far longer than the test
+    preview = LivePreview(tmp_path / "p.webp")
+    x0 = torch.randn(1, 16, 3, 8, 8)
+    preview(0, 3, x0)
+    assert preview.flush(10)
+    preview(1, 3, x0 + 1)
+    assert not preview.flush(0.3)  # resting: step 2 waits (and would be dropped for a later one)
+    preview(2, 3, x0 + 2)
+    assert preview.flush(10) and json.loads((tmp_path / "p.json").read_text())["step"] == 3
+    preview.close()
+
+
 def test_writer_never_holds_back_the_sampler_and_ends_on_the_last_step(tmp_path):
     preview = LivePreview(tmp_path / "p.webp")
     x0 = torch.randn(1, 16, 21, 80, 80)  # full size 640x640x81

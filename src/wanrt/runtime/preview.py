@@ -183,7 +183,10 @@ class LivePreview:
             pass
         while True:
             with self._cond:
-                while not self._closed and (self._pending is None or time.monotonic() < self._rest_until):
+                # the last step is written at once, rest or not: nothing comes after it to be starved, and it
+                # is what a client should see during the VAE decode (not only after it, from close())
+                while not self._closed and (self._pending is None or (time.monotonic() < self._rest_until
+                                                                      and self._pending[0] + 1 < self._pending[1])):
                     self._cond.wait(None if self._pending is None else self._rest_until - time.monotonic())
                 if self._pending is None:
                     return
