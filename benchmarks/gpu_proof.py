@@ -10,49 +10,46 @@ one device command (10 minutes), every row written to the JSON the moment it com
     python benchmarks/gpu_proof.py --render benchmarks/results/gpu_<gpu>_<date>.json .wanrt/returned/*.json
     python benchmarks/gpu_proof.py --dry-run --out /tmp/proof   # CPU, tiny model: plumbing and schema
 
-The 15-minute device session, most important figures first (each step is one `run` call; est_s is a guess at
-full size on an H100 until measured):
+The 15-minute device session, what is still unmeasured first (each step is one `run` call; est_s: the units'
+seconds on an H200 where they ran, else a guess):
 
   step  stages  configs               budget_s  timeout_s  est_s  what
-  A     1,3     all                   480       520        330    probe-lite (versions, SDPA kernel choice, flash
-                                                                  vs cuDNN vs cuDNN FP8 attention at 33,600
-                                                                  tokens, FFN linear BF16 vs FP8) + the headline:
-                                                                  default preset, FP8 + compile, resident
-  B     2       all                   420       460        300    default preset: our eager BF16 (the preset's
-                                                                  reference) and diffusers' BF16 pipeline
-                                                                  (vs_diffusers)
-  C     5       all                   480       520        300    fast preset: eager (its reference), diffusers,
-                                                                  FP8 + compile
-  D     6       all                   480       520        330    memory modes: eager offload (resident: B's row
-                                                                  when the machine kept it), compiled (FP8 +
-                                                                  compile) offload as build_runtime builds it
-  E     4       all                   420       460        270    default preset, BF16 + compile (the serving
-                                                                  default with --no-fp8)
-  F     7       all                   480       520        300    cold start: `wanrt generate --backend compiled`
-                                                                  to its first MP4, empty compile caches
-  G     8       +fp8 +compile         480       520        300    opt-in: FP8 + compile + CUDA graphs
-                +cudagraphs
-  H     8       +fp8(torchao)         480       520        300    opt-in: torchao's FP8 + compile
+  A     1,2,8,5 pytest, eager, +fp8   480       520        340    pytest -m gpu (the first run lost which GPU
+                +compile +cudnn_fp8,                              tests fail); default eager (the reference, 96 s)
+                +fp8 +compile                                     then FP8 + compile + cuDNN FP8 attention against
+                                                                  it (opt-in: attention is 53 % of the FLOPs);
+                                                                  fast preset: eager (its reference, 38 s) and FP8
+                                                                  + compile (goal <= 8 s)
+  B     2,6,4   eager, compiled, bf16 480       520        390    default eager (the reference); memory: FP8 +
+                +compile                                          compile under offload as build_runtime builds it
+                                                                  (swap seconds, peak); default BF16 + compile
+                                                                  (the serving default with --no-fp8)
+  C     2,8     eager, +fp8 +compile  480       520        300    default eager (the reference); opt-in: FP8 +
+                +cudagraphs,                                      compile + CUDA graphs, torchao's FP8 + compile
+                +fp8(torchao)
                 +compile
-  P     1       pytest                360       400        200    optional: pytest -m gpu on the test files with
-                                                                  GPU tests
+  D     1,2,3   all                   480       520        300    the first session's figures on the other card
+                                                                  (an H100 when they came from an H200): probe,
+                                                                  eager, diffusers, the headline (FP8 + compile)
+  E     7       all                   420       460        200    cold start: `wanrt generate --backend compiled`
+                                                                  to its first MP4, empty compile caches
 
   Each step:  run(command="python benchmarks/gpu_proof.py --step A --copy-to $OUT", carry=["wheels"],
               timeout_s=520)   (or: make gpu-proof STEP=A; COPY_TO defaults to $OUT)
-  - A machine start takes ~2-3 of the 15 minutes: a session gets A and B; C onwards go to later sessions, two
-    steps each. Before each call read `status`: run a step only while budget_left_s covers its timeout_s (a
-    fresh machine: ~3 minutes more; none starts under 4 minutes left); with less, add --budget-s <left - 60> and
-    timeout_s <left - 20>, or stop. Units that cannot start inside the budget are listed as not run.
+  - Steps A-C of the first plan ran on an H200 on 2026-11-26 (benchmarks/results/gpu_nvidia_h200_20261126.json):
+    a machine start took 30-60 s and the wheels install 3 s, so a 15-minute session gets two steps. Before each
+    call read `status`: run a step only while budget_left_s covers its timeout_s (a fresh machine: ~1 minute
+    more; none starts under 4 minutes left); with less, add --budget-s <left - 30> and timeout_s <left - 10>, or
+    stop. A unit starts only with its minimum (MIN_START_S) plus 15 s left; the others are listed as not run.
   - Call the next step at once, before reading the last one's output: the machine goes back after 30 s idle. A
-    fresh machine re-installs wheels/ and has lost .wanrt/proof (the JSON and the reference latents); every step
-    still stands alone, but rows that ran before their preset's reference (A's headline before B's eager row)
-    then keep latent_cos and psnr_db empty.
+    fresh machine re-installs wheels/ and has lost .wanrt/proof (the JSON and the reference latents); each step
+    runs its preset's eager reference before the rows compared with it.
   - After each call copy its JSON before the next: mkdir -p .wanrt/returned && cp <files_at>/gpu_*.json
     .wanrt/returned/<step>.json. Here, with no GPU: python benchmarks/gpu_proof.py --render
     benchmarks/results/gpu_<gpu>_<date>.json .wanrt/returned/*.json merges them (a later row replaces an
     earlier one of the same stage, preset and config; an error never replaces a result) and regenerates the .md
     table, the .png chart and README.md's block; commit those four.
-  - pytest -m gpu (P) and a real VAE's PSNR (--vae-model DIR, on A) are optional extras.
+  - A real VAE's PSNR (--vae-model DIR, with the probe) is an optional extra.
 
 Units (--configs names them, within --stages; the reference row of a preset always runs first in its stage):
   1 probe (probe-lite: versions; the attention report (wanrt.runtime.attention.kernel_report) for Wan's
@@ -94,12 +91,14 @@ Schema (version 2):
   per row: stage (int, 1-8), preset, config, total_s, text, vae_encode, denoise_high, denoise_low, vae_decode,
     mp4 (seconds per stage; mp4 is null for diffusers, whose pipeline writes no video), loop_tflops,
     pct_bf16_peak, pct_fp8_peak (of the GPU's published dense peak), warmup_s (the warm-up requests, compiles
-    included; cold start: imports + load), peak_allocated_gb, peak_reserved_gb, vs_diffusers (the diffusers
+    included; cold start: imports + load), peak_allocated_gb, peak_reserved_gb (GiB, over the timed request;
+    rows measured before 2026-11-27 include the backend's build and the warm-up), vs_diffusers (the diffusers
     row's seconds / ours over the parts both measure: text + vae_encode + denoise_high + denoise_low +
     vae_decode, never the MP4 encode, which diffusers does not do and ours overlaps with the decode; only bench_e2e
     rows, stages 2-5 and 8, against the diffusers row of the same preset), latent_cos, psnr_db (vs our eager BF16
     reference of the same preset); null where not applicable or not measured. Optional extras: unit (what
-    --configs selects), error, fp8_layers, load_s, swap_s, pin_s, plan_need_gb, plan_phases_gb, plan_mode,
+    --configs selects), error, fp8_layers, load_s, setup_peak_allocated_gb and setup_peak_reserved_gb (GiB, the
+    backend's build and the warm-up), swap_s, pin_s, plan_need_gb, plan_phases_gb, plan_mode,
     bit_identical, host_copies, opt_in (a configuration the server does not run unless asked), warmup_steps,
     pending (latents waiting for their preset's reference), backfilled (compared after the reference came),
     reused (a row taken from another stage's measurement), cache ("cold": empty compile caches), note.
@@ -173,7 +172,8 @@ FP8_COMPILED = "+fp8 +compile"  # the serving default (Settings: fp8 and compile
 FP8_GRAPHS = "+fp8 +compile +cudagraphs"
 BF16_COMPILED = "bf16 +compile"  # the serving default with --no-fp8
 FP8_TORCHAO = "+fp8(torchao) +compile"  # fp8_impl=torchao: the same recipe, kept if it measures faster
-OPT_IN = {FP8_GRAPHS, FP8_TORCHAO}  # measured, never the headline: the server runs them only when asked
+FP8_ATTN = "+fp8 +compile +cudnn_fp8"  # attn=cudnn_fp8: FP8 self-attention, gated at 40 dB against BF16
+OPT_IN = {FP8_GRAPHS, FP8_TORCHAO, FP8_ATTN}  # measured, never the headline: the server runs them only when asked
 MEMORY_EAGER = ("resident", "offload")  # stage 6's `eager` unit, on one loaded model
 MEMORY_COMPILED = f"offload (compiled {FP8_COMPILED})"
 COLD_START = "cold start"
@@ -181,7 +181,7 @@ VAE_MIN_PSNR_DB = 40.0  # vae_dtype=auto's gate: bf16 decode frames against fp32
 README_START, README_END = "<!-- gpu-proof:start -->", "<!-- gpu-proof:end -->"
 STAGE_NAMES = {1: "probe", 2: "default: eager + diffusers", 3: "default: FP8 + compile (the headline)",
                4: "default: BF16 + compile", 5: "fast preset", 6: "memory modes", 7: "cold start",
-               8: "default: opt-in (CUDA graphs, torchao)"}
+               8: "default: opt-in (CUDA graphs, torchao, FP8 attention)"}
 DEFAULT_BUDGET_S = 540  # one device command runs 600 s at most: install, units and the last copy inside it
 ROW_TIMEOUT_S = 480  # a cap on any one unit
 PROBE_TIMEOUT_S = 150
@@ -189,7 +189,7 @@ PYTEST_TIMEOUT_S = 300
 TEARDOWN_S = 15  # kept from the budget for the last write and copy
 # A unit does not start with less of the budget left than this (full size; a dry run starts everything): it
 # could only be killed, the minutes lost.
-MIN_START_S = {"probe": 30, "pytest": 60, "e2e": 100, "e2e compiled": 180, "memory eager": 150,
+MIN_START_S = {"probe": 30, "pytest": 60, "e2e": 110, "e2e compiled": 120, "memory eager": 150,
                "memory compiled": 200, "cold": 200}
 
 
@@ -227,6 +227,7 @@ UNITS = (  # table order; within a stage the preset's reference (eager) runs fir
     Unit(7, "default", COLD_START, "cold"),
     Unit(8, "default", FP8_GRAPHS, "e2e"),
     Unit(8, "default", FP8_TORCHAO, "e2e"),
+    Unit(8, "default", FP8_ATTN, "e2e"),
 )
 UNIT_ORDER = {(u.stage, u.name): i for i, u in enumerate(UNITS)}
 
@@ -246,20 +247,21 @@ class Step:
         return self.budget_s + 40
 
 
-PLAN = (
-    Step("A", (1, 3), None, 480, 330, "probe-lite (versions, SDPA kernel choice, flash vs cuDNN vs cuDNN FP8 attention "
-         "at 33,600 tokens, FFN linear BF16 vs FP8) + the headline: default preset, FP8 + compile, resident"),
-    Step("B", (2,), None, 420, 300, "default preset: our eager BF16 (the preset's reference) and diffusers' BF16 "
-         "pipeline (vs_diffusers)"),
-    Step("C", (5,), None, 480, 300, "fast preset: eager (its reference), diffusers, FP8 + compile"),
-    Step("D", (6,), None, 480, 330, "memory modes: eager offload (resident: B's row when the machine kept it), "
-         "compiled (FP8 + compile) offload as build_runtime builds it"),
-    Step("E", (4,), None, 420, 270, "default preset, BF16 + compile (the serving default with --no-fp8)"),
-    Step("F", (7,), None, 480, 300, "cold start: `wanrt generate --backend compiled` to its first MP4, empty compile "
-         "caches"),
-    Step("G", (8,), (FP8_GRAPHS,), 480, 300, "opt-in: FP8 + compile + CUDA graphs"),
-    Step("H", (8,), (FP8_TORCHAO,), 480, 300, "opt-in: torchao's FP8 + compile"),
-    Step("P", (1,), ("pytest",), 360, 200, "optional: pytest -m gpu on the test files with GPU tests"),
+PLAN = (  # what is still unmeasured first; est_s from the first device session (H200, 2026-11-26) where it ran
+    Step("A", (1, 2, 8, 5), ("pytest", "eager", FP8_ATTN, FP8_COMPILED), 480, 340,
+         "pytest -m gpu (the first run lost which GPU tests fail); default eager (the reference, 96 s) then FP8 + "
+         "compile + cuDNN FP8 attention against it (opt-in: attention is 53 % of the FLOPs); fast preset: eager "
+         "(its reference, 38 s) and FP8 + compile (goal <= 8 s)"),
+    Step("B", (2, 6, 4), ("eager", "compiled", BF16_COMPILED), 480, 390,
+         "default eager (the reference); memory: FP8 + compile under offload as build_runtime builds it (swap "
+         "seconds, peak); default BF16 + compile (the serving default with --no-fp8)"),
+    Step("C", (2, 8), ("eager", FP8_GRAPHS, FP8_TORCHAO), 480, 300,
+         "default eager (the reference); opt-in: FP8 + compile + CUDA graphs, torchao's FP8 + compile"),
+    Step("D", (1, 2, 3), None, 480, 300,
+         "the first session's figures on the other card (an H100 when they came from an H200): probe, eager, "
+         "diffusers, the headline (FP8 + compile)"),
+    Step("E", (7,), None, 420, 200, "cold start: `wanrt generate --backend compiled` to its first MP4, empty "
+         "compile caches"),
 )
 STEPS = {s.name: s for s in PLAN}
 
@@ -267,20 +269,20 @@ STEPS = {s.name: s for s in PLAN}
 PLAN_RULES = """\
   Each step:  run(command="python benchmarks/gpu_proof.py --step A --copy-to $OUT", carry=["wheels"],
               timeout_s=520)   (or: make gpu-proof STEP=A; COPY_TO defaults to $OUT)
-  - A machine start takes ~2-3 of the 15 minutes: a session gets A and B; C onwards go to later sessions, two
-    steps each. Before each call read `status`: run a step only while budget_left_s covers its timeout_s (a
-    fresh machine: ~3 minutes more; none starts under 4 minutes left); with less, add --budget-s <left - 60> and
-    timeout_s <left - 20>, or stop. Units that cannot start inside the budget are listed as not run.
+  - Steps A-C of the first plan ran on an H200 on 2026-11-26 (benchmarks/results/gpu_nvidia_h200_20261126.json):
+    a machine start took 30-60 s and the wheels install 3 s, so a 15-minute session gets two steps. Before each
+    call read `status`: run a step only while budget_left_s covers its timeout_s (a fresh machine: ~1 minute
+    more; none starts under 4 minutes left); with less, add --budget-s <left - 30> and timeout_s <left - 10>, or
+    stop. A unit starts only with its minimum (MIN_START_S) plus 15 s left; the others are listed as not run.
   - Call the next step at once, before reading the last one's output: the machine goes back after 30 s idle. A
-    fresh machine re-installs wheels/ and has lost .wanrt/proof (the JSON and the reference latents); every step
-    still stands alone, but rows that ran before their preset's reference (A's headline before B's eager row)
-    then keep latent_cos and psnr_db empty.
+    fresh machine re-installs wheels/ and has lost .wanrt/proof (the JSON and the reference latents); each step
+    runs its preset's eager reference before the rows compared with it.
   - After each call copy its JSON before the next: mkdir -p .wanrt/returned && cp <files_at>/gpu_*.json
     .wanrt/returned/<step>.json. Here, with no GPU: python benchmarks/gpu_proof.py --render
     benchmarks/results/gpu_<gpu>_<date>.json .wanrt/returned/*.json merges them (a later row replaces an
     earlier one of the same stage, preset and config; an error never replaces a result) and regenerates the .md
     table, the .png chart and README.md's block; commit those four.
-  - pytest -m gpu (P) and a real VAE's PSNR (--vae-model DIR, on A) are optional extras."""
+  - A real VAE's PSNR (--vae-model DIR, with the probe) is an optional extra."""
 
 
 def plan_text() -> str:
@@ -350,6 +352,8 @@ def from_e2e(stage: int, e2e: dict, dry: bool = False) -> dict:
     for extra in ("error", "fp8_layers", "load_s", "warmup_steps", "pending"):
         if e2e.get(extra) is not None:
             row[extra] = e2e[extra]
+    if e2e.get("setup_peak_memory_gb") is not None:
+        row.update(setup_peak_allocated_gb=e2e["setup_peak_memory_gb"], setup_peak_reserved_gb=e2e["setup_peak_reserved_gb"])
     if e2e.get("config") in OPT_IN:
         row["opt_in"] = True
     if dry and "compile" in (e2e.get("config") or ""):
@@ -647,13 +651,30 @@ def _probe_vae(ctx: Ctx) -> dict:
 def _pytest_gpu(ctx: Ctx, timeout: float, unit: Unit) -> dict:
     """`pytest -m gpu` on the test files that carry GPU tests (the others need the CPU suite's extras)."""
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in p.read_text())
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *files]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "--tb=short", "-m", "gpu", "-p", "no:cacheprovider", *files]
     t0 = time.perf_counter()
-    rc, stdout, stderr = bench_e2e.run_group(cmd, timeout, ctx.env, ctx.log(unit), cwd=ROOT)
-    tail = (stdout + stderr).strip().splitlines()
-    summary = f"killed after {timeout:.0f} s" if rc is None else (tail[-1] if tail else "")
-    return {"files": files, "returncode": rc, "summary": summary, "seconds": time.perf_counter() - t0,
-            "tail": "\n".join(tail[-15:])}
+    log = ctx.log(unit)
+    rc, stdout, _ = bench_e2e.run_group(cmd, timeout, ctx.env, log, cwd=ROOT)
+    with open(log, "a") as f:  # the report is on stdout; stderr (in the log already) ends in cuDNN's exit noise
+        f.write(stdout[-20_000:])
+    outcome = pytest_outcome(stdout)
+    if rc is None:
+        outcome["summary"] = f"killed after {timeout:.0f} s"
+    return {"files": files, "returncode": rc, **outcome, "seconds": time.perf_counter() - t0}
+
+
+def pytest_outcome(stdout: str) -> dict:
+    """pytest's own summary line ("2 failed, 14 passed, 3 skipped in 45.1s"), its FAILED/ERROR lines (-rfE) and the
+    report's tail, from its stdout alone: a last line of stdout+stderr can be a library's exit message (the first
+    device run kept nanobind's leak report from cudnn-frontend as the summary, and lost which tests failed)."""
+    lines = stdout.strip().splitlines()
+    counts = [ln.strip(" =") for ln in lines if _PYTEST_COUNTS.search(ln)]
+    failed = [ln[:300] for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
+    return {"summary": counts[-1] if counts else (lines[-1] if lines else ""), "failed": failed[:40],
+            "tail": "\n".join(lines[-30:])}
+
+
+_PYTEST_COUNTS = re.compile(r"\b\d+ (passed|failed|errors?|skipped|deselected|xfailed|xpassed)\b.* in [\d.]+s")
 
 
 def memory_eager_rows(ctx: Ctx, reuse: bool = False) -> list[dict]:
@@ -1069,6 +1090,7 @@ def _probe_other_lines(probe: dict) -> list[str]:
     lines = []
     if probe.get("pytest_gpu"):
         lines += ["", f"pytest -m gpu: {probe['pytest_gpu'].get('summary')}"]
+        lines += [f"- `{ln}`" for ln in probe["pytest_gpu"].get("failed") or []]
     if probe.get("error"):
         lines += ["", f"probe: {' '.join(str(probe['error']).split())[:300]}"]
     return lines
@@ -1357,9 +1379,9 @@ def main(argv=None) -> int:
     else:
         stages = list(step.stages) if step else list(dict.fromkeys(n for s in PLAN for n in s.stages))
     configs = args.configs.split(",") if args.configs else (list(step.configs) if step and step.configs else None)
-    if configs is None and not (args.step or args.stage or args.stages):  # the whole plan: each step's own units
-        units = list(dict.fromkeys(u for s in PLAN for u in select_units(list(s.stages), s.configs)
-                                   if not u.optional))
+    if configs is None and not (args.step or args.stage or args.stages):  # everything: the plan's units in its
+        planned = [u for s in PLAN for u in select_units(list(s.stages), s.configs)]  # order, then the rest
+        units = [u for u in dict.fromkeys(planned + select_units(sorted(STAGE_NAMES), None)) if not u.optional]
     else:
         units = select_units(stages, configs)
     if not (ctx.dry or args.no_install):

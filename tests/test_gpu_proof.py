@@ -49,7 +49,7 @@ def test_dry_run_writes_a_schema_valid_document(dry_run):
     assert sorted(stages) == [2, 3, 4, 5, 6, 7, 8]
     assert [r["config"] for r in stages[2]] == ["diffusers", "eager"]
     assert [r["config"] for r in stages[3]] == [gpu_proof.FP8_COMPILED]
-    assert [r["config"] for r in stages[8]] == [gpu_proof.FP8_GRAPHS]  # torchao: left out on the CPU
+    assert [r["config"] for r in stages[8]] == [gpu_proof.FP8_GRAPHS]  # torchao, cuDNN FP8: left out on the CPU
     assert [r.get("opt_in") for r in stages[8]] == [True]
     assert [r["config"] for r in stages[5]] == ["diffusers", "eager", gpu_proof.FP8_COMPILED]
     assert [r["config"] for r in stages[6]] == ["resident (eager float32)", "offload (eager float32)",
@@ -65,9 +65,9 @@ def test_dry_run_rows_compare_against_the_eager_reference(dry_run):
     eager = rows[(2, "eager")]
     assert abs(eager["latent_cos"] - 1) < 1e-6 and eager["psnr_db"] == float("inf")
     assert rows[(2, "diffusers")]["vs_diffusers"] == 1.0 and rows[(2, "diffusers")]["mp4"] is None
-    fp8 = rows[(3, gpu_proof.FP8_COMPILED)]  # ran before the reference (the plan's order): compared when it came
+    fp8 = rows[(3, gpu_proof.FP8_COMPILED)]
     assert 0.999 < fp8["latent_cos"] < 1 and fp8["fp8_layers"] > 0 and fp8["vs_diffusers"] > 0
-    assert fp8["backfilled"] is True and fp8["psnr_db"] > 30 and "pending" not in fp8
+    assert fp8["psnr_db"] > 30 and "pending" not in fp8
     bf16 = rows[(4, gpu_proof.BF16_COMPILED)]
     assert bf16["fp8_layers"] == 0 and abs(bf16["latent_cos"] - 1) < 1e-6  # no FP8 leaked from stage 3
     resident = rows[(6, "resident (eager float32)")]  # stage 2's eager row, not run again
@@ -125,7 +125,8 @@ def test_a_dry_stage_writes_its_rows_and_only_a_copy_of_the_readme(tmp_path):
     old = before.decode()
     assert copy[:start] == old[:old.index(gpu_proof.README_START)]
     assert copy[end:] == old[old.index(gpu_proof.README_END):]
-    assert "No GPU figures have been measured yet" in old and f"| 6 | smoke | {gpu_proof.MEMORY_COMPILED} |" in copy
+    assert "NVIDIA H200" in old and "NVIDIA H200" not in copy  # the tracked README keeps the committed figures
+    assert f"| 6 | smoke | {gpu_proof.MEMORY_COMPILED} |" in copy
     assert gpu_proof.replace_block("no markers", "x") is None
 
     # the headline row times the serving default (Settings), alone in its stage; CUDA graphs and torchao only in
@@ -139,7 +140,13 @@ def test_a_dry_stage_writes_its_rows_and_only_a_copy_of_the_readme(tmp_path):
     graphs = [c for names in e2e.values() for c in names if options[c].get("cudagraphs")]
     assert graphs == [gpu_proof.FP8_GRAPHS] and gpu_proof.OPT_IN == set(e2e[8])
     assert options[gpu_proof.FP8_TORCHAO] == serving | {"fp8_impl": "torchao"}  # torchao vs ours, all else equal
-    assert gpu_proof.PLAN[0].stages == (1, 3) and gpu_proof.PLAN[1].stages == (2,)  # the headline, then vs diffusers
+    assert options[gpu_proof.FP8_ATTN] == serving | {"attn": "cudnn_fp8"}
+    # each step runs the eager reference of every preset whose compared rows it runs, before them
+    for step in gpu_proof.PLAN:
+        units = gpu_proof.select_units(list(step.stages), list(step.configs) if step.configs else None)
+        for i, u in enumerate(units):
+            if u.kind == "e2e" and u.name not in ("eager", "diffusers") or u.kind == "memory compiled":
+                assert any(v.name == "eager" and v.preset == u.preset for v in units[:i]), (step.name, u.key)
     assert all(s.timeout_s <= 560 for s in gpu_proof.PLAN)  # each step one device command (600 s at most)
 
     # the wheelhouse: the pins the GPU host needs (no wanrt wheel: src/ is measured; no importlib-metadata), and
@@ -313,3 +320,22 @@ def test_units_that_cannot_start_inside_the_budget_are_listed(tmp_path, capsys):
     assert [u.name for u in gpu_proof.select_units([1], None)] == ["probe"]  # pytest only when named
     with pytest.raises(SystemExit, match="no unit"):
         gpu_proof.select_units([3], ["eager"])
+
+
+def test_the_pytest_unit_keeps_pytests_summary_and_failures_not_a_librarys_exit_noise(tmp_path):
+    """The first device run stored the last line of stdout+stderr as the summary: cudnn-frontend's nanobind leak
+    report at interpreter exit, and which GPU tests failed was lost. A real pytest run whose process prints such
+    noise to stderr at exit."""
+    (tmp_path / "conftest.py").write_text("import atexit, sys\n"
+                                          "atexit.register(lambda: print('nanobind: leaked 30 instances!', file=sys.stderr))\n")
+    (tmp_path / "test_x.py").write_text("import pytest\n\n@pytest.mark.skip(reason='no')\ndef test_s():\n    pass\n\n"
+                                        "def test_ok():\n    pass\n\ndef test_bad():\n    assert 1 == 2, 'kaput'\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "--tb=short", "-p", "no:cacheprovider",
+                        str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "nanobind" in r.stderr and r.returncode == 1
+    out = gpu_proof.pytest_outcome(r.stdout)
+    assert out["summary"].startswith("1 failed, 1 passed, 1 skipped in "), out
+    assert len(out["failed"]) == 1 and out["failed"][0].startswith("FAILED ") and "test_bad" in out["failed"][0]
+    lines = gpu_proof.markdown({"gpu": "g", "torch": "t", "cuda": None, "cudnn": None, "model": "m", "rows": [],
+                                "probe": {"pytest_gpu": {"returncode": 1, **out}}})
+    assert "test_bad" in lines and "1 failed, 1 passed" in lines
