@@ -122,10 +122,21 @@ def run_group(cmd: list[str], timeout: float | None = None, env: dict | None = N
         return rc, out_path.read_text(errors="replace"), err_path.read_bytes()[-20_000:].decode(errors="replace")
 
 
+def with_alloc_conf(env: dict) -> dict:
+    """`env` with the allocator setting the server runs with (build_runtime: gpus.prefer_expandable_segments) unless
+    it has one: every row measures under it, diffusers' too."""
+    from wanrt.runtime.gpus import ALLOC_CONF_VARS, CUDA_ALLOC_CONF
+
+    if not any(v in env for v in ALLOC_CONF_VARS):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_CONF
+    return env
+
+
 def child_env(env: dict | None = None) -> dict:
     """`env` (default os.environ) with this checkout's src/ first on PYTHONPATH: child processes measure it too."""
     env = dict(os.environ if env is None else env)
     src = str(HERE.parent.parent / "src")
+    with_alloc_conf(env)
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != src]
     env["PYTHONPATH"] = os.pathsep.join([src, *rest])
     return env

@@ -145,12 +145,13 @@ def use_paths(site: Path = SITE) -> None:
 
 
 def proof_env(site: Path = SITE, env: dict | None = None) -> dict:
-    """`env` (default os.environ) with import_paths(site) first on PYTHONPATH: every child imports what we do."""
+    """`env` (default os.environ) with import_paths(site) first on PYTHONPATH: every child imports what we do, under
+    the allocator setting the server runs with."""
     env = dict(os.environ if env is None else env)
     first = import_paths(site)
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in first]
     env["PYTHONPATH"] = os.pathsep.join(first + rest)
-    return env
+    return bench_e2e.with_alloc_conf(env)
 
 
 use_paths()  # before the imports below: a host without wanrt (and, before the install, without diffusers)

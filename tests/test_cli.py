@@ -156,6 +156,8 @@ except ValueError as e:
     assert "autotune" in str(e)
 pipe = build_runtime(Settings(device="cpu", backend="compiled", compile=False, deterministic=True))
 assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+import os  # build_runtime chose the allocator's growable segments (no allocator setting in this environment)
+assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True" and "PYTORCH_ALLOC_CONF" not in os.environ
 assert not torch.utils.deterministic.fill_uninitialized_memory  # no NaN fill of every output buffer
 fmt = decode_format("cuda", "auto")
 assert fmt.dtype == torch.bfloat16 and fmt.channels_last and not fmt.cudnn_benchmark
@@ -170,5 +172,7 @@ print("ok")
 def test_deterministic_turns_off_every_choice_made_by_timing():
     """--deterministic: no cudnn.benchmark in the bf16 VAE decode, attn=auto measures nothing, autotune refused,
     torch's deterministic algorithms on (its own process: the switches are process-wide)."""
-    r = subprocess.run([sys.executable, "-c", DETERMINISTIC_CHECK], capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    r = subprocess.run([sys.executable, "-c", DETERMINISTIC_CHECK], capture_output=True, text=True, timeout=300,
+                       env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

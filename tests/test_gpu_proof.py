@@ -339,3 +339,14 @@ def test_the_pytest_unit_keeps_pytests_summary_and_failures_not_a_librarys_exit_
     lines = gpu_proof.markdown({"gpu": "g", "torch": "t", "cuda": None, "cudnn": None, "model": "m", "rows": [],
                                 "probe": {"pytest_gpu": {"returncode": 1, **out}}})
     assert "test_bad" in lines and "1 failed, 1 passed" in lines
+
+
+def test_every_row_runs_under_the_servers_allocator_setting(tmp_path):
+    """The proof's children (ours and diffusers') get build_runtime's PYTORCH_CUDA_ALLOC_CONF unless the host set
+    an allocator setting of its own."""
+    from wanrt.runtime.gpus import CUDA_ALLOC_CONF
+
+    assert gpu_proof.proof_env(tmp_path, env={})["PYTORCH_CUDA_ALLOC_CONF"] == CUDA_ALLOC_CONF
+    assert gpu_proof.bench_e2e.child_env({})["PYTORCH_CUDA_ALLOC_CONF"] == CUDA_ALLOC_CONF
+    given = gpu_proof.proof_env(tmp_path, env={"PYTORCH_ALLOC_CONF": "backend:cudaMallocAsync"})
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in given and given["PYTORCH_ALLOC_CONF"] == "backend:cudaMallocAsync"

@@ -6,6 +6,7 @@ one after the other, VAE tiles, the out-of-memory retry, the capacity the API ch
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 
 import pytest
@@ -496,3 +497,18 @@ def test_concurrency_runs_one_slot_under_a_tier_that_is_not_resident(mb, tmp_pat
     worker = Worker(Settings(data_dir=tmp_path, concurrency=2), "w", store=store, pipeline=pipe)
     worker.run(poll_s=0.01, max_jobs=0)
     assert worker.slots == 1 and [r["id"] for r in store.workers()] == ["w"]
+
+
+def test_the_allocator_setting_is_expandable_segments_unless_the_environment_has_one(monkeypatch):
+    """gpus.prefer_expandable_segments (build_runtime's first step): an operator's PYTORCH_ALLOC_CONF (torch >=
+    2.9's name) or PYTORCH_CUDA_ALLOC_CONF is kept as given; with neither, growable segments."""
+    from wanrt.runtime import gpus
+
+    for name in gpus.ALLOC_CONF_VARS:
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "backend:cudaMallocAsync")
+    assert gpus.prefer_expandable_segments() == "backend:cudaMallocAsync"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    assert gpus.prefer_expandable_segments() == gpus.CUDA_ALLOC_CONF == os.environ["PYTORCH_CUDA_ALLOC_CONF"]

@@ -82,6 +82,7 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
     for (default: asked from CUDA and the OS; on CPU unbounded). ledger: a DeviceLedger to count into."""
     import torch
 
+    gpus.prefer_expandable_segments()
     if settings.deterministic:
         if settings.autotune:
             raise ValueError("deterministic and autotune do not go together: autotuning picks GEMM kernels by "
