@@ -686,6 +686,7 @@ def memory_eager_rows(ctx: Ctx, reuse: bool = False) -> list[dict]:
 
     from wanrt.config import Settings
     from wanrt.model.loading import load_model
+    from wanrt.runtime import gpus
     from wanrt.runtime.backends.eager import EagerBackend
     from wanrt.runtime.memory import ExpertSwapper, OffloadingBackend, estimate_plan
     from wanrt.runtime.pipeline import WanI2VPipeline
@@ -710,7 +711,11 @@ def memory_eager_rows(ctx: Ctx, reuse: bool = False) -> list[dict]:
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()  # after the swapper dropped the device copies
-                plan = estimate_plan(ctx.model, device, dtype, mode, free_bytes=torch.cuda.mem_get_info()[0])
+                # planned for the card as a fresh worker sees it (the first run passed the memory left beside the
+                # loaded model, so the plan streamed the text encoder that this measurement keeps resident)
+                card = torch.cuda.mem_get_info()[1] - gpus.CUDA_CONTEXT_BYTES
+                plan = estimate_plan(ctx.model, device, dtype, mode, free_bytes=card)
+                row["plan_text_encoder"] = plan.options.text_encoder
                 row["plan_need_gb"] = plan.need_bytes / 2**30
                 row["plan_phases_gb"] = {k: round(v / 2**30, 2) for k, v in plan.phases.items()}
             row["plan_mode"] = mode
