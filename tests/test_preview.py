@@ -264,3 +264,17 @@ def test_real_job_preview_webhook_and_gpu_seconds(tmp_path):
         assert httpx.get(f"{srv.base}/preview/{job}").status_code == 404
         assert list((tmp_path / "d" / "previews").iterdir()) == []
     receiver.httpd.shutdown()
+
+
+def test_flush_waits_for_a_cpu_step_being_encoded(tmp_path, monkeypatch):
+    """flush() waited on the buffer index the writer reads, which CPU steps do not have: it returned while a CPU
+    step was still being encoded (the test above failed on a loaded machine, reading the previous step's info)."""
+    from wanrt.runtime import preview as preview_module
+
+    real = preview_module.encode_webp
+    monkeypatch.setattr(preview_module, "encode_webp", lambda *a, **k: (time.sleep(0.5), real(*a, **k))[1])
+    preview = LivePreview(tmp_path / "p.webp")
+    preview(0, 1, torch.randn(1, 16, 3, 8, 8))
+    time.sleep(0.1)  # the writer has taken the step and is encoding it
+    assert preview.flush(10) and json.loads((tmp_path / "p.json").read_text())["step"] == 1
+    preview.close()

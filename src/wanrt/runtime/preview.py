@@ -123,6 +123,7 @@ class LivePreview:
         self._cond = threading.Condition()
         self._pending: tuple | None = None  # (step, steps, frames tensor, ready event or None, host buffer index)
         self._reading: int | None = None  # host buffer the writer is reading
+        self._writing = False  # a step taken and not yet written (CPU steps have no buffer index: _reading is None)
         self._closed = False
         self._rest_until = 0.0  # monotonic time before which the writer does not start another encode
         self._rest_factor = REST_FACTOR["cpu"]  # set from x0's device at the first step
@@ -191,7 +192,7 @@ class LivePreview:
                 if self._pending is None:
                     return
                 (step, steps, frames, ready, index), self._pending = self._pending, None
-                self._reading = index
+                self._reading, self._writing = index, True
             t0, c0 = time.perf_counter(), time.thread_time()
             t1 = t0
             try:
@@ -204,7 +205,7 @@ class LivePreview:
             finally:
                 with self._cond:
                     now = time.perf_counter()
-                    self._reading = None
+                    self._reading, self._writing = None, False
                     self.encode_s += now - t0
                     self.encode_cpu_s += time.thread_time() - c0
                     self._rest_until = time.monotonic() + self._rest_factor * (now - t1)  # the encode, not the wait
@@ -225,7 +226,7 @@ class LivePreview:
         """Wait until every queued step is written (tests, benchmarks)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._pending is not None or self._reading is not None:
+            while self._pending is not None or self._writing:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
