@@ -10,7 +10,7 @@ self-attention behind a PSNR gate), `compile` (torch.compile, one graph per shap
 compiled at warm-up and counted), `compile_scope` (`blocks`: each transformer block compiled in place, so the 40
 identical blocks share one graph per shape and compile in seconds, as diffusers' compile_repeated_blocks;
 `model`: the whole expert in one graph), `autotune` (Inductor's max-autotune GEMM search: minutes per bucket),
-`cudagraphs` (opt-in; CUDA only, never with offload).
+`cudagraphs` (opt-in; CUDA only, never with offload; each expert compiled whole then, see graph_scope).
 
 CUDA graphs: each graph replays into the same output memory, so every denoise call returns a copy (TieredBackend
 holds the cond half of a CFG step while the uncond half replays the same graph), a latent's bytes per call.
@@ -86,6 +86,14 @@ def check_expert_device(name: str, expert: torch.nn.Module, device: torch.device
     for t in list(expert.parameters()) + list(expert.buffers()):
         if not _same_device(t.device, device):
             raise ValueError(f"compiled backend: the {name}-noise expert is on {t.device} but {expected}")
+
+
+def graph_scope(compile_scope: str, graphs: bool) -> str:
+    """The scope compiled: CUDA graphs need the whole expert in one graph. Under cudagraph trees a compiled block
+    fed its own previous output (block i+1 after block i: the same code, as the blocks share one graph) starts a
+    new generation, which overwrites that output while it is read ("accessing tensor output of CUDAGraphs that has
+    been overwritten by a subsequent run": pytorch#152887 and #160281, open in torch 2.11)."""
+    return "model" if graphs else compile_scope
 
 
 def compile_mode(autotune: bool, graphs: bool) -> str:
@@ -265,6 +273,10 @@ class CompiledBackend:
                 device, fp8_attention_min_psnr_db, heads=heads, head_dim=head_dim)
         graphs = cudagraphs and device.type == "cuda" and not offload  # graphs capture weight addresses
         mode = compile_mode(autotune, graphs)
+        if compile and graph_scope(compile_scope, graphs) != compile_scope:
+            log.info("compiled backend: CUDA graphs compile each expert whole (compile_scope=model, not %s): "
+                     "separately compiled blocks cannot chain their graphs", compile_scope)
+            compile_scope = graph_scope(compile_scope, graphs)
         if compile:
             # torch < 2.5 guards on each block's identity: one cache entry per block and shape
             per_code = len(repeated_blocks(high)) if compile_scope == "blocks" and not _inlines_modules() else 1
@@ -353,6 +365,8 @@ class CompiledBackend:
         if not self.stats.cudagraphs:
             return self._denoise(expert, latent_input, timestep, context)
         self._note_thread()
+        # Each call is one generation of the graph tree (nothing from the last call is read: it was copied below)
+        torch.compiler.cudagraph_mark_step_begin()
         # The graph's output memory is rewritten by its next replay: a caller may hold this one across calls.
         return self._denoise(expert, latent_input, timestep, context).clone()
 
