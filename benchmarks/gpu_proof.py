@@ -24,15 +24,17 @@ seconds on an H200 where they ran, else a guess):
                 +compile                                          compile under offload as build_runtime builds it
                                                                   (swap seconds, peak); default BF16 + compile
                                                                   (the serving default with --no-fp8)
-  C     2,8     eager, +fp8(torchao)  480       520        400    default eager (the reference); opt-in: torchao's
-                +compile, +fp8                                    FP8 + compile, FP8 + compile + CUDA graphs (each
-                +compile +cudagraphs                              expert compiled whole: the compile time is a
-                                                                  guess)
-  D     1,2,3   all                   480       520        300    the first session's figures on the other card
+  C     7,2,8   cold start, eager,    480       520        400    cold start: `wanrt generate --backend compiled`
+                +fp8(torchao)                                     to its first MP4 with empty compile caches (the
+                +compile                                          serving path: build_runtime, the CLI, the
+                                                                  video); default eager (the reference); opt-in:
+                                                                  torchao's FP8 + compile
+  D     2,8     eager, +fp8 +compile  480       520        300    default eager (the reference); opt-in: FP8 +
+                +cudagraphs                                       compile + CUDA graphs (each expert compiled
+                                                                  whole: the compile time is a guess)
+  E     1,2,3   all                   480       520        300    the first session's figures on the other card
                                                                   (an H100 when they came from an H200): probe,
                                                                   eager, diffusers, the headline (FP8 + compile)
-  E     7       all                   420       460        200    cold start: `wanrt generate --backend compiled`
-                                                                  to its first MP4, empty compile caches
 
   Each step:  run(command="python benchmarks/gpu_proof.py --step A --copy-to $OUT", carry=["wheels"],
               timeout_s=520)   (or: make gpu-proof STEP=A; COPY_TO defaults to $OUT)
@@ -256,14 +258,16 @@ PLAN = (  # what is still unmeasured first; est_s from the first device session 
     Step("B", (2, 6, 4), ("eager", "compiled", BF16_COMPILED), 480, 390,
          "default eager (the reference); memory: FP8 + compile under offload as build_runtime builds it (swap "
          "seconds, peak); default BF16 + compile (the serving default with --no-fp8)"),
-    Step("C", (2, 8), ("eager", FP8_TORCHAO, FP8_GRAPHS), 480, 400,
-         "default eager (the reference); opt-in: torchao's FP8 + compile, FP8 + compile + CUDA graphs (each "
-         "expert compiled whole: the compile time is a guess)"),
-    Step("D", (1, 2, 3), None, 480, 300,
+    Step("C", (7, 2, 8), (COLD_START, "eager", FP8_TORCHAO), 480, 400,
+         "cold start: `wanrt generate --backend compiled` to its first MP4 with empty compile caches (the serving "
+         "path: build_runtime, the CLI, the video); default eager (the reference); opt-in: torchao's FP8 + "
+         "compile"),
+    Step("D", (2, 8), ("eager", FP8_GRAPHS), 480, 300,
+         "default eager (the reference); opt-in: FP8 + compile + CUDA graphs (each expert compiled whole: the "
+         "compile time is a guess)"),
+    Step("E", (1, 2, 3), None, 480, 300,
          "the first session's figures on the other card (an H100 when they came from an H200): probe, eager, "
          "diffusers, the headline (FP8 + compile)"),
-    Step("E", (7,), None, 420, 200, "cold start: `wanrt generate --backend compiled` to its first MP4, empty "
-         "compile caches"),
 )
 STEPS = {s.name: s for s in PLAN}
 
