@@ -20,17 +20,17 @@ seconds on an H200 where they ran, else a guess):
                                                                   it (opt-in: attention is 53 % of the FLOPs);
                                                                   fast preset: eager (its reference, 38 s) and FP8
                                                                   + compile (goal <= 8 s)
-  B     2,6,4   eager, compiled, bf16 480       520        390    default eager (the reference); memory: FP8 +
-                +compile                                          compile under offload as build_runtime builds it
+  B     2,6,4   2:eager, compiled,    480       520        390    default eager (the reference); memory: FP8 +
+                bf16 +compile                                     compile under offload as build_runtime builds it
                                                                   (swap seconds, peak); default BF16 + compile
                                                                   (the serving default with --no-fp8)
-  C     7,2,8   cold start, eager,    480       520        400    cold start: `wanrt generate --backend compiled`
+  C     7,2,8   cold start, 2:eager,  480       520        400    cold start: `wanrt generate --backend compiled`
                 +fp8(torchao)                                     to its first MP4 with empty compile caches (the
                 +compile                                          serving path: build_runtime, the CLI, the
                                                                   video); default eager (the reference); opt-in:
                                                                   torchao's FP8 + compile
-  D     2,8     eager, +fp8 +compile  480       520        300    default eager (the reference); opt-in: FP8 +
-                +cudagraphs                                       compile + CUDA graphs (each expert compiled
+  D     2,8     2:eager, +fp8         480       520        300    default eager (the reference); opt-in: FP8 +
+                +compile +cudagraphs                              compile + CUDA graphs (each expert compiled
                                                                   whole: the compile time is a guess)
   E     1,2,3   all                   480       520        300    the first session's figures on the other card
                                                                   (an H100 when they came from an H200): probe,
@@ -38,7 +38,7 @@ seconds on an H200 where they ran, else a guess):
 
   Each step:  run(command="python benchmarks/gpu_proof.py --step A --copy-to $OUT", carry=["wheels"],
               timeout_s=520)   (or: make gpu-proof STEP=A; COPY_TO defaults to $OUT)
-  - Steps A-C of the first plan ran on an H200 on 2026-11-26 (benchmarks/results/gpu_nvidia_h200_20261126.json):
+  - Stages 1, 2, 3, 5 and 6 (eager) ran on an H200 on 2026-11-26 (benchmarks/results/gpu_nvidia_h200_20261126.json):
     a machine start took 30-60 s and the wheels install 3 s, so a 15-minute session gets two steps. Before each
     call read `status`: run a step only while budget_left_s covers its timeout_s (a fresh machine: ~1 minute
     more; none starts under 4 minutes left); with less, add --budget-s <left - 30> and timeout_s <left - 10>, or
@@ -242,7 +242,7 @@ class Step:
     stages: tuple[int, ...]
     configs: tuple[str, ...] | None  # None: every unit of those stages but the optional ones
     budget_s: int
-    est_s: int  # expected at full size on an H100: a guess until measured
+    est_s: int  # seconds: the units' own on an H200 (2026-11-26) where they ran, else a guess
     what: str
 
     @property
@@ -255,14 +255,14 @@ PLAN = (  # what is still unmeasured first; est_s from the first device session 
          "pytest -m gpu (the first run lost which GPU tests fail); default eager (the reference, 96 s) then FP8 + "
          "compile + cuDNN FP8 attention against it (opt-in: attention is 53 % of the FLOPs); fast preset: eager "
          "(its reference, 38 s) and FP8 + compile (goal <= 8 s)"),
-    Step("B", (2, 6, 4), ("eager", "compiled", BF16_COMPILED), 480, 390,
+    Step("B", (2, 6, 4), ("2:eager", "compiled", BF16_COMPILED), 480, 390,
          "default eager (the reference); memory: FP8 + compile under offload as build_runtime builds it (swap "
          "seconds, peak); default BF16 + compile (the serving default with --no-fp8)"),
-    Step("C", (7, 2, 8), (COLD_START, "eager", FP8_TORCHAO), 480, 400,
+    Step("C", (7, 2, 8), (COLD_START, "2:eager", FP8_TORCHAO), 480, 400,
          "cold start: `wanrt generate --backend compiled` to its first MP4 with empty compile caches (the serving "
          "path: build_runtime, the CLI, the video); default eager (the reference); opt-in: torchao's FP8 + "
          "compile"),
-    Step("D", (2, 8), ("eager", FP8_GRAPHS), 480, 300,
+    Step("D", (2, 8), ("2:eager", FP8_GRAPHS), 480, 300,
          "default eager (the reference); opt-in: FP8 + compile + CUDA graphs (each expert compiled whole: the "
          "compile time is a guess)"),
     Step("E", (1, 2, 3), None, 480, 300,
@@ -275,7 +275,7 @@ STEPS = {s.name: s for s in PLAN}
 PLAN_RULES = """\
   Each step:  run(command="python benchmarks/gpu_proof.py --step A --copy-to $OUT", carry=["wheels"],
               timeout_s=520)   (or: make gpu-proof STEP=A; COPY_TO defaults to $OUT)
-  - Steps A-C of the first plan ran on an H200 on 2026-11-26 (benchmarks/results/gpu_nvidia_h200_20261126.json):
+  - Stages 1, 2, 3, 5 and 6 (eager) ran on an H200 on 2026-11-26 (benchmarks/results/gpu_nvidia_h200_20261126.json):
     a machine start took 30-60 s and the wheels install 3 s, so a 15-minute session gets two steps. Before each
     call read `status`: run a step only while budget_left_s covers its timeout_s (a fresh machine: ~1 minute
     more; none starts under 4 minutes left); with less, add --budget-s <left - 30> and timeout_s <left - 10>, or
@@ -1310,15 +1310,21 @@ def install_wheels(wheels: Path, site: Path) -> None:
     print(f"installed {len(files)} wheels into {site}", flush=True)
 
 
+def _named(unit: Unit, configs) -> bool:
+    """`configs` names this unit: by its name in any stage, or as "stage:name" (stage 2's and stage 6's units are
+    both `eager`)."""
+    return unit.name in configs or unit.key in configs
+
+
 def select_units(stages: list[int], configs: list[str] | None) -> list[Unit]:
     """The units of `stages` (in that order) named by `configs` (None: all but the optional ones); in a stage the
     preset's reference (eager) first, then table order."""
     chosen = []
     for n in stages:
-        units = [u for u in UNITS if u.stage == n and (u.name in configs if configs else not u.optional)]
+        units = [u for u in UNITS if u.stage == n and (_named(u, configs) if configs else not u.optional)]
         chosen += sorted(units, key=lambda u: not (u.kind == "e2e" and u.name == bench_e2e.REFERENCE_CONFIG))
     if configs:
-        unknown = [c for c in configs if not any(u.name == c for u in chosen)]
+        unknown = [c for c in configs if not any(_named(u, [c]) for u in chosen)]
         if unknown:
             names = "; ".join(f"{u.stage}: {u.name}" for u in UNITS if u.stage in stages)
             raise SystemExit(f"no unit {unknown} in stages {stages} (there: {names})")
@@ -1334,7 +1340,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default=None, help="comma list, in the order run (default: the plan's order)")
     ap.add_argument("--stage", type=int, choices=sorted(STAGE_NAMES), help="one stage (= --stages N)")
     ap.add_argument("--configs", default=None,
-                    help="comma list of unit names within the stages (e.g. eager, diffusers, '+fp8 +compile')")
+                    help="comma list of unit names within the stages (e.g. eager, diffusers, '+fp8 +compile'), or "
+                         "stage:name for one stage's (2:eager)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help=f"this command's seconds, install included (default: the step's, else {DEFAULT_BUDGET_S}; 0: "
                          "no limit): a unit starts only with its minimum left and is killed when the budget ends")

@@ -350,3 +350,18 @@ def test_every_row_runs_under_the_servers_allocator_setting(tmp_path):
     assert gpu_proof.bench_e2e.child_env({})["PYTORCH_CUDA_ALLOC_CONF"] == CUDA_ALLOC_CONF
     given = gpu_proof.proof_env(tmp_path, env={"PYTORCH_ALLOC_CONF": "backend:cudaMallocAsync"})
     assert "PYTORCH_CUDA_ALLOC_CONF" not in given and given["PYTORCH_ALLOC_CONF"] == "backend:cudaMallocAsync"
+
+
+def test_each_step_runs_the_units_it_names():
+    """`eager` is stage 2's reference and stage 6's memory unit: a step names stage 2's as 2:eager (step B ran both,
+    and its last unit would not have fitted)."""
+    steps = {s.name: [u.key for u in gpu_proof.select_units(list(s.stages), list(s.configs) if s.configs else None)]
+             for s in gpu_proof.PLAN}
+    assert steps == {
+        "A": ["1:pytest", "2:eager", f"8:{gpu_proof.FP8_ATTN}", "5:eager", f"5:{gpu_proof.FP8_COMPILED}"],
+        "B": ["2:eager", "6:compiled", f"4:{gpu_proof.BF16_COMPILED}"],
+        "C": [f"7:{gpu_proof.COLD_START}", "2:eager", f"8:{gpu_proof.FP8_TORCHAO}"],
+        "D": ["2:eager", f"8:{gpu_proof.FP8_GRAPHS}"],
+        "E": ["1:probe", "2:eager", "2:diffusers", f"3:{gpu_proof.FP8_COMPILED}"]}
+    with pytest.raises(SystemExit, match="no unit"):
+        gpu_proof.select_units([2], ["6:eager"])

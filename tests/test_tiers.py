@@ -497,6 +497,15 @@ def test_concurrency_runs_one_slot_under_a_tier_that_is_not_resident(mb, tmp_pat
     worker = Worker(Settings(data_dir=tmp_path, concurrency=2), "w", store=store, pipeline=pipe)
     worker.run(poll_s=0.01, max_jobs=0)
     assert worker.slots == 1 and [r["id"] for r in store.workers()] == ["w"]
+    # resident, but CUDA graphs asked for: one slot too (graph-tree generation marks are process-wide)
+    resident = build_runtime(Settings(device="cpu", model="tiny", warmup=BUCKET))
+    graphs = Worker(Settings(data_dir=tmp_path, concurrency=2, backend="compiled", cudagraphs=True), "g",
+                    store=store, pipeline=resident)
+    graphs.run(poll_s=0.01, max_jobs=0)
+    assert graphs.slots == 1
+    plain = Worker(Settings(data_dir=tmp_path, concurrency=2), "p", store=store, pipeline=resident)
+    plain.run(poll_s=0.01, max_jobs=0)
+    assert plain.slots == 2
 
 
 def test_the_allocator_setting_is_expandable_segments_unless_the_environment_has_one(monkeypatch):
@@ -507,8 +516,18 @@ def test_the_allocator_setting_is_expandable_segments_unless_the_environment_has
     for name in gpus.ALLOC_CONF_VARS:
         monkeypatch.setenv(name, "x")
         monkeypatch.delenv(name)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # a GPU host may have started CUDA already
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "")  # set, even empty: torch reads it first
+    assert gpus.prefer_expandable_segments() == "" and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "backend:cudaMallocAsync")
     assert gpus.prefer_expandable_segments() == "backend:cudaMallocAsync"
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
     monkeypatch.delenv("PYTORCH_ALLOC_CONF")
     assert gpus.prefer_expandable_segments() == gpus.CUDA_ALLOC_CONF == os.environ["PYTORCH_CUDA_ALLOC_CONF"]
+    # CUDA started before (set_device in a worker): the setting is applied to the running allocator
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    applied = []
+    monkeypatch.setattr(gpus, "_set_allocator_settings", applied.append)
+    assert gpus.prefer_expandable_segments() == gpus.CUDA_ALLOC_CONF and applied == [gpus.CUDA_ALLOC_CONF]
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == gpus.CUDA_ALLOC_CONF  # for the processes it starts

@@ -226,6 +226,9 @@ def _rank_main(rank: int, world: int, port: int, settings, gpu: str, worker_id: 
         events.put(("config", rank, str(e)))
         os._exit(EXIT_CONFIG)
     if device.startswith("cuda"):
+        from wanrt.runtime.gpus import prefer_expandable_segments
+
+        prefer_expandable_segments()  # before set_device starts CUDA (build_runtime would be too late)
         torch.cuda.set_device(torch.device(device))
     else:  # CPU ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))

@@ -83,6 +83,11 @@ class Worker:
         if slots > 1 and tier != "resident":  # swaps, streams and engine switches serve one request at a time
             log.warning("concurrency %d needs the resident memory tier; this plan is %s: running one slot", slots, tier)
             slots = self.slots = 1
+        if slots > 1 and self.settings.backend == "compiled" and self.settings.cudagraphs:
+            # a graph tree's generation mark is process-wide: one slot's call would start a new generation under
+            # another slot's forward (and each thread records graphs of its own, with a pool of its own)
+            log.warning("concurrency %d with CUDA graphs: running one slot", slots)
+            slots = self.slots = 1
         pipelines = [pipeline] + [self._clone_for_concurrency(pipeline) for _ in range(slots - 1)]
         # slot 0 runs here, on the thread that warmed up: CUDA graph trees are per thread, so graphs captured in
         # warm-up serve only this one (another thread records its own, with a private pool of its own)
@@ -428,6 +433,10 @@ def run_worker(settings, worker_id: str | None = None) -> int:
 
     if str(settings.device).startswith("cuda:"):  # worker N's GPU is the current device too: TensorRT engines,
         import torch  # cuDNN handles and anything else that uses it land there
+
+        from wanrt.runtime.gpus import prefer_expandable_segments
+
+        prefer_expandable_segments()  # before set_device starts CUDA (build_runtime would be too late)
 
         device = torch.device(settings.device)
         if not torch.cuda.is_available() or device.index >= torch.cuda.device_count():  # exit 1: serve retries

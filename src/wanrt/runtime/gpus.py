@@ -101,15 +101,27 @@ ALLOC_CONF_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
 
 def prefer_expandable_segments() -> str | None:
-    """Sets PYTORCH_CUDA_ALLOC_CONF to CUDA_ALLOC_CONF unless the environment has an allocator setting; returns what
-    applies (None when CUDA started before with the default)."""
+    """Sets PYTORCH_CUDA_ALLOC_CONF to CUDA_ALLOC_CONF unless the environment has an allocator setting (even an
+    empty one: torch reads it), and applies it to the running allocator when CUDA has started; returns what
+    applies (None when it could not be applied)."""
     import torch
 
-    if given := next((os.environ[v] for v in ALLOC_CONF_VARS if v in os.environ), None):
-        return given
-    if torch.cuda.is_initialized():
-        log.warning("CUDA was used before the runtime was built: its allocator keeps the default segments "
-                    "(set PYTORCH_CUDA_ALLOC_CONF=%s in the environment)", CUDA_ALLOC_CONF)
-        return None
-    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_CONF
+    for name in ALLOC_CONF_VARS:
+        if name in os.environ:
+            return os.environ[name]
+    if torch.cuda.is_initialized():  # new segments follow it from here on
+        try:
+            _set_allocator_settings(CUDA_ALLOC_CONF)
+        except (AttributeError, RuntimeError) as e:
+            log.warning("CUDA started before the allocator setting could be made (%s): default segments "
+                        "(set PYTORCH_CUDA_ALLOC_CONF=%s in the environment)", e, CUDA_ALLOC_CONF)
+            return None
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_CONF  # and for the processes this one starts
     return CUDA_ALLOC_CONF
+
+
+def _set_allocator_settings(conf: str) -> None:
+    import torch
+
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.9
+    (setter or torch.cuda.memory._set_allocator_settings)(conf)
