@@ -1131,6 +1131,10 @@ def markdown(doc: dict) -> str:
                  _fmt(r["warmup_s"], 1), _fmt(r["peak_allocated_gb"], 1), _fmt(r["peak_reserved_gb"], 1),
                  "" if vs is None else f"{vs:.2f}x", _fmt(r["latent_cos"], 5), _fmt(r["psnr_db"], 1)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    bench = [r for r in doc["rows"] if r.get("peak_allocated_gb") is not None and r["stage"] in VS_DIFFUSERS_STAGES]
+    if any("setup_peak_allocated_gb" not in r for r in bench):  # bench_e2e's peaks before 2026-11-27
+        lines += ["", "Peak alloc/reserved: the timed request's, except rows measured before 2026-11-27 (no "
+                      "setup_peak_allocated_gb in the JSON), whose peaks include the backend's build and warm-up."]
     probe = doc.get("probe") or {}
     for name, section in PROBE_SECTIONS:  # a partial probe renders what it has; a malformed part says so
         try:

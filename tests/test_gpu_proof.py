@@ -338,7 +338,7 @@ def test_the_pytest_unit_keeps_pytests_summary_and_failures_not_a_librarys_exit_
     assert len(out["failed"]) == 1 and out["failed"][0].startswith("FAILED ") and "test_bad" in out["failed"][0]
     lines = gpu_proof.markdown({"gpu": "g", "torch": "t", "cuda": None, "cudnn": None, "model": "m", "rows": [],
                                 "probe": {"pytest_gpu": {"returncode": 1, **out}}})
-    assert "test_bad" in lines and "1 failed, 1 passed" in lines
+    assert "test_bad" in lines and "1 failed, 1 passed" in lines and "before 2026-11-27" not in lines
 
 
 def test_every_row_runs_under_the_servers_allocator_setting(tmp_path):
