@@ -13,45 +13,7 @@ one device command (10 minutes), every row written to the JSON the moment it com
 The 15-minute device session, what is still unmeasured first (each step is one `run` call; est_s: the units'
 seconds on an H200 where they ran, else a guess):
 
-  step  stages  configs               budget_s  timeout_s  est_s  what
-  A     1,2,8,5 pytest, eager, +fp8   480       520        340    pytest -m gpu (the first run lost which GPU
-                +compile +cudnn_fp8,                              tests fail); default eager (the reference, 96 s)
-                +fp8 +compile                                     then FP8 + compile + cuDNN FP8 attention against
-                                                                  it (opt-in: attention is 53 % of the FLOPs);
-                                                                  fast preset: eager (its reference, 38 s) and FP8
-                                                                  + compile (goal <= 8 s)
-  B     2,6,4   2:eager, compiled,    480       520        390    default eager (the reference); memory: FP8 +
-                bf16 +compile                                     compile under offload as build_runtime builds it
-                                                                  (swap seconds, peak); default BF16 + compile
-                                                                  (the serving default with --no-fp8)
-  C     7,2,8   cold start, 2:eager,  480       520        400    cold start: `wanrt generate --backend compiled`
-                +fp8(torchao)                                     to its first MP4 with empty compile caches (the
-                +compile                                          serving path: build_runtime, the CLI, the
-                                                                  video); default eager (the reference); opt-in:
-                                                                  torchao's FP8 + compile
-  D     2,8     2:eager, +fp8         480       520        300    default eager (the reference); opt-in: FP8 +
-                +compile +cudagraphs                              compile + CUDA graphs (each expert compiled
-                                                                  whole: the compile time is a guess)
-  E     1,2,3   all                   480       520        300    the first session's figures on the other card
-                                                                  (an H100 when they came from an H200): probe,
-                                                                  eager, diffusers, the headline (FP8 + compile)
-
-  Each step:  run(command="python benchmarks/gpu_proof.py --step A --copy-to $OUT", carry=["wheels"],
-              timeout_s=520)   (or: make gpu-proof STEP=A; COPY_TO defaults to $OUT)
-  - Stages 1, 2, 3, 5 and 6 (eager) ran on an H200 on 2026-11-26 (benchmarks/results/gpu_nvidia_h200_20261126.json):
-    a machine start took 30-60 s and the wheels install 3 s, so a 15-minute session gets two steps. Before each
-    call read `status`: run a step only while budget_left_s covers its timeout_s (a fresh machine: ~1 minute
-    more; none starts under 4 minutes left); with less, add --budget-s <left - 30> and timeout_s <left - 10>, or
-    stop. A unit starts only with its minimum (MIN_START_S) plus 15 s left; the others are listed as not run.
-  - Call the next step at once, before reading the last one's output: the machine goes back after 30 s idle. A
-    fresh machine re-installs wheels/ and has lost .wanrt/proof (the JSON and the reference latents); each step
-    runs its preset's eager reference before the rows compared with it.
-  - After each call copy its JSON before the next: mkdir -p .wanrt/returned && cp <files_at>/gpu_*.json
-    .wanrt/returned/<step>.json. Here, with no GPU: python benchmarks/gpu_proof.py --render
-    benchmarks/results/gpu_<gpu>_<date>.json .wanrt/returned/*.json merges them (a later row replaces an
-    earlier one of the same stage, preset and config; an error never replaces a result) and regenerates the .md
-    table, the .png chart and README.md's block; commit those four.
-  - A real VAE's PSNR (--vae-model DIR, with the probe) is an optional extra.
+{plan}
 
 Units (--configs names them, within --stages; the reference row of a preset always runs first in its stage):
   1 probe (probe-lite: versions; the attention report (wanrt.runtime.attention.kernel_report) for Wan's
@@ -292,7 +254,7 @@ PLAN_RULES = """\
 
 
 def plan_text() -> str:
-    """The plan as --plan prints it (the docstring and benchmarks/README.md carry the same lines)."""
+    """The plan as --plan prints it (filled into the module docstring; benchmarks/README.md carries a copy, tested)."""
     import textwrap
 
     lines = ["  step  stages  configs               budget_s  timeout_s  est_s  what"]
@@ -305,6 +267,10 @@ def plan_text() -> str:
             cell = configs[i] if i < len(configs) else ""
             lines.append(f"{head}{cell:<22}{nums}{what[i] if i < len(what) else ''}".rstrip())
     return "\n".join(lines) + "\n\n" + PLAN_RULES
+
+
+if __doc__:  # the plan as --plan prints it, written once (PLAN, PLAN_RULES); None under python -OO
+    __doc__ = __doc__.replace("{plan}", plan_text())
 
 
 # --------------------------------------------------------------------------------------------- context

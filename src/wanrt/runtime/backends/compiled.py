@@ -273,10 +273,11 @@ class CompiledBackend:
                 device, fp8_attention_min_psnr_db, heads=heads, head_dim=head_dim)
         graphs = cudagraphs and device.type == "cuda" and not offload  # graphs capture weight addresses
         mode = compile_mode(autotune, graphs)
-        if compile and graph_scope(compile_scope, graphs) != compile_scope:
+        scope = graph_scope(compile_scope, graphs)
+        if compile and scope != compile_scope:
             log.info("compiled backend: CUDA graphs compile each expert whole (compile_scope=model, not %s): "
                      "separately compiled blocks cannot chain their graphs", compile_scope)
-            compile_scope = graph_scope(compile_scope, graphs)
+        compile_scope = scope
         if compile:
             # torch < 2.5 guards on each block's identity: one cache entry per block and shape
             per_code = len(repeated_blocks(high)) if compile_scope == "blocks" and not _inlines_modules() else 1
