@@ -24,6 +24,7 @@ from wanrt.engine_build.tensorrt_build import (
     profiles_as_dict,
     tensorrt_available,
 )
+from wanrt.model.components import empty_weights
 
 # The loader is the runtime's (it reads what this module writes); importable from here as before.
 from wanrt.runtime.artifacts import load_artifacts_into  # noqa: F401
@@ -137,9 +138,7 @@ def _release(device: str, *modules) -> None:
     """The modules' weights freed in place (each tensor emptied, same dtype and device), so whatever still holds
     them (an exported program waiting for the garbage collector) holds no storage; on CUDA the freed blocks go
     back to the driver, as TensorRT allocates outside torch's cache."""
-    for module in modules:
-        for t in (*module.parameters(), *module.buffers()):
-            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    empty_weights(*modules)
     if device.startswith("cuda"):
         gc.collect()  # the export's reference cycles may hold views of the weights
         torch.cuda.empty_cache()

@@ -10,7 +10,6 @@ diffusers' fuse_lora.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -24,18 +23,15 @@ from wanrt.runtime.lora import (  # noqa: F401 - re-exported: the build's and th
     LoraLayer,
     LoraSpec,
     _module_name_table,
-    _skip_reason,
     _strip,
-    describe_skipped,
     detect_format,
     file_sha256,
     fits_shape,
     load_lora_file,
+    log_skipped,
     lora_file_metadata,
     read_lora,
 )
-
-log = logging.getLogger("wanrt.lora")
 
 
 @dataclass
@@ -52,9 +48,7 @@ def fuse_lora(expert, sd: dict[str, torch.Tensor], strength: float, name: str = 
     """W += strength * (alpha/r) * B @ A (and diffs), computed in fp32 on the weight's device. `metadata`: the
     file's safetensors header (alpha of diffusers-saved files)."""
     layers, skipped = read_lora(sd, expert, allow_unmatched, metadata, name)
-    if skipped:  # unmatched keys (allowed) are a warning: the LoRA may not act as its author meant
-        unmatched = any(_skip_reason(k) == "unmatched" for k in skipped)
-        log.log(logging.WARNING if unmatched else logging.INFO, "LoRA %s: skipped %s", name, describe_skipped(skipped))
+    log_skipped(name, skipped)
     modules = dict(expert.named_modules())
     report = FuseReport(lora=name, strength=strength, skipped=skipped)
     for layer in layers.values():

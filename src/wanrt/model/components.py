@@ -43,6 +43,19 @@ def cast_module(module, device=None, dtype=None):
     return module
 
 
+def empty_weights(*modules) -> int:
+    """Each parameter and buffer emptied in place (same dtype and device, no storage), so whatever still holds the
+    tensors (a hook, an exported program) holds no memory; returns the bytes released."""
+    import torch
+
+    released = 0
+    for module in modules:
+        for t in (*module.parameters(), *module.buffers()):
+            released += t.numel() * t.element_size()
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    return released
+
+
 @dataclass
 class WanI2VModel:
     """Two experts of one architecture + UMT5 text encoder + Wan 2.1 VAE + tokenizer."""

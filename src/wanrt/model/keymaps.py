@@ -17,15 +17,26 @@ COMFY_PREFIX = "model.diffusion_model."
 
 
 # --------------------------------------------------------------------------------------------- FP8 scaled
+def is_fp8_marker(key: str) -> bool:
+    """ComfyUI fp8_scaled bookkeeping (a weight's `scale_weight`, `scale_input`, the `scaled_fp8` flag): no model
+    tensor of its own."""
+    return key.endswith((".scale_weight", ".scale_input")) or key == "scaled_fp8"
+
+
+def scale_key(key: str) -> str | None:
+    """The ComfyUI `scale_weight` key beside a `.weight` key (None for other keys)."""
+    return key[: -len("weight")] + "scale_weight" if key.endswith(".weight") else None
+
+
 def dequantize_comfy_fp8(sd: dict[str, torch.Tensor], dtype=torch.float32) -> dict[str, torch.Tensor]:
     """ComfyUI's `*_fp8_scaled` files store e4m3 weights with a per-tensor `scale_weight` beside them."""
     out = {}
     for key, value in sd.items():
-        if key.endswith(".scale_weight") or key.endswith(".scale_input") or key in ("scaled_fp8",):
+        if is_fp8_marker(key):
             continue
-        scale_key = key[: -len("weight")] + "scale_weight" if key.endswith(".weight") else None
-        if scale_key and scale_key in sd:
-            value = value.to(torch.float32) * sd[scale_key].to(torch.float32)
+        scale = sd.get(scale_key(key))
+        if scale is not None:
+            value = value.to(torch.float32) * scale.to(torch.float32)
         if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             value = value.to(torch.float32)
         out[key] = value.to(dtype) if value.is_floating_point() else value

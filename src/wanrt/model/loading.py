@@ -259,9 +259,9 @@ def split_fp8_scales(sd: dict[str, torch.Tensor], dtype) -> tuple[dict, dict]:
     tensors (none in Wan files) are dequantized, the markers dropped."""
     out, scales = {}, {}
     for key, value in sd.items():
-        if key.endswith(".scale_weight") or key.endswith(".scale_input") or key == "scaled_fp8":
+        if keymaps.is_fp8_marker(key):
             continue
-        scale = sd.get(key[: -len("weight")] + "scale_weight") if key.endswith(".weight") else None
+        scale = sd.get(keymaps.scale_key(key))
         if value.dtype == torch.float8_e4m3fn and value.ndim == 2:
             scales[key] = scale if scale is not None else torch.ones((), dtype=torch.float32)
         elif value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
@@ -519,7 +519,7 @@ def _reader(path: Path):
 def _source_names(header: dict[str, torch.Tensor], convert) -> dict[str, str]:
     """Model key -> file key, through a key converter that only renames (it hands the same tensors on). ComfyUI's
     FP8 markers are left out, as dequantize_comfy_fp8 leaves them out before the key maps run."""
-    header = {k: v for k, v in header.items() if not k.endswith((".scale_weight", ".scale_input")) and k != "scaled_fp8"}
+    header = {k: v for k, v in header.items() if not keymaps.is_fp8_marker(k)}
     file_key = {id(v): k for k, v in header.items()}
     return {k: file_key[id(v)] for k, v in convert(header).items()}
 
@@ -528,8 +528,8 @@ def _part(read, header: dict, name: str, device, weight: bool = True) -> dict[st
     """The file's tensor `name` and its ComfyUI `scale_weight` (if it has one) on `device`: what the FP8
     converters need to convert that tensor. weight=False: the weight's meta stand-in (only its scale is wanted)."""
     part = {name: read(name).to(device) if weight else header[name]}
-    scale = name[: -len("weight")] + "scale_weight"
-    if name.endswith(".weight") and scale in header:
+    scale = keymaps.scale_key(name)
+    if scale in header:
         part[scale] = read(scale).to(device)
     return part
 

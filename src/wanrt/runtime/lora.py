@@ -55,7 +55,7 @@ import logging
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -244,11 +244,16 @@ def _skip_reason(key: str) -> str:
 
 def describe_skipped(keys: list[str], shown: int = 5) -> str:
     """'3 text-encoder keys, 2 unmatched keys: a, b, c, d, e ...' for a log line or an error."""
-    counts: dict[str, int] = {}
-    for k in keys:
-        counts[_skip_reason(k)] = counts.get(_skip_reason(k), 0) + 1
-    kinds = ", ".join(f"{n} {r} keys" for r, n in counts.items())
+    kinds = ", ".join(f"{n} {r} keys" for r, n in Counter(map(_skip_reason, keys)).items())
     return f"{kinds}: {', '.join(keys[:shown])}" + (" ..." if len(keys) > shown else "")
+
+
+def log_skipped(label: str, keys: list[str]) -> None:
+    """The keys a LoRA file had that were left out, in one log line: a warning when some matched nothing (allowed
+    by lora_allow_unmatched: the LoRA may not act as its author meant), information for keys of other models."""
+    if keys:
+        unmatched = any(_skip_reason(k) == "unmatched" for k in keys)
+        log.log(logging.WARNING if unmatched else logging.INFO, "LoRA %s: skipped %s", label, describe_skipped(keys))
 
 
 def _adapter_error(keys: list[str], name: str | None) -> LoraError:
@@ -788,10 +793,7 @@ class LoraLibrary:
             entry._loader = lambda e=entry: self._load(e)
             log.info("LoRA %r: %s, rank %d, layers %s, sha256 %s", name, entry.format, entry.rank, entry.layers,
                      entry.sha256[:12])
-            if entry.skipped:  # unmatched keys (allowed) are a warning: the file may not act as its author meant
-                unmatched = any(_skip_reason(k) == "unmatched" for k in entry.skipped)
-                log.log(logging.WARNING if unmatched else logging.INFO, "LoRA %r: skipped %s", name,
-                        describe_skipped(entry.skipped))
+            log_skipped(repr(name), entry.skipped)
         else:
             log.warning("LoRA %r (%s) unavailable: %s", name, path, entry.error)
         return entry

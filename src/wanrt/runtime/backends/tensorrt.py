@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from wanrt.model.components import empty_weights
 from wanrt.runtime.artifacts import INPUT_NAMES, OUTPUT_NAMES, select_profile
 
 
@@ -37,15 +38,11 @@ def _torch_dtype(trt, dt):
 def release_torch_experts(model, names) -> int:
     """Empty the named experts' parameters and buffers (same dtype and device, no storage) and make calling them
     an error that says why. Returns the bytes released."""
-    released, on_cuda = 0, False
-    for name in names:
-        expert = model.experts[name]
-        for t in (*expert.parameters(), *expert.buffers()):
-            released += t.numel() * t.element_size()
-            on_cuda |= t.is_cuda
-            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    experts = [model.experts[name] for name in names]
+    released = empty_weights(*experts)  # the emptied tensors stay on their devices
+    for name, expert in zip(names, experts, strict=True):
         expert.register_forward_pre_hook(_released(name))
-    if on_cuda:
+    if any(t.is_cuda for expert in experts for t in (*expert.parameters(), *expert.buffers())):
         torch.cuda.empty_cache()  # TensorRT allocates outside torch's cache: hand the blocks back to the driver
     return released
 
