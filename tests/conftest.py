@@ -1,4 +1,5 @@
 import os
+import uuid
 
 import numpy as np
 import pytest
@@ -41,6 +42,18 @@ def make_image(width=64, height=64, seed=0) -> Image.Image:
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
     return Image.fromarray(base).resize((width, height), Image.Resampling.BILINEAR)
+
+
+def queue_job(paths, store, params, image: Image.Image | None = None, **fields) -> str:
+    """Queue a job on a real store the way the API does: its input is written first, then the job is created with
+    it (a running worker may claim the job the moment it exists). `params` is a GenerateParams; `fields` join
+    the stored params (e.g. loras)."""
+    job_id = str(uuid.uuid4())
+    name = f"{job_id}_input.png"
+    (image or make_image(params.width, params.height)).save(paths.inputs / name)
+    stored = params.to_dict() | {"frames_generated": params.frames_generated} | fields
+    job, _ = store.create(stored, input_image=name, job_id=job_id)
+    return job.id
 
 
 @pytest.fixture

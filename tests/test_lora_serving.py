@@ -18,7 +18,7 @@ from wanrt.runtime.factory import build_runtime
 from wanrt.runtime.lora import LoraError, LoraLinear
 from wanrt.runtime.video import probe_mp4
 
-from conftest import make_image
+from conftest import make_image, queue_job
 from lora_fixtures import TARGETS, as_format, random_lora
 
 PARAMS = GenerateParams(prompt="a cat", steps=2, frames=5, width=64, height=64, cfg_high_noise=3.5,
@@ -69,12 +69,7 @@ def test_generate_with_loras_then_without_is_the_base_again(runtime):
 
 def queue(paths, store, loras=None, seed=0):
     p = GenerateParams(prompt="x", width=64, height=64, frames=5, steps=2, seed=seed)
-    params = p.to_dict() | {"frames_generated": p.frames_generated} | ({"loras": loras} if loras else {})
-    job, _ = store.create(params)
-    name = f"{job.id}_input.png"
-    make_image(64, 64).save(paths.inputs / name)
-    store._write("UPDATE jobs SET input_image=? WHERE id=?", (name, job.id))
-    return job.id
+    return queue_job(paths, store, p, **({"loras": loras} if loras else {}))
 
 
 def test_worker_runs_lora_jobs_refuses_unknown_and_publishes_its_library(tmp_path, runtime, lora_dir):

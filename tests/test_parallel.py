@@ -19,9 +19,13 @@ from wanrt.jobs.group import PRELOAD, GroupLauncher, _free_port, model_heads, ru
 from wanrt.params import GenerateParams
 from wanrt.runtime.parallel import GroupConfigError, check_group_size, valid_group_sizes
 
-from conftest import make_image
+from conftest import make_image, queue_job
 
 TOL = 1e-4
+# FP8 runs: the group's GEMMs see other shapes (split, padded) than the single process's, so fp32 sums differ in
+# the last bits; where that moves an activation across an e4m3 rounding boundary the step is 1/16 of it. Seen
+# 7e-4 of the latents' scale on an AMX CPU (0 on others); a wrong split or gather is O(1).
+FP8_TOL = 2e-3
 HEADS = 4  # tiny_model_with_heads: enough heads for 4 ranks
 
 
@@ -117,7 +121,7 @@ def _check(report, world):
     rows = [r for r in report if "case" in r]
     assert rows
     for r in rows:
-        assert r["err"] <= TOL, r
+        assert r["err"] <= (FP8_TOL * r["scale"] if r["options"].get("fp8") else TOL), r
         assert r["scale"] > 1.0  # the latents are not trivially small
         assert r["seen"] == _expected_local_tokens(world, r["case"]), r  # the sequence really was split
     return [r["describe"] for r in report if "describe" in r]
@@ -241,9 +245,7 @@ def test_rank_killed_mid_job_restarts_the_group_and_the_job_completes_once(tmp_p
     store = SqliteJobStore(paths.db)
     params = GenerateParams(prompt="a cat", width=64, height=64, frames=9, steps=8, cfg_high_noise=3.5,
                             cfg_low_noise=1.0)
-    job, _ = store.create(params.to_dict() | {"frames_generated": params.frames_generated})
-    make_image(64, 64).save(paths.inputs / f"{job.id}_input.png")
-    store._write("UPDATE jobs SET input_image=? WHERE id=?", (f"{job.id}_input.png", job.id))
+    job = store.get(queue_job(paths, store, params))
 
     settings = Settings(model="tiny", device="cpu", data_dir=tmp_path, heartbeat_s=0.2)
     launcher = GroupLauncher(settings, gpus=["0", "1"], worker_id="group-a", factory=_slow_factory,
@@ -307,11 +309,7 @@ def test_group_worker_process_runs_a_job_and_stops_on_sigterm(tmp_path):
               str(lora_dir / "style.safetensors"))
     jobs = []
     for loras in (None, [{"name": "style", "strength": 1.0, "expert": "both"}]):  # the second on the LoRA set
-        job, _ = store.create(params.to_dict() | {"frames_generated": params.frames_generated}
-                              | ({"loras": loras} if loras else {}))
-        make_image(64, 64).save(paths.inputs / f"{job.id}_input.png")
-        store._write("UPDATE jobs SET input_image=? WHERE id=?", (f"{job.id}_input.png", job.id))
-        jobs.append(job)
+        jobs.append(store.get(queue_job(paths, store, params, **({"loras": loras} if loras else {}))))
     code = ("import sys; from wanrt.config import Settings; from wanrt.jobs.group import run_group_worker; "
             f"sys.exit(run_group_worker(Settings(model='tiny', device='cpu', data_dir={str(tmp_path)!r}, "
             f"heartbeat_s=0.2, lora_dir={str(lora_dir)!r}, max_lora_rank=8), worker_id='cli-group', gpus=['0', '1']))")

@@ -13,17 +13,14 @@ from wanrt.params import GenerateParams
 from wanrt.runtime.video import probe_mp4
 
 from conftest import make_image
+from conftest import queue_job as _queue_job
 
 TINY = dict(prompt="x", width=64, height=64, frames=9, steps=2)
 
 
 def queue_job(paths: DataPaths, store: SqliteJobStore, **params):
     p = GenerateParams(**{**TINY, **params})
-    job, _ = store.create(p.to_dict() | {"frames_generated": p.frames_generated})
-    name = f"{job.id}_input.png"
-    make_image(96, 64).save(paths.inputs / name)
-    store._write("UPDATE jobs SET input_image=? WHERE id=?", (name, job.id))
-    return job.id
+    return _queue_job(paths, store, p, make_image(96, 64))
 
 
 def test_two_slots_run_jobs_at_the_same_time(tmp_path, tiny_pipeline):
