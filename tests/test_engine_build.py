@@ -157,6 +157,15 @@ def test_profiles_cover_the_seed_range():
     assert select_profile(21, 80, 80).name == "default"
 
 
+def needs_tensorrt():
+    """Skip without TensorRT, or without the ONNX stage before it (a TensorRT host may lack the `gpu` extras)."""
+    ok, why = tensorrt_available()
+    if not ok:
+        pytest.skip(why)
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name, reason=f"TensorRT is here but the ONNX stage needs {name} (pip install wanrt[gpu])")
+
+
 def test_tensorrt_build_skips_with_a_clear_reason(tmp_path):
     ok, why = tensorrt_available()
     if ok:
@@ -168,8 +177,7 @@ def test_tensorrt_build_skips_with_a_clear_reason(tmp_path):
 
 @pytest.mark.gpu
 def test_tensorrt_engine_builds_and_matches_onnx(tmp_path, tiny_model):
-    if not tensorrt_available()[0]:
-        pytest.skip(tensorrt_available()[1])
+    needs_tensorrt()
     import copy
 
     from wanrt.engine_build.onnx_export import export_expert
@@ -257,8 +265,7 @@ def test_tensorrt_backend_refuses_clearly_without_tensorrt(tmp_path, tiny_model)
 @pytest.mark.gpu
 def test_tensorrt_backend_matches_eager_on_gpu(tmp_path, tiny_model, image64):
     """Build tiny engines, serve them through the pipeline, compare with the eager path."""
-    if not tensorrt_available()[0]:
-        pytest.skip(tensorrt_available()[1])
+    needs_tensorrt()
     import copy
 
     from wanrt.params import GenerateParams

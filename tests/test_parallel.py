@@ -196,6 +196,25 @@ def _tiny_heads_factory(settings):
     return tiny_heads_runtime(settings, heads=HEADS)
 
 
+def test_a_group_id_is_stable_and_names_its_physical_gpus(monkeypatch):
+    """The launcher's default id outlives restarts (the next life re-queues the job the last one left) and differs
+    between two containers on one host that each see their own two GPUs as 0,1."""
+    import socket
+
+    from wanrt.jobs.group import default_worker_id
+
+    host = socket.gethostname()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert default_worker_id(["0", "1"]) == f"{host}-gpus0-1"  # no driver here: hostname and indices
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1111,GPU-2222")
+    first = default_worker_id(["0", "1"])
+    assert first == default_worker_id(["0", "1"]) and first.startswith(f"{host}-gpus0-1-")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-3333,GPU-4444")
+    assert default_worker_id(["0", "1"]) != first
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-3333,GPU-1111,GPU-2222")
+    assert default_worker_id(["1", "2"]) == first.replace("gpus0-1", "gpus1-2")  # the same GPUs, other indices
+
+
 def test_ranks_refuse_a_model_they_cannot_split():
     """The launcher cannot know a custom factory's model: the ranks check it and the launcher stops with why."""
     launcher = GroupLauncher(Settings(device="cpu"), gpus=["0", "1", "2"], factory=_tiny_heads_factory)

@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="one GPU worker: claims jobs from the store and runs them")
     w.add_argument("--gpu", type=int, help="CUDA device index")
     w.add_argument("--worker-id", help="a stable id: a restart with it re-queues the jobs its last run left at once "
-                   "(default: hostname-pid-random, new each run, whose orphans wait for their lease)")
+                   "(default: hostname-pid-random, new each run, whose orphans wait for their lease; with "
+                   "--gpus, hostname, indices and the GPUs' UUIDs, stable)")
     add_flags(w, "worker")
     w.set_defaults(func=cmd_worker)
     return parser

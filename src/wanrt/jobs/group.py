@@ -19,6 +19,7 @@ CPU, gloo instead of NCCL), supervises them and starts the whole group again whe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -77,8 +78,46 @@ def rank_device(device: str, gpu: str) -> str:
 
 
 def default_worker_id(gpus) -> str:
-    """Stable across launcher restarts, so a new launcher re-queues the job its previous life left."""
-    return f"{socket.gethostname()}-gpus{'-'.join(str(g) for g in gpus)}"
+    """Stable across launcher restarts, so a new launcher re-queues the job its previous life left, and unique to
+    the physical GPUs: two containers on one host (host networking shares the hostname) each see their own GPUs
+    as 0,1; with hostname and indices alone they shared one id and re-queued each other's running jobs."""
+    uuids = gpu_uuids(gpus)
+    tail = f"-{hashlib.sha1(','.join(uuids).encode()).hexdigest()[:8]}" if uuids else ""
+    return f"{socket.gethostname()}-gpus{'-'.join(str(g) for g in gpus)}{tail}"
+
+
+def gpu_uuids(gpus) -> list[str] | None:
+    """The UUIDs of CUDA devices `gpus`, read through CUDA_VISIBLE_DEVICES (whose entries may be UUIDs already),
+    from NVML otherwise; None where they cannot be known (no driver, an index past the visible list)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    entries = [e.strip() for e in visible.split(",")] if visible else None
+    names = []
+    for g in gpus:
+        if entries is None:
+            names.append(str(g))
+        elif str(g).isdigit() and int(g) < len(entries):
+            names.append(entries[int(g)])
+        else:
+            return None
+    if all(n.startswith(("GPU-", "MIG-")) for n in names):
+        return names
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no driver (CPU groups): hostname and indices name the group
+        return None
+    try:
+        out = []
+        for n in names:
+            if not n.startswith(("GPU-", "MIG-")):
+                n = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(int(n)))
+            out.append(n.decode() if isinstance(n, bytes) else n)
+        return out
+    except Exception:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def _free_port() -> int:
