@@ -36,17 +36,21 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server is not installed (make test installs Debian's redis-server)")
-    port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    return proc, f"redis://127.0.0.1:{port}/0"
+    for _ in range(3):  # the free port may be taken before redis binds it: it exits, and we pick another
+        port = free_port()
+        proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                 "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 20
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                client.ping()
+                return proc, f"redis://127.0.0.1:{port}/0"
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+    raise RuntimeError("redis-server did not start (three free ports tried)")
 
 
 def image_bytes(fmt: str, size=(320, 240), seed=0, exif_rotate=False) -> bytes:
@@ -321,10 +325,14 @@ class WanrtServer:
             **{k: str(v) for k, v in env.items()},
         }
         self.proc: subprocess.Popen | None = None
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = self.data_dir / f"server-{self.port}.log"
+        self._use_port(self.port)
 
-    def start(self, timeout: float = 60.0) -> "WanrtServer":
+    def _use_port(self, port: int) -> None:
+        self.port, self.env["WANRT_PORT"] = port, str(port)
+        self.base = f"http://127.0.0.1:{port}"
+        self.log_path = self.data_dir / f"server-{port}.log"
+
+    def start(self, timeout: float = 60.0, retries: int = 2) -> "WanrtServer":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "wanrt.cli", "serve"], env=self.env,
@@ -332,7 +340,12 @@ class WanrtServer:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
+                self._log.close()
+                log = self.log_path.read_text()
+                if retries and "address already in use" in log.lower():  # the free port was taken meanwhile
+                    self._use_port(free_port())
+                    return self.start(timeout, retries - 1)
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {log[-3000:]}")
             try:
                 if httpx.get(self.base + "/", timeout=1).status_code == 200:
                     return self

@@ -225,14 +225,14 @@ def test_slow_headers_hit_the_deadline(images):
     t0 = time.monotonic()
     with pytest.raises(FetchError, match="took longer than 2 s"):
         fetch_image(images.url("/slow-headers"), FAST)
-    assert time.monotonic() - t0 < 3  # the server would drip for 60 s
+    assert time.monotonic() - t0 < 6  # the server would drip for 60 s (slack for a busy CI)
 
 
 def test_slow_redirect_chain_hits_the_deadline(images):
     t0 = time.monotonic()
     with pytest.raises(FetchError, match="took longer than 2 s"):  # 5 hops x 0.7 s, each well under the timeouts
         fetch_image(images.url("/slow-redirect?n=5&delay=0.7"), FAST)
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 3.3  # the whole chain takes 4.2 s
     assert fetch_image(images.url("/slow-redirect?n=2&delay=0.1"), FAST).format == "PNG"
 
 
@@ -241,7 +241,7 @@ def test_deadline_beats_the_per_read_timeout(images):
     t0 = time.monotonic()
     with pytest.raises(FetchError, match="took longer than 1 s"):
         fetch_image(images.url("/stall?s=20"), policy)
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 5  # the read timeout alone would wait 10 s
 
 
 def test_slow_dns_hits_the_deadline(monkeypatch):
@@ -253,7 +253,7 @@ def test_slow_dns_hits_the_deadline(monkeypatch):
     t0 = time.monotonic()
     with pytest.raises(FetchError, match="took longer than 1 s"):
         fetch_image("http://slow-dns.example/x.png", FetchPolicy(deadline_s=1.0))
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 3.5  # the lookup takes 5 s
 
 
 def test_blackholed_connect_stays_within_the_deadline():
@@ -262,7 +262,7 @@ def test_blackholed_connect_stays_within_the_deadline():
     t0 = time.monotonic()
     with pytest.raises(FetchError, match="Failed to download image"):
         fetch_image("http://10.255.255.1/x.png", policy)
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 3.5  # the connect timeout is 5 s
 
 
 # ---------------------------------------------------------------------------------- issue 12.3: decode memory

@@ -528,17 +528,26 @@ def test_concurrent_jobs_share_a_set_and_a_switch_waits_for_them(tiny_model, lor
             release[name].wait(10)
         log.append((name, "out"))
 
-    def start(name, loras):
+    def until(what, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while not what():
+            assert time.monotonic() < deadline, log
+            time.sleep(0.01)
+
+    def start(name, loras, reached):
         t = threading.Thread(target=job, args=(name, loras))
         t.start()
-        time.sleep(0.2)  # let it reach its wait
+        until(reached)  # it is in, or waiting where the test says (a fixed sleep lost this race on a busy CI)
         return t
 
-    threads = [start("a1", a), start("a2", a), start("b", b), start("a3", a)]
+    threads = [start("a1", a, lambda: group._users == 1), start("a2", a, lambda: group._users == 2),
+               start("b", b, lambda: group._switching == 1)]
+    threads.append(start("a3", a, lambda: True))  # whenever it arrives, b is ahead of it
+    time.sleep(0.1)
     assert [e[0] for e in log] == ["a1", "a2"]  # a2 shares the loaded set; b waits; a3 queues behind b
     release["a1"].set(), release["a2"].set()
-    time.sleep(0.3)
-    assert ("b", "in", True) in log and not any(e[0] == "a3" for e in log)
+    until(lambda: ("b", "in", True) in log)
+    assert not any(e[0] == "a3" for e in log)
     release["b"].set()
     for t in threads:
         release["a3"].set()

@@ -241,7 +241,7 @@ def _slow_factory(settings):
     from wanrt.runtime.factory import build_runtime
 
     pipe = build_runtime(settings)  # the tiny model (2 heads) through the real factory
-    pipe.backend = _SlowBackend(pipe.backend, 0.25)
+    pipe.backend = _SlowBackend(pipe.backend, 0.5)  # the kill lands mid-loop even when the test polls late
     return pipe
 
 

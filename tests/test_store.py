@@ -60,9 +60,9 @@ def test_claim_is_fifo_and_exclusive(store):
 
 def test_expired_lease_is_reclaimed_and_old_worker_loses_it(store):
     job = store.create({})[0]
-    assert store.claim("w1", lease_s=0.2).id == job.id
+    assert store.claim("w1", lease_s=1.0).id == job.id  # a lease long enough to outlive a busy CI's slow commit
     assert store.claim("w2", lease_s=30) is None  # lease still valid
-    time.sleep(0.3)
+    time.sleep(1.1)
     again = store.claim("w2", lease_s=30)
     assert again.id == job.id and again.attempts == 2 and again.worker_id == "w2"
     assert store.heartbeat(job.id, "w1", 30) is False  # the dead worker's heartbeat is refused
@@ -266,7 +266,7 @@ def test_wait_for_change(store):
         return  # no cross-process notification: a plain sleep, the caller backs off
     for change in (lambda: store.heartbeat(job.id, "w", 30, progress=10.0), lambda: store.cancel(job.id),
                    lambda: store.finish_cancelled(job.id, "w")):
-        timer = threading.Timer(0.2, change)
+        timer = threading.Timer(1.0, change)  # after the subscription is made (a new connection on a busy CI)
         timer.start()
         t0 = time.monotonic()
         store.wait_for_change(job.id, 10)
@@ -526,11 +526,11 @@ def test_affinity_with_no_loras_loaded_prefers_jobs_without_loras(store):
 
 def test_affinity_claimed_job_is_recovered_when_its_worker_dies(store):
     ids = _queue(store, "BA")
-    job = store.claim("w1", 0.2, loaded_key=KEY["A"], affinity_skip=2)
+    job = store.claim("w1", 1.0, loaded_key=KEY["A"], affinity_skip=2)
     assert job.id == ids[1] and job.worker_id == "w1"
     assert store.claim("w2", 30).id == ids[0]  # the stream reader skips the job taken out of order
     assert store.claim("w2", 30) is None  # w1's lease still runs
-    time.sleep(0.3)
+    time.sleep(1.1)
     again = store.claim("w2", 30)
     assert again.id == ids[1] and again.attempts == 2 and again.worker_id == "w2"
     assert store.complete(again.id, "w2", "/v.mp4", {}) and not store.complete(again.id, "w1", "/v.mp4", {})

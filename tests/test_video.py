@@ -115,7 +115,7 @@ def test_threaded_writer_abort_midway(tmp_path):
 
     def slow(frame):  # an encoder slower than the decode: the queue fills
         started.set()
-        time.sleep(0.05)
+        time.sleep(0.2)  # 24 frames take ~5 s: the abort below lands midway even on a busy CI
         return real(frame)
 
     w.writer.write = slow

@@ -80,13 +80,13 @@ def test_degenerate_image_on_the_worker_path_stays_small(tiny_pipeline, tmp_path
 def test_slow_headers_get_a_400_at_the_deadline(api, images):
     t0 = time.monotonic()
     assert_refused(api, images.url("/slow-headers"), f"took longer than {FETCH_TIMEOUT_S} s")
-    assert time.monotonic() - t0 < FETCH_TIMEOUT_S + 1
+    assert time.monotonic() - t0 < FETCH_TIMEOUT_S + 4  # four more HTTP calls in there; the drip lasts 60 s
 
 
 def test_slow_redirect_chain_gets_a_400_at_the_deadline(api, images):
     t0 = time.monotonic()
     assert_refused(api, images.url("/slow-redirect?n=5&delay=0.7"), f"took longer than {FETCH_TIMEOUT_S} s")
-    assert time.monotonic() - t0 < FETCH_TIMEOUT_S + 1
+    assert time.monotonic() - t0 < FETCH_TIMEOUT_S + 1.5  # the whole chain takes 4.2 s
 
 
 # 12.3: a 140 KB PNG that decodes to 6000x6000 RGBA; a big JPEG is decoded at reduced size and stored small

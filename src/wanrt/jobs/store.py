@@ -519,8 +519,10 @@ class SqliteJobStore:
         """Atomically take the oldest queued job, or one whose worker's lease ran out. With `loaded_key` (the
         worker's loaded LoRA set) and affinity_skip > 0, the queued job is the one lora_request.pick_next
         chooses from the oldest affinity_skip + 1 (see affinity_window), in the same transaction."""
-        now = time.time()
         with self._transaction() as conn:
+            # the clock is read holding the write lock: a lease starts when it is granted (a slow lock wait would
+            # shorten it), and started_at is never before the created_at of a job whose insert we waited for
+            now = time.time()
             # Jobs whose worker died (few: one per dead worker slot): a cancel asked meanwhile ends them as
             # cancelled; those that lost their worker too often end as errors instead of being retried forever.
             conn.execute(

@@ -280,6 +280,14 @@ class WebhookDispatcher:
         with self._lock:
             return self._in_flight
 
+    def drain(self, timeout_s: float) -> int:
+        """At shutdown: wait up to `timeout_s` for attempts under way to record their outcome (an answered attempt
+        left unrecorded is sent again once its lease ends: a duplicate for a 2xx). Returns how many are left."""
+        deadline = time.monotonic() + timeout_s
+        while (left := self.in_flight()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return left
+
     def _run(self, delivery: WebhookDelivery) -> None:
         try:
             self.deliver(delivery)
