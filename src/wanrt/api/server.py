@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+from wanrt.jobs import backoff_s
+
 log = logging.getLogger("wanrt.server")
 
 
@@ -85,9 +87,9 @@ class WorkerSupervisor:
             return
         quick = time.monotonic() - self.started[i] < self.QUICK_EXIT_S
         self.quick_exits[i] = self.quick_exits[i] + 1 if quick else 0
-        first, longest = self.BACKOFF_S  # each restart re-loads the model: never a tight loop
-        wait = min(longest, first * 2 ** (self.quick_exits[i] - 1)) if quick else first
-        (log.error if wait >= longest else log.warning)(
+        # each restart re-loads the model: never a tight loop
+        wait = backoff_s(self.quick_exits[i] if quick else 1, *self.BACKOFF_S)
+        (log.error if wait >= self.BACKOFF_S[1] else log.warning)(
             "worker %d exited with %s (%d time(s) in a row within %.0f s of its start); starting it again in %.0f s",
             i, code, max(1, self.quick_exits[i]), self.QUICK_EXIT_S, wait)
         self.due[i] = time.monotonic() + wait

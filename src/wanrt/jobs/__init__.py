@@ -20,3 +20,8 @@ def open_store(settings, db_path: Path | None = None) -> JobStore:
     from wanrt.jobs.store import SqliteJobStore
 
     return SqliteJobStore(db_path or DataPaths(settings.data_dir).ensure().db)
+
+
+def backoff_s(tries: int, first: float, longest: float) -> float:
+    """The wait before retry number `tries` (1, 2, ...): `first`, doubling, at most `longest`."""
+    return min(longest, first * 2 ** max(0, tries - 1))

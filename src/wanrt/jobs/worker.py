@@ -21,7 +21,7 @@ import uuid
 
 from PIL import Image
 
-from wanrt.jobs import open_store
+from wanrt.jobs import backoff_s, open_store
 from wanrt.jobs.paths import DataPaths, fsync_dir
 from wanrt.jobs.protocol import JobStore
 from wanrt.jobs.store import Job
@@ -163,7 +163,7 @@ class Worker:
         if slot:
             self.store.release_orphans(worker_id)
         self._report(worker_id, pipeline, "idle")
-        scanned, backoff = time.monotonic(), 0.0
+        scanned, failures = time.monotonic(), 0
         while not self.shutdown.is_set():
             with self._lock:
                 if max_jobs is not None and self.jobs_done >= max_jobs:
@@ -172,12 +172,12 @@ class Worker:
                 job = self.store.claim(worker_id, self.settings.lease_s, device=str(pipeline.device),
                                        **self._affinity(pipeline))
             except Exception as e:  # the store away for a while (Redis restarting, SQLite locked): wait, retry
-                first, longest = self.CLAIM_BACKOFF_S
-                backoff = min(longest, backoff * 2 or first)
-                log.warning("%s: claim failed (%s: %s); retrying in %.1f s", worker_id, type(e).__name__, e, backoff)
-                self.shutdown.wait(backoff)
+                failures += 1
+                wait = backoff_s(failures, *self.CLAIM_BACKOFF_S)
+                log.warning("%s: claim failed (%s: %s); retrying in %.1f s", worker_id, type(e).__name__, e, wait)
+                self.shutdown.wait(wait)
                 continue
-            backoff = 0.0
+            failures = 0
             if job is None:
                 if slot == 0 and time.monotonic() - scanned >= self.settings.lora_rescan_s:
                     scanned = time.monotonic()
@@ -336,15 +336,15 @@ class Worker:
         """A store call that ends a job, retried with backoff while the store is away (Redis restarting, SQLite
         locked) for about a lease: past that the job is claimed again anyway (no heartbeat extends it now). Raises
         _NotRecorded then (at shutdown after about 5 s; run_job's caller logs it)."""
-        first, longest = self.CLAIM_BACKOFF_S  # stopping (SIGTERM) still tries for a few seconds: a finished
-        limit = min(self.settings.lease_s, 5.0) if self.shutdown.is_set() else self.settings.lease_s  # video is
-        deadline, backoff = time.monotonic() + limit, 0.0                                          # worth it
+        # stopping (SIGTERM) still tries for a few seconds: a finished video is worth it
+        limit = min(self.settings.lease_s, 5.0) if self.shutdown.is_set() else self.settings.lease_s
+        deadline, failures = time.monotonic() + limit, 0
         while True:
             try:
                 return call(*args)
             except Exception as e:
-                backoff = min(longest, backoff * 2 or first)
-                wait = min(backoff, deadline - time.monotonic())
+                failures += 1
+                wait = min(backoff_s(failures, *self.CLAIM_BACKOFF_S), deadline - time.monotonic())
                 error = f"{call.__name__} failed ({type(e).__name__}: {e})"
                 if wait <= 0:
                     raise _NotRecorded(error) from e
