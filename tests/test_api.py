@@ -122,7 +122,7 @@ def test_malformed_json_is_400(api_only):
 
 
 @pytest.mark.parametrize("method,path", [("GET", "/status/nope"), ("GET", "/download/nope"), ("DELETE", "/jobs/nope"),
-                                         ("GET", "/debug/job/nope")])
+                                         ("GET", "/debug/job/nope"), ("POST", "/jobs/nope/cancel")])
 def test_unknown_job_is_404_job_not_found(api_only, method, path):
     r = httpx.request(method, api_only.base + path)
     assert r.status_code == 404 and r.json() == {"detail": "Job not found"}
@@ -192,6 +192,29 @@ def test_delete_while_running_cancels_and_removes_files(server, images):
     # the worker is free again
     nxt = httpx.post(base + "/generate", json={"image_url": images.url("/img.png"), "prompt": "y", **SMALL}).json()["job_id"]
     assert server.wait_status(nxt)["status"] == "completed"
+
+
+def test_cancel_ends_a_job_as_cancelled_and_keeps_its_record(server, images):
+    """POST /jobs/{id}/cancel: the `cancelled` state of the docs, reachable (DELETE removes the job instead)."""
+    base = server.base
+    long = {"image_url": images.url("/img.png"), "prompt": "x", **{**SMALL, "steps": 20, "frames": 48}}
+    running = httpx.post(base + "/generate", json=long).json()["job_id"]
+    server.wait_status(running, states=("processing",))
+    queued = httpx.post(base + "/generate", json=long).json()["job_id"]
+    r = httpx.post(f"{base}/jobs/{queued}/cancel")  # behind the running job: cancelled at once
+    assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["error_type"] == "cancelled"
+    r = httpx.post(f"{base}/jobs/{running}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "processing" and r.json()["cancel_requested"] is True
+    done = server.wait_status(running, timeout=60)  # within a step (or a VAE chunk)
+    assert done["status"] == "cancelled" and done["error_type"] == "cancelled" and done["retryable"] is False
+    assert httpx.post(f"{base}/jobs/{running}/cancel").json()["status"] == "cancelled"  # again: the same answer
+    assert httpx.get(f"{base}/download/{running}").status_code == 404
+    assert {j: v["status"] for j, v in httpx.get(base + "/jobs").json()["jobs"].items() if j in (running, queued)} == {
+        running: "cancelled", queued: "cancelled"}
+    small = httpx.post(base + "/generate", json={**long, **SMALL}).json()["job_id"]  # the worker is free again
+    assert server.wait_status(small)["status"] == "completed"
+    r = httpx.post(f"{base}/jobs/{small}/cancel")
+    assert r.status_code == 409 and r.json() == {"detail": "Job already finished (status: completed)"}
 
 
 def test_auth_when_api_keys_are_set(tmp_path, images):

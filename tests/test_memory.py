@@ -430,6 +430,12 @@ def test_serving_a_diffusers_dir_compiled_on_an_80gb_card_is_resident(tmp_path):
     eager, mb_bf16, _ = plan_runtime(Settings(model=a14b, backend="eager", device="cuda"), free_bytes=h100,
                                      host_bytes=host)
     assert not mb_bf16.fp8 and mb_bf16.expert_high == mb.expert_load and eager.need_bytes > plan.need_bytes
+    # the default backend (auto) is the compiled one on CUDA: priced in FP8 like it; on the CPU it is eager
+    default = Settings(model=a14b, device="cuda")
+    assert default.backend == "auto" and default.resolved_backend() == "compiled"
+    assert plan_runtime(default, free_bytes=h100, host_bytes=host)[1] == mb
+    assert Settings(device="cpu").resolved_backend() == "eager" and Settings(device="cpu", backend="tensorrt"
+                                                                             ).resolved_backend() == "tensorrt"
     # a dir with half the blocks is priced as such (not as the A14B)
     half, mb_half, _ = plan_runtime(Settings(model=_diffusers_dir_configs(tmp_path / "half", num_layers=20),
                                              backend="compiled", device="cuda"), free_bytes=h100, host_bytes=host)

@@ -446,10 +446,12 @@ def test_cuda_tiers_pin_once_copy_on_a_side_stream_and_match_resident(tier, tiny
     side stream behind events, freed by the allocator after their kernels; latents equal resident's, every
     request; the ledger ends with nothing streamed on the device and no accounting slip."""
     model = str(tiny_files) if tier == "mmap" else "tiny"
-    ref = build_runtime(Settings(device="cuda", dtype="fp32", model=model, memory="resident", warmup=BUCKET))
+    ref = build_runtime(Settings(device="cuda", dtype="fp32", model=model, memory="resident", warmup=BUCKET,
+                                 backend="eager"))
     expected = ref.generate(P, image64, None).latents.cpu()
     del ref
-    pipe = build_runtime(Settings(device="cuda", dtype="fp32", model=model, memory=tier, warmup=BUCKET))
+    pipe = build_runtime(Settings(device="cuda", dtype="fp32", model=model, memory=tier, warmup=BUCKET,
+                                  backend="eager"))
     t = tiered(pipe.backend)
     for _ in range(2):
         assert torch.equal(pipe.generate(P, image64, None).latents.cpu(), expected)

@@ -1,4 +1,4 @@
-"""`wanrt serve | worker | generate | doctor` (build and bench arrive with their issues)."""
+"""`wanrt serve | worker | generate | build | plan | doctor`."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ class WanrtClient:
                  loras: Sequence[Mapping[str, Any]] | None = None, **params: Any) -> dict:
         """Queue a job (by URL or by uploading a file); with wait=True, block until it ends and return its
         final status (raises WanrtError when it ends in error). `webhook`: an https URL that gets the job's
-        status JSON, signed, on `webhook_events` (default completed, error, cancelled; docs/watching.md)."""
+        status JSON, signed, on `webhook_events` (default completed, error, cancelled; the README's "Webhooks")."""
         if (image_url is None) == (image_path is None):
             raise ValueError("give exactly one of image_url or image_path")
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
@@ -139,3 +139,8 @@ class WanrtClient:
 
     def delete(self, job_id: str) -> dict:
         return self._check(self.http.delete(f"/jobs/{job_id}"))
+
+    def cancel(self, job_id: str) -> dict:
+        """Cancel and keep the record: the job's status body (`processing` + `cancel_requested` while its worker
+        stops); WanrtError 409 once it has finished."""
+        return self._check(self.http.post(f"/jobs/{job_id}/cancel"))

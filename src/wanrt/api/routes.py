@@ -729,7 +729,7 @@ async def preview(job_id: FromPath[str], store: Store, paths: Paths) -> Response
 
 def _progress(value: float) -> int | float:
     """45.2 as it is, a whole number as the seed writes it (100, not 100.0)."""
-    value = round(value, 1)
+    value = round(float(value), 1)  # SQLite's RETURNING hands back an integral REAL as an int
     return int(value) if value.is_integer() else value
 
 
@@ -760,6 +760,20 @@ async def delete_job(job_id: FromPath[str], store: Store, paths: Paths) -> Messa
     if job.status != "processing":  # a running job's worker removes its own files when it stops
         await run(paths.remove_job_files, job.id, job.input_image)
     return MessageResponse("Job deleted")
+
+
+@post("/jobs/{job_id:str}/cancel", status_code=200, summary="Cancel a job and keep its record",
+      description="A queued job ends as `cancelled` at once; a running one is answered `processing` with "
+                  "`cancel_requested: true` and ends as `cancelled` within one sampling step (its webhook event "
+                  "`cancelled` then fires). Cancelling a cancelled job answers it again; a completed or failed "
+                  "job is 409.", responses=JSON_OBJECT)
+async def cancel_job(job_id: FromPath[str], store: Store, paths: Paths) -> dict[str, Any]:
+    job = await run(store.cancel, job_id)
+    if job is None:
+        raise JobNotFound(job_id)
+    if job.status in ("completed", "error"):
+        raise HTTPException(status_code=409, detail=f"Job already finished (status: {job.status})")
+    return job_status(job, paths) | ({"cancel_requested": True} if job.status == "processing" else {})
 
 
 POLL_MIN_S, POLL_MAX_S, KEEPALIVE_S = 0.25, 2.0, 15.0
@@ -976,5 +990,6 @@ async def list_loras(store: Store) -> dict[str, Any]:
     return {"loras": listing, "available": None if available is None else sorted(available)}
 
 
-ROUTES = [health, generate, status, download, preview, list_jobs, delete_job, events, metrics, list_loras]
+ROUTES = [health, generate, status, download, preview, list_jobs, delete_job, cancel_job, events, metrics,
+          list_loras]
 DEBUG_ROUTES = [debug_files, debug_job, debug_workers, debug_gpu]

@@ -31,7 +31,7 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     frames: Annotated[int, _meta("frames")] = 81
     fps: Annotated[int, _meta("fps")] = 16
     seed: Annotated[int, _meta("seed")] = 1
-    # extensions: a signed POST of the job's status JSON to this URL on these events (docs/watching.md)
+    # extensions: a signed POST of the job's status JSON to this URL on these events (the README's "Webhooks")
     webhook: Annotated[str, msgspec.Meta(min_length=1, max_length=2048, description=(
         "https URL (http only for hosts in WANRT_ALLOW_HOSTS) that gets the job's status JSON, signed as "
         "Standard Webhooks, when an event in webhook_events happens"))] | None = None

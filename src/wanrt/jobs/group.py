@@ -272,7 +272,7 @@ def _rank_main(rank: int, world: int, port: int, settings, gpu: str, worker_id: 
     else:  # CPU ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     settings = settings.replace(device=device, concurrency=1)
-    if settings.backend == "compiled" and settings.cudagraphs and device.startswith("cuda"):
+    if settings.resolved_backend() == "compiled" and settings.cudagraphs and device.startswith("cuda"):
         # Capturing NCCL collectives in inductor's CUDA graphs is unverified here (no multi-GPU machine).
         log.info("worker group: CUDA graphs off (the graphs would hold the all-to-alls)")
         settings = settings.replace(cudagraphs=False)

@@ -83,7 +83,7 @@ class Worker:
         if slots > 1 and tier != "resident":  # swaps, streams and engine switches serve one request at a time
             log.warning("concurrency %d needs the resident memory tier; this plan is %s: running one slot", slots, tier)
             slots = self.slots = 1
-        if slots > 1 and self.settings.backend == "compiled" and self.settings.cudagraphs:
+        if slots > 1 and self.settings.resolved_backend() == "compiled" and self.settings.cudagraphs:
             # a graph tree's generation mark is process-wide: one slot's call would start a new generation under
             # another slot's forward (and each thread records graphs of its own, with a pool of its own)
             log.warning("concurrency %d with CUDA graphs: running one slot", slots)

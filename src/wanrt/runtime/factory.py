@@ -90,7 +90,8 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
         make_deterministic()
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     requested = normalize_tier(settings.memory)
-    compiled, tensorrt = settings.backend == "compiled", settings.backend == "tensorrt"
+    backend_name = settings.resolved_backend()  # auto: compiled on CUDA, eager elsewhere
+    compiled, tensorrt = backend_name == "compiled", backend_name == "tensorrt"
     on_cuda = torch.device(device).type == "cuda"
     allowances = dict(overhead=OVERHEAD_BYTES if on_cuda else 0, host_reserve=HOST_RESERVE_BYTES if on_cuda else 0,
                       act_bytes=torch.tensor([], dtype=dtype).element_size())
@@ -128,7 +129,7 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
                            cudagraphs=settings.cudagraphs, offload=tier != "resident", streamed=streams_blocks(tier))
         elif tensorrt:
             options = dict(artifacts=settings.artifacts, one_expert_at_a_time=tier != "resident")
-        return make_backend(settings.backend, model, device=device, **options)
+        return make_backend(backend_name, model, device=device, **options)
 
     loras = _LoraInstaller(settings, model) if serves_loras(settings) else None
     backend = TieredBackend(model, device, plan, mb, make_inner, ledger=ledger, can_demote=not tensorrt, gpu=gpu,
@@ -163,7 +164,7 @@ def plan_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | N
                 adopt_fp8_linears(expert, "weight_only")  # as the loaded model will be (below)
             mb_mapped = ModelBytes.measure(meta, overhead=overhead, act_bytes=act_bytes, host_reserve=host_reserve)
             mb = _with_expert_storage(mb_mapped, settings, info["fp8"])
-    fp8 = (settings.backend == "compiled" and settings.fp8) or info["fp8"]
+    fp8 = (settings.resolved_backend() == "compiled" and settings.fp8) or info["fp8"]
     if mb is None:
         upcast = fp8_upcasts(device)
         expert_config, text_config = configs or (None, None)
@@ -183,7 +184,7 @@ def plan_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | N
 
 def serves_loras(settings) -> bool:
     """LoRA slots are installed: a LoRA dir, a rank, and a backend that runs torch experts (engines embed weights)."""
-    return bool(settings.lora_dir) and settings.max_lora_rank > 0 and settings.backend != "tensorrt"
+    return bool(settings.lora_dir) and settings.max_lora_rank > 0 and settings.resolved_backend() != "tensorrt"
 
 
 def _with_lora(mb: ModelBytes | None, settings, expert_config: dict | None, dtype) -> ModelBytes | None:
@@ -246,7 +247,7 @@ def _with_expert_storage(mb: ModelBytes, settings, checkpoint_fp8: bool) -> Mode
     """The experts priced as the backend will store them: an FP8 checkpoint as measured; the compiled backend's
     FP8 swap of a BF16 checkpoint at FP8 sizes for the model's config; weight-only upcast where the GPU has no
     FP8 GEMMs."""
-    fp8 = checkpoint_fp8 or (settings.backend == "compiled" and settings.fp8)
+    fp8 = checkpoint_fp8 or (settings.resolved_backend() == "compiled" and settings.fp8)
     if not fp8:
         return mb
     upcast_on = fp8_upcasts(settings.resolved_device())

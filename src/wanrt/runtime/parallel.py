@@ -436,9 +436,9 @@ def tiny_heads_runtime(settings, heads: int = 4):
 
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     model = tiny_model_with_heads(heads).to(device, dtype)
-    options = {}
-    if settings.backend == "compiled":
+    options, backend = {}, settings.resolved_backend()
+    if backend == "compiled":
         options = dict(fp8=settings.fp8, attn=settings.attn, compile=settings.compile, cudagraphs=settings.cudagraphs,
                        compile_scope=settings.compile_scope, autotune=settings.autotune)
-    return WanI2VPipeline(model, make_backend(settings.backend, model, device=device, **options), device=device,
+    return WanI2VPipeline(model, make_backend(backend, model, device=device, **options), device=device,
                           dtype=dtype, vae_dtype=settings.vae_dtype)
