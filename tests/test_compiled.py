@@ -177,6 +177,38 @@ def test_compiles_are_counted_per_bucket_and_the_limit_falls_back(tiny_model, on
     torch._dynamo.reset()
 
 
+def test_a_compiler_failure_runs_that_bucket_eagerly(tiny_model, monkeypatch):
+    """The compiled backend is the default on CUDA: Inductor failing on a user's card (here: made to fail for real,
+    inside dynamo's backend call) costs that bucket its speed, counted and logged, not every job. An OOM from the
+    compiler is re-raised for the memory tier to handle."""
+    import torch._inductor.compile_fx as compile_fx
+
+    model, eager = copy_model(tiny_model), copy_model(tiny_model)
+    backend = CompiledBackend(model, fp8=False, compile=True)
+    x, t, ctx = torch.randn(2, 36, 3, 8, 8), torch.full((2,), 900.0), torch.randn(2, 16, 32)
+    with torch.inference_mode():
+        ref = eager.experts["high"](hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("ptxas fatal: unsupported GPU architecture")
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(compile_fx, "compile_fx", broken)
+    try:
+        for _ in range(2):  # the second call goes straight to eager: no retrace, no second failure
+            assert torch.allclose(backend.denoise("high", x, t, ctx), ref, atol=1e-4)
+        assert backend.describe()["fallbacks"] == 1 and backend.stats.eager_buckets == {"high:b2:3x8x8"}
+
+        def oom(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory while autotuning")
+
+        monkeypatch.setattr(compile_fx, "compile_fx", oom)
+        with pytest.raises(torch.OutOfMemoryError, match="autotuning"):
+            backend.denoise("high", torch.randn(1, 36, 3, 8, 8), torch.full((1,), 900.0), torch.randn(1, 16, 32))
+    finally:
+        torch._dynamo.reset()
+
+
 def test_swap_counts_only_block_linears(tiny_model):
     expert = copy.deepcopy(tiny_model.transformer_high)
     assert swap_fp8_linears(expert, emulate=True) == 20

@@ -229,9 +229,9 @@ def test_typed_client_json_and_multipart(server, receiver, tmp_path):
         assert "webhook" not in httpx.get(f"{server.base}/status/{job_id}").json()["params"]
     play_worker(server, by_url["job_id"])  # completed: not an event this job asked for
     with WanrtClient(server.base) as c:  # a queued job cancelled through the API: the event it asked for
-        cancelled = c.generate("x", image_url=PNG, webhook=receiver.url("/ok/c"), **small)["job_id"]
+        cancelled = c.generate("x", image_url=PNG, webhook=receiver.url("/ok/cancel"), **small)["job_id"]
         assert c.cancel(cancelled)["status"] == "cancelled"
-    (got,) = receiver.wait("/ok/c", 1)
+    (got,) = receiver.wait("/ok/cancel", 1)
     assert got["body"]["event"] == "cancelled" and got["body"]["job_id"] == cancelled
     play_worker(server, upload["job_id"])
     receiver.wait("/ok/h", 1)

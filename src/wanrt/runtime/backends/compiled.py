@@ -169,6 +169,21 @@ def _recompile_limit_error() -> type[Exception]:
     return getattr(exc, "FailOnRecompileLimitHit", None) or getattr(exc, "FailOnCacheLimitHit", RuntimeError)
 
 
+def _compile_errors() -> tuple[type[Exception], ...]:
+    """What dynamo raises when it cannot trace a bucket (fullgraph) or Inductor cannot build it: the model is
+    fine, the compiler is not (a Triton/driver mismatch on the user's card, a compiler bug at one shape)."""
+    import torch._dynamo.exc as exc
+
+    return tuple(getattr(exc, n) for n in ("BackendCompilerFailed", "Unsupported") if hasattr(exc, n))
+
+
+def _out_of_memory(e: BaseException | None) -> BaseException | None:
+    """The OOM inside a compiler error (autotuning benchmarks kernels on the device): the memory tier's business."""
+    while e is not None and not isinstance(e, torch.OutOfMemoryError):
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    return e
+
+
 def repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The expert's repeated transformer blocks (diffusers' `_repeated_blocks` class names, else `.blocks`)."""
     names = set(getattr(module, "_repeated_blocks", None) or ())
@@ -398,6 +413,12 @@ class CompiledBackend:
         except _recompile_limit_error() as e:  # fullgraph (blocks scope): dynamo raises at the limit
             self._fell_back(bucket, e)
             out = self._eager(expert, latent_input, timestep, context)
+        except _compile_errors() as e:
+            if (oom := _out_of_memory(e)) is not None:
+                raise oom from e  # as the eager path would raise it: the tier moves leaner and runs the job again
+            # compiled is the default on CUDA: a compiler that fails on this card must cost speed, not every job
+            self._fell_back(bucket, e, what="the compiler failed")
+            out = self._eager(expert, latent_input, timestep, context)
         new = _dynamo_graphs() - graphs
         s.compiles += new
         if _limit_hits() > hits and bucket not in s.eager_buckets:  # model scope: dynamo ran it eagerly itself
@@ -409,11 +430,12 @@ class CompiledBackend:
             s.bucket_graphs[bucket] = new
         return out
 
-    def _fell_back(self, bucket: str, why) -> None:
+    def _fell_back(self, bucket: str, why, what: str | None = None) -> None:
         self.stats.fallbacks += 1
         self.stats.eager_buckets.add(bucket)
-        log.warning("compiled backend: dynamo's recompile limit (%s) reached at %s: that bucket runs eagerly (%s)",
-                    self.stats.recompile_limit, bucket, str(why).splitlines()[0][:200])
+        what = what or f"dynamo's recompile limit ({self.stats.recompile_limit}) reached"
+        log.warning("compiled backend: %s at %s: that bucket runs eagerly (%s)", what, bucket,
+                    (str(why).splitlines() or [type(why).__name__])[0][:200])
 
     def _eager(self, expert, latent_input, timestep, context):
         if not hasattr(torch.compiler, "set_stance"):  # torch < 2.6
