@@ -209,6 +209,25 @@ def test_a_compiler_failure_runs_that_bucket_eagerly(tiny_model, monkeypatch):
         torch._dynamo.reset()
 
 
+def test_compile_caches_live_in_the_data_dir_unless_the_environment_says(tmp_path, monkeypatch):
+    """A restarted worker reloads its kernels from the data dir (a volume in the container; /tmp is lost with the
+    container) instead of compiling the default preset again; an operator's own cache dirs win."""
+    from wanrt.jobs.paths import DataPaths
+    from wanrt.runtime.backends.compiled import COMPILE_CACHE_VARS, persist_compile_caches
+
+    for name in COMPILE_CACHE_VARS:
+        monkeypatch.delenv(name, raising=False)
+    root = DataPaths(tmp_path).compile_cache
+    assert persist_compile_caches(root) == {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+                                            "TRITON_CACHE_DIR": str(root / "triton")}
+    from torch._inductor.runtime.runtime_utils import cache_dir
+
+    assert cache_dir() == str(root / "inductor")  # where Inductor will write
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/mine")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mine/too")
+    assert persist_compile_caches(root) == {"TORCHINDUCTOR_CACHE_DIR": "/mine/too", "TRITON_CACHE_DIR": "/mine"}
+
+
 def test_swap_counts_only_block_linears(tiny_model):
     expert = copy.deepcopy(tiny_model.transformer_high)
     assert swap_fp8_linears(expert, emulate=True) == 20

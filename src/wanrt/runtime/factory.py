@@ -119,6 +119,11 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
         load_artifacts_into(model, settings.artifacts, settings.model)
     if settings.scheduler == "euler":
         model.scheduler_config = dict(EULER_SCHEDULER_CONFIG)
+    if compiled and settings.compile and on_cuda:  # the CPU tests' compiles stay in torch's own temp dirs
+        from wanrt.jobs.paths import DataPaths
+        from wanrt.runtime.backends.compiled import persist_compile_caches
+
+        log.info("compile caches: %s", persist_compile_caches(DataPaths(settings.data_dir).compile_cache))
 
     def make_inner(tier: str):
         options = {}

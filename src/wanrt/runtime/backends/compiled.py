@@ -43,10 +43,12 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -167,6 +169,19 @@ def _recompile_limit_error() -> type[Exception]:
     import torch._dynamo.exc as exc
 
     return getattr(exc, "FailOnRecompileLimitHit", None) or getattr(exc, "FailOnCacheLimitHit", RuntimeError)
+
+
+COMPILE_CACHE_VARS = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
+
+
+def persist_compile_caches(root: Path) -> dict[str, str]:
+    """Inductor's FX-graph and autotuning caches and Triton's kernels under `root` (the data dir's cache/, a
+    volume in the container) instead of /tmp or ~/.triton, which a container restart loses: a restarted worker
+    then reloads the default preset's kernels instead of compiling them again (33.9 s on the H200, FP8
+    quantisation included). A variable the environment already sets is kept. Returns what applies."""
+    for name, sub in COMPILE_CACHE_VARS.items():
+        os.environ.setdefault(name, str(Path(root) / sub))
+    return {name: os.environ[name] for name in COMPILE_CACHE_VARS}
 
 
 def _compile_errors() -> tuple[type[Exception], ...]:
