@@ -447,15 +447,19 @@ def spawn_row(model_spec: str, device: str, preset_name: str, config_name: str, 
 
 def cold_start(model: str, device: str, preset_name: str, artifacts: str | None = None,
                extra: tuple[str, ...] = (), timeout: float | None = None, env: dict | None = None,
-               fresh_caches: bool = True, log: Path | None = None) -> dict:
+               fresh_caches: bool = True, log: Path | None = None, cache_root: str | None = None) -> dict:
     """A fresh `wanrt generate` process: imports, model load (from artifacts when given), one video. fresh_caches:
     Inductor's (FX graph, AOT) and Triton's caches in empty temporary directories, so the compile is a cold one
-    (earlier rows filled the default ones in /tmp). Its process group is killed at `timeout` (returncode None)."""
+    (earlier rows filled the default ones in /tmp). cache_root: the caches there instead (a second call with the
+    same root is a restart with warm caches, as a worker's data dir gives it). Its process group is killed at
+    `timeout` (returncode None)."""
     preset = PRESETS[preset_name]
     env = child_env(env)
     with tempfile.TemporaryDirectory() as tmp:
-        if fresh_caches:
-            env["TORCHINDUCTOR_CACHE_DIR"], env["TRITON_CACHE_DIR"] = str(Path(tmp) / "inductor"), str(Path(tmp) / "triton")
+        root = cache_root or (tmp if fresh_caches else None)
+        if root is not None:
+            env["TORCHINDUCTOR_CACHE_DIR"], env["TRITON_CACHE_DIR"] = str(Path(root) / "inductor"), str(Path(root) / "triton")
+        warm = cache_root is not None and any((Path(cache_root) / "inductor").glob("*"))
         cmd = [sys.executable, "-m", "wanrt.cli", "generate", "--model", model, "--image", str(IMAGE),
                "--prompt", "cold start", "--out", str(Path(tmp) / "v.mp4"), "--device", device, *extra]
         cmd += [f"--{k.replace('_', '-')}={v}" for k, v in preset.items()]
@@ -474,7 +478,7 @@ def cold_start(model: str, device: str, preset_name: str, artifacts: str | None 
             break
     return {"seconds": seconds, "returncode": rc, "preset": preset_name, "artifacts": artifacts,
             "args": list(extra), "request_timings_s": summary.get("timings_s"),
-            "cache": "cold" if fresh_caches else "warm",
+            "cache": "warm" if warm or not (fresh_caches or cache_root) else "cold",
             "stderr_tail": ("" if rc == 0 else f"killed after {timeout:.0f} s; " if rc is None else "") + (
                 stderr[-500:] if rc != 0 else "")}
 
