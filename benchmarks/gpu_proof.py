@@ -843,7 +843,7 @@ def cold_start_rows(ctx: Ctx, timeout: float, unit: Unit) -> list[dict]:
         left = timeout - (time.monotonic() - t0)
         if cold["returncode"] == 0 and left > MIN_START_S["cold"] / 2:
             warm = bench_e2e.cold_start(ctx.model, ctx.device, preset, timeout=left, env=ctx.env, cache_root=caches,
-                                        log=ctx.log(unit))
+                                        log=ctx.log(unit).with_suffix(".restart.log"))
             rows.append(_cold_row(preset, RESTART, warm, "the same command again with the caches the first left "
                                   "(a restarted worker: its data dir keeps them)"))
     return rows

@@ -220,12 +220,19 @@ def test_compile_caches_live_in_the_data_dir_unless_the_environment_says(tmp_pat
     root = DataPaths(tmp_path).compile_cache
     assert persist_compile_caches(root) == {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
                                             "TRITON_CACHE_DIR": str(root / "triton")}
-    from torch._inductor.runtime.runtime_utils import cache_dir
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
 
     assert cache_dir() == str(root / "inductor")  # where Inductor will write
+    # importing torch._dynamo (diffusers does, before the runtime is built) writes torch's default in: not ours
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    assert persist_compile_caches(root)["TORCHINDUCTOR_CACHE_DIR"] == str(root / "inductor")
     monkeypatch.setenv("TRITON_CACHE_DIR", "/mine")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mine/too")
     assert persist_compile_caches(root) == {"TORCHINDUCTOR_CACHE_DIR": "/mine/too", "TRITON_CACHE_DIR": "/mine"}
+    for name in COMPILE_CACHE_VARS:  # a data dir it cannot write to: torch's defaults stay
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "file").write_text("")
+    assert persist_compile_caches(tmp_path / "file" / "cache") == {"TORCHINDUCTOR_CACHE_DIR": "", "TRITON_CACHE_DIR": ""}
 
 
 def test_swap_counts_only_block_linears(tiny_model):
@@ -267,6 +274,7 @@ def test_blocks_compile_with_cuda_graphs_on_gpu(tiny_model):
         want = ref(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]
     assert torch.allclose(out, want, atol=1e-3)
     assert backend.stats.compiles >= 1 and list(backend.stats.compile_seconds) == ["high:b2:3x8x8"]
+    assert backend.describe()["fallbacks"] == 0  # compiled, not the eager fallback
 
 
 def test_cuda_graphs_compile_each_expert_whole():

@@ -8,6 +8,7 @@ costs its model build and its rendezvous, not the imports."""
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -205,7 +206,9 @@ def test_a_group_id_is_stable_and_names_its_physical_gpus(monkeypatch):
 
     host = socket.gethostname()
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert default_worker_id(["0", "1"]) == f"{host}-gpus0-1"  # no driver here: hostname and indices
+    monkeypatch.delenv("NVIDIA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # no driver (as on CI, also on a GPU box): hostname and indices
+    assert default_worker_id(["0", "1"]) == f"{host}-gpus0-1"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1111,GPU-2222")
     first = default_worker_id(["0", "1"])
     assert first == default_worker_id(["0", "1"]) and first.startswith(f"{host}-gpus0-1-")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -269,14 +270,22 @@ def test_vae_tiles_where_the_frame_does_not_fit(mb):
 
 
 # ----------------------------------------------------------------------------------------------- failures
-def test_out_of_memory_retries_once_on_the_next_leaner_tier(reference, image64):
+def test_out_of_memory_retries_once_on_the_next_leaner_tier(reference, image64, monkeypatch):
     pipe = build_runtime(Settings(device="cpu", warmup=BUCKET, memory="resident"))
     t = tiered(pipe.backend)
-    calls = []
+    calls, held, demote = [], [], t.demote
+
+    def demote_once_freed(why):  # the leaner placement needs the memory the failed run held
+        assert held[0]() is None
+        return demote(why)
+
+    monkeypatch.setattr(t, "demote", demote_once_freed)
 
     def run():
         calls.append(t.tier)
         if len(calls) == 1:
+            activations = torch.zeros(1024)  # what the failed run's frames hold when the OOM is raised
+            held.append(weakref.ref(activations))
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return pipe.generate(P, image64, None)
 

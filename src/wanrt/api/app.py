@@ -138,6 +138,8 @@ def create_app(settings, store: JobStore | None = None) -> Litestar:
             yield
         finally:
             task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):  # a poll under way counts its threads first
+                await task
             if left := await anyio.to_thread.run_sync(dispatcher.drain, dispatcher.timeout_s):
                 log.warning("%d webhook attempt(s) still under way at shutdown: resent once their lease ends", left)
 

@@ -81,8 +81,12 @@ def default_worker_id(gpus) -> str:
     """Stable across launcher restarts, so a new launcher re-queues the job its previous life left, and unique to
     the physical GPUs: two containers on one host (host networking shares the hostname) each see their own GPUs
     as 0,1; with hostname and indices alone they shared one id and re-queued each other's running jobs."""
-    uuids = gpu_uuids(gpus)
-    tail = f"-{hashlib.sha1(','.join(uuids).encode()).hexdigest()[:8]}" if uuids else ""
+    uuids = gpu_uuids(gpus) or []
+    # a container given MIG slices of one GPU sees the parent's UUID through NVML: the runtime's own list
+    # (NVIDIA_VISIBLE_DEVICES, MIG UUIDs there) tells the containers apart
+    given = os.environ.get("NVIDIA_VISIBLE_DEVICES", "")
+    names = uuids + ([given] if given not in ("", "all", "none", "void") else [])
+    tail = f"-{hashlib.sha1(','.join(names).encode()).hexdigest()[:8]}" if names else ""
     return f"{socket.gethostname()}-gpus{'-'.join(str(g) for g in gpus)}{tail}"
 
 
@@ -117,7 +121,10 @@ def gpu_uuids(gpus) -> list[str] | None:
     except Exception:
         return None
     finally:
-        pynvml.nvmlShutdown()
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:  # an id must come out of this, whatever NVML says on the way out
+            pass
 
 
 def _free_port() -> int:

@@ -31,6 +31,7 @@ leaner and runs the job once more (`run_within_memory`).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -1124,10 +1125,15 @@ def run_within_memory(pipeline, params, run):
     except Exception as e:
         if t is None or not is_out_of_memory(e):
             raise
-        if t.device.type == "cuda":
-            torch.cuda.empty_cache()
-        if t.demote(f"out of memory: {str(e)[:200]}") is None:
-            raise
+        # the failed run's frames hold its activations (through the traceback, and the errors it was raised
+        # from): dropped here, collected below, before the leaner placement and the second run need the memory
+        failure = e.with_traceback(None)
+        failure.__cause__ = failure.__context__ = None
+    gc.collect()
+    if t.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if t.demote(f"out of memory: {str(failure)[:200]}") is None:
+        raise failure
     return run()
 
 

@@ -178,10 +178,25 @@ def persist_compile_caches(root: Path) -> dict[str, str]:
     """Inductor's FX-graph and autotuning caches and Triton's kernels under `root` (the data dir's cache/, a
     volume in the container) instead of /tmp or ~/.triton, which a container restart loses: a restarted worker
     then reloads the default preset's kernels instead of compiling them again (33.9 s on the H200, FP8
-    quantisation included). A variable the environment already sets is kept. Returns what applies."""
+    quantisation included). A variable the operator set is kept; importing torch._dynamo (diffusers does) writes
+    Inductor's own default into the environment, which is not theirs. An unwritable root changes nothing.
+    Returns what applies."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    root, torch_default = Path(root), os.path.abspath(default_cache_dir())
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        writable = os.access(root, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        log.warning("compile caches stay where torch puts them: %s is not writable", root)
     for name, sub in COMPILE_CACHE_VARS.items():
-        os.environ.setdefault(name, str(Path(root) / sub))
-    return {name: os.environ[name] for name in COMPILE_CACHE_VARS}
+        value = os.environ.get(name)
+        ours = value is None or (name == "TORCHINDUCTOR_CACHE_DIR" and os.path.abspath(value) == torch_default)
+        if writable and ours:
+            os.environ[name] = str(root / sub)
+    return {name: os.environ.get(name, "") for name in COMPILE_CACHE_VARS}
 
 
 def _compile_errors() -> tuple[type[Exception], ...]:
@@ -193,10 +208,16 @@ def _compile_errors() -> tuple[type[Exception], ...]:
 
 
 def _out_of_memory(e: BaseException | None) -> BaseException | None:
-    """The OOM inside a compiler error (autotuning benchmarks kernels on the device): the memory tier's business."""
-    while e is not None and not isinstance(e, torch.OutOfMemoryError):
+    """The OOM inside a compiler error (autotuning benchmarks kernels on the device): the memory tier's business
+    (its own test: a CUDA 'out of memory' RuntimeError counts too)."""
+    from wanrt.runtime.memory import is_out_of_memory
+
+    chain = []
+    while e is not None and e not in chain:
+        chain.append(e)
         e = getattr(e, "inner_exception", None) or e.__cause__
-    return e
+    found = [c for c in chain if is_out_of_memory(c)]  # the wrapper's message quotes the inner one's
+    return next((c for c in found if isinstance(c, torch.OutOfMemoryError)), found[-1] if found else None)
 
 
 def repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -430,10 +451,11 @@ class CompiledBackend:
             out = self._eager(expert, latent_input, timestep, context)
         except _compile_errors() as e:
             if (oom := _out_of_memory(e)) is not None:
-                raise oom from e  # as the eager path would raise it: the tier moves leaner and runs the job again
-            # compiled is the default on CUDA: a compiler that fails on this card must cost speed, not every job
-            self._fell_back(bucket, e, what="the compiler failed")
+                raise oom from None  # as the eager path would raise it: the tier moves leaner, runs the job again
+            # compiled is the default on CUDA: a compiler that fails on this card must cost speed, not every job;
+            # pinned to eager only once eager runs it (an error of the model itself still surfaces, unpinned)
             out = self._eager(expert, latent_input, timestep, context)
+            self._fell_back(bucket, e, what="the compiler failed")
         new = _dynamo_graphs() - graphs
         s.compiles += new
         if _limit_hits() > hits and bucket not in s.eager_buckets:  # model scope: dynamo ran it eagerly itself
