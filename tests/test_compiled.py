@@ -212,12 +212,11 @@ def test_a_compiler_failure_runs_that_bucket_eagerly(tiny_model, monkeypatch):
 def test_compile_caches_live_in_the_data_dir_unless_the_environment_says(tmp_path, monkeypatch):
     """A restarted worker reloads its kernels from the data dir (a volume in the container; /tmp is lost with the
     container) instead of compiling the default preset again; an operator's own cache dirs win."""
-    from wanrt.jobs.paths import DataPaths
     from wanrt.runtime.backends.compiled import COMPILE_CACHE_VARS, persist_compile_caches
 
     for name in COMPILE_CACHE_VARS:
         monkeypatch.delenv(name, raising=False)
-    root = DataPaths(tmp_path).compile_cache
+    root = tmp_path / "cache"  # the data dir's, as build_runtime passes it
     assert persist_compile_caches(root) == {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
                                             "TRITON_CACHE_DIR": str(root / "triton")}
     from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir

@@ -39,7 +39,6 @@ class DataPaths:
         self.inputs = self.root / "inputs"
         self.outputs = self.root / "outputs"
         self.previews = self.root / "previews"
-        self.compile_cache = self.root / "cache"  # Inductor's and Triton's kernels: a restart reuses them
 
     def ensure(self) -> "DataPaths":
         for d in (self.root, self.inputs, self.outputs, self.previews):

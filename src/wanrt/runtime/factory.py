@@ -94,10 +94,9 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
     compiled, tensorrt = backend_name == "compiled", backend_name == "tensorrt"
     on_cuda = torch.device(device).type == "cuda"
     if compiled and settings.compile and on_cuda:  # the CPU tests' compiles stay in torch's own temp dirs
-        from wanrt.jobs.paths import DataPaths
         from wanrt.runtime.backends.compiled import persist_compile_caches
 
-        log.info("compile caches: %s", persist_compile_caches(DataPaths(settings.data_dir).compile_cache))
+        log.info("compile caches: %s", persist_compile_caches(Path(settings.data_dir) / "cache"))
     allowances = dict(overhead=OVERHEAD_BYTES if on_cuda else 0, host_reserve=HOST_RESERVE_BYTES if on_cuda else 0,
                       act_bytes=torch.tensor([], dtype=dtype).element_size())
     bucket = max(settings.warmup or ("640x640x81",), key=_tokens)
