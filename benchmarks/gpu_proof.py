@@ -325,6 +325,9 @@ def from_e2e(stage: int, e2e: dict, dry: bool = False) -> dict:
     for extra in ("error", "fp8_layers", "load_s", "warmup_steps", "pending"):
         if e2e.get(extra) is not None:
             row[extra] = e2e[extra]
+    fallbacks = (e2e.get("describe") or {}).get("fallbacks")
+    if fallbacks and not row.get("error"):  # a compiled label over eager seconds would be a false figure
+        row["error"] = f"{fallbacks} shape bucket(s) ran eagerly (compiler failure or recompile limit)"
     if e2e.get("setup_peak_memory_gb") is not None:
         row.update(setup_peak_allocated_gb=e2e["setup_peak_memory_gb"], setup_peak_reserved_gb=e2e["setup_peak_reserved_gb"])
     if e2e.get("config") in OPT_IN:

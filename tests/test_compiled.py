@@ -177,7 +177,7 @@ def test_compiles_are_counted_per_bucket_and_the_limit_falls_back(tiny_model, on
     torch._dynamo.reset()
 
 
-def test_a_compiler_failure_runs_that_bucket_eagerly(tiny_model, monkeypatch):
+def test_a_compiler_failure_runs_that_bucket_eagerly(tiny_model, monkeypatch, tmp_path):
     """The compiled backend is the default on CUDA: Inductor failing on a user's card (here: made to fail for real,
     inside dynamo's backend call) costs that bucket its speed, counted and logged, not every job. An OOM from the
     compiler is re-raised for the memory tier to handle."""
@@ -198,6 +198,13 @@ def test_a_compiler_failure_runs_that_bucket_eagerly(tiny_model, monkeypatch):
         for _ in range(2):  # the second call goes straight to eager: no retrace, no second failure
             assert torch.allclose(backend.denoise("high", x, t, ctx), ref, atol=1e-4)
         assert backend.describe()["fallbacks"] == 1 and backend.stats.eager_buckets == {"high:b2:3x8x8"}
+        from wanrt.api.routes import metrics_text
+        from wanrt.jobs.paths import DataPaths
+        from wanrt.jobs.store import SqliteJobStore
+
+        store = SqliteJobStore(DataPaths(tmp_path).ensure().db)  # what an operator's alert reads
+        store.report_worker("w", {"device": "cuda:0", "backend": backend.describe()})
+        assert 'wanrt_worker_compile_fallbacks{worker="w",device="cuda:0"} 1' in metrics_text(store, None, 0.0)
 
         def oom(*args, **kwargs):
             raise torch.OutOfMemoryError("CUDA out of memory while autotuning")

@@ -937,6 +937,9 @@ def metrics_text(store: JobStore, dispatcher, started_at: float) -> str:
               "# TYPE wanrt_worker_jobs_done counter",
               "# HELP wanrt_worker_compiled_graphs torch.compile graphs a worker holds (a count that grows with"
               " traffic means recompiles).", "# TYPE wanrt_worker_compiled_graphs gauge",
+              "# HELP wanrt_worker_compile_fallbacks Shape buckets a worker runs eagerly (the compiler failed or hit"
+              " its recompile limit): alert above 0, the compiled speed is gone there.",
+              "# TYPE wanrt_worker_compile_fallbacks gauge",
               "# HELP wanrt_worker_compile_seconds Seconds of a shape bucket's first (compiling) forward.",
               "# TYPE wanrt_worker_compile_seconds gauge",
               "# HELP wanrt_worker_warmup_seconds Seconds a worker's warm-up took per bucket.",
@@ -955,6 +958,8 @@ def metrics_text(store: JobStore, dispatcher, started_at: float) -> str:
             lines.append(f"wanrt_worker_compiled_graphs{{{label}}} {backend['dynamo_graphs']}")
         if "shape_buckets" in backend:
             lines.append(f"wanrt_worker_shape_buckets{{{label}}} {backend['shape_buckets']}")
+        if "fallbacks" in backend:
+            lines.append(f"wanrt_worker_compile_fallbacks{{{label}}} {backend['fallbacks']}")
         for bucket, seconds in (backend.get("compile_seconds") or {}).items():  # first (compiling) call per bucket
             lines.append(f'wanrt_worker_compile_seconds{{{label},bucket="{bucket}"}} {seconds}')
         for bucket, seconds in (w.get("warmup_s") or {}).items():
