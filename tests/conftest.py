@@ -1,4 +1,5 @@
 import os
+import time
 import uuid
 
 import numpy as np
@@ -42,6 +43,17 @@ def make_image(width=64, height=64, seed=0) -> Image.Image:
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
     return Image.fromarray(base).resize((width, height), Image.Resampling.BILINEAR)
+
+
+def wait_for(predicate, timeout: float, what: str, poll_s: float = 0.05):
+    """predicate()'s first truthy value within `timeout` seconds; AssertionError naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def queue_job(paths, store, params, image: Image.Image | None = None, **fields) -> str:

@@ -10,6 +10,7 @@ import pytest
 
 from wanrt.runtime.video import probe_mp4
 
+from conftest import wait_for
 from servers import WanrtServer, image_bytes
 
 SMALL = {"width": 256, "height": 256, "frames": 16, "steps": 2}
@@ -53,10 +54,11 @@ def test_seed_python_example_flow(server, images, tmp_path):
     assert status["video_path"].endswith(".mp4") and status["progress"] == 100
     assert status["params"]["frames_generated"] == 17 and status["params"]["seed"] == 1
     assert status["created_at"] <= status["started_at"] <= status["finished_at"]
-    deadline = time.time() + 10  # the worker counts the job and re-reports just after recording it completed
-    while (workers := httpx.get(f"{server.base}/debug/workers").json()["workers"])[0]["jobs_done"] < 1:
-        assert time.time() < deadline, workers
-        time.sleep(0.1)
+    def counted():  # the worker counts the job and re-reports just after recording it completed
+        workers = httpx.get(f"{server.base}/debug/workers").json()["workers"]
+        return workers if workers[0]["jobs_done"] >= 1 else None
+
+    workers = wait_for(counted, 10, "the worker to count the job")
     assert len(workers) == 1 and workers[0]["device"] == "cpu" and workers[0]["backend"]["backend"] == "eager"
     assert 'wanrt_worker_jobs_done{worker="' in httpx.get(f"{server.base}/metrics").text
     dbg = httpx.get(f"{server.base}/debug/job/{job_id}").json()

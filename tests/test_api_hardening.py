@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from conftest import wait_for
 from servers import image_bytes
 
 SMALL = {"width": 256, "height": 256, "frames": 16, "steps": 1}
@@ -191,10 +192,8 @@ def test_fetches_are_bounded_with_503_and_a_gone_client_creates_no_job(api_only,
         head = "".join(f"{k}: {v}\r\n" for k, v in payload.headers.items())
         seen = len(images.seen)
         raw.sendall(f"POST /generate HTTP/1.1\r\n{head}\r\n".encode() + payload.read())
-        deadline = time.time() + 10  # the slow fetch holds the slot once the image server sees it
-        while not any(path == "/slow-drip" for path, _ in images.seen[seen:]):
-            assert time.time() < deadline, "the slow fetch never started"
-            time.sleep(0.05)
+        # the slow fetch holds the slot once the image server sees it
+        wait_for(lambda: any(path == "/slow-drip" for path, _ in images.seen[seen:]), 10, "the slow fetch to start")
         t0 = time.time()
         busy = httpx.post(api_only.base + "/generate", json={**body, "image_url": images.url("/img.png")}, timeout=10)
         assert busy.status_code == 503 and int(busy.headers["retry-after"]) > 0 and "detail" in busy.json()

@@ -28,7 +28,7 @@ from wanrt.runtime.lora import (
 )
 from wanrt.runtime.pipeline import WanI2VPipeline
 
-from conftest import make_image
+from conftest import make_image, wait_for
 from lora_fixtures import TARGETS, as_format, lightx2v_like, random_lora, to_original
 
 MAX_RANK = 16
@@ -528,16 +528,11 @@ def test_concurrent_jobs_share_a_set_and_a_switch_waits_for_them(tiny_model, lor
             release[name].wait(10)
         log.append((name, "out"))
 
-    def until(what, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while not what():
-            assert time.monotonic() < deadline, log
-            time.sleep(0.01)
-
     def start(name, loras, reached):
         t = threading.Thread(target=job, args=(name, loras))
         t.start()
-        until(reached)  # it is in, or waiting where the test says (a fixed sleep lost this race on a busy CI)
+        # it is in, or waiting where the test says (a fixed sleep lost this race on a busy CI)
+        wait_for(reached, 10, f"{name} to reach its place", poll_s=0.01)
         return t
 
     threads = [start("a1", a, lambda: group._users == 1), start("a2", a, lambda: group._users == 2),
@@ -546,7 +541,7 @@ def test_concurrent_jobs_share_a_set_and_a_switch_waits_for_them(tiny_model, lor
     time.sleep(0.1)
     assert [e[0] for e in log] == ["a1", "a2"]  # a2 shares the loaded set; b waits; a3 queues behind b
     release["a1"].set(), release["a2"].set()
-    until(lambda: ("b", "in", True) in log)
+    wait_for(lambda: ("b", "in", True) in log, 10, "b to switch the set", poll_s=0.01)
     assert not any(e[0] == "a3" for e in log)
     release["b"].set()
     for t in threads:

@@ -20,7 +20,7 @@ from wanrt.jobs.group import PRELOAD, GroupLauncher, _free_port, model_heads, ru
 from wanrt.params import GenerateParams
 from wanrt.runtime.parallel import GroupConfigError, check_group_size, valid_group_sizes
 
-from conftest import make_image, queue_job
+from conftest import make_image, queue_job, wait_for
 
 TOL = 1e-4
 # FP8 runs: the group's GEMMs see other shapes (split, padded) than the single process's, so fp32 sums differ in
@@ -248,16 +248,6 @@ def _slow_factory(settings):
     return pipe
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_rank_killed_mid_job_restarts_the_group_and_the_job_completes_once(tmp_path):
     from wanrt.jobs.paths import DataPaths
     from wanrt.jobs.store import SqliteJobStore
@@ -280,13 +270,13 @@ def test_rank_killed_mid_job_restarts_the_group_and_the_job_completes_once(tmp_p
                 if w["id"] == "group-a" and w["backend"]["parallel"]["generation"] == generation:
                     return w["backend"]["parallel"]
 
-        first = _wait(lambda: group_info(0), 60, "the first generation")
+        first = wait_for(lambda: group_info(0), 60, "the first generation")
         assert first["layouts"] == {"batch 1": "ulysses-2", "batch 2": "cfg-2 x ulysses-1"}
-        _wait(lambda: (store.get(job.id).progress or 0) > 15, 60, "the job to be mid-loop")
+        wait_for(lambda: (store.get(job.id).progress or 0) > 15, 60, "the job to be mid-loop")
         os.kill(first["ranks"][1]["pid"], signal.SIGKILL)  # a follower, mid-collective
 
-        second = _wait(lambda: group_info(1), 60, "the restarted group")
-        done = _wait(lambda: store.get(job.id).status in ("completed", "error") and store.get(job.id), 60,
+        second = wait_for(lambda: group_info(1), 60, "the restarted group")
+        done = wait_for(lambda: store.get(job.id).status in ("completed", "error") and store.get(job.id), 60,
                      "the job to finish")
         assert done.status == "completed", done.error
         assert done.attempts == 2
@@ -338,11 +328,11 @@ def test_group_worker_process_runs_a_job_and_stops_on_sigterm(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for job in jobs:
-            done = _wait(lambda j=job: store.get(j.id).status in ("completed", "error") and store.get(j.id), 60,
+            done = wait_for(lambda j=job: store.get(j.id).status in ("completed", "error") and store.get(j.id), 60,
                          "the job")
             assert done.status == "completed", done.error
             assert probe_mp4(done.video_path)["frames"] == 9
-        ranks = _wait(lambda: [w for w in store.workers() if w["id"] == "cli-group"], 10, "the report")[0]
+        ranks = wait_for(lambda: [w for w in store.workers() if w["id"] == "cli-group"], 10, "the report")[0]
         assert ranks["backend"]["backend"] == "eager+parallel"
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)

@@ -123,6 +123,7 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
         load_artifacts_into(model, settings.artifacts, settings.model)
     if settings.scheduler == "euler":
         model.scheduler_config = dict(EULER_SCHEDULER_CONFIG)
+
     def make_inner(tier: str):
         options = {}
         if compiled:

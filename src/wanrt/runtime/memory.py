@@ -65,7 +65,8 @@ GPU_LADDER = {"resident": "swap", "swap": "stream"}
 BLOCKS_AHEAD = 2
 VAE_TILES = (64, 48, 32, 24, 16)  # tile sides in latent pixels (512 .. 128 output pixels), largest first
 # Projected times: nothing measured on a big GPU yet, so these are assumptions (stated in `wanrt plan` and in
-# the README's "What each card gets"): fractions of the card's dense peak the loop, the text encoder and the VAE reach.
+# the README's "What each card gets"): fractions of the card's dense peak the loop, the text encoder and the VAE
+# reach.
 ASSUMED_EFFICIENCY = {"loop": 0.5, "text": 0.3, "vae": 0.3}
 # mmap: blocks come from the page cache through the driver's pageable staging; assumed rate.
 PAGEABLE_BYTES_PER_S = 10e9
