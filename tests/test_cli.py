@@ -118,6 +118,30 @@ def test_serving_defaults_keep_graphs_and_autotune_opt_in():
     assert Settings.from_env({"WANRT_CUDAGRAPHS": "1", "WANRT_AUTOTUNE": "1"}).cudagraphs is True
 
 
+def test_warm_up_defaults_to_the_default_request_where_compiles_happen(monkeypatch, capsys):
+    """Unset, the compiled backend on CUDA warms up the seed's default request (its first request would pay the
+    compile: 34 s on an H200), nothing elsewhere; 'none' turns it off; a malformed bucket stops the command with the
+    setting's name (flag or environment) before any worker starts, not in a worker's crash loop."""
+    from wanrt.cli import main
+    from wanrt.config import Settings
+
+    assert Settings(device="cuda").resolved_warmup() == ("640x640x81",)
+    assert Settings(device="cuda", backend="compiled").resolved_warmup() == ("640x640x81",)
+    assert Settings(device="cuda", backend="eager").resolved_warmup() == ()
+    assert Settings(device="cpu", backend="compiled").resolved_warmup() == ()  # the CPU tests' compiled runs
+    assert Settings(device="cuda", warmup=("none",)).resolved_warmup() == ()
+    assert Settings.from_env({"WANRT_WARMUP": "NONE"}, device="cuda").resolved_warmup() == ()
+    assert Settings(device="cuda", warmup=("256x256x17",)).resolved_warmup() == ("256x256x17",)
+    assert Settings.from_env(Settings(warmup=("none",)).to_env()).resolved_warmup() == ()  # what workers receive
+    with pytest.raises(SystemExit) as flag:
+        main(["generate", "--image", "x.png", "--prompt", "p", "--warmup", "640x640"])
+    assert flag.value.code == 2 and "'640x640' is not a bucket WxHxF" in capsys.readouterr().err
+    monkeypatch.setenv("WANRT_WARMUP", "640x640x81,big")
+    with pytest.raises(SystemExit) as env:
+        main(["serve"])
+    assert env.value.code == 2 and "WANRT_WARMUP='640x640x81,big'" in capsys.readouterr().err
+
+
 def test_generate_writes_exact_frames_and_one_seed_gives_the_same_bytes_in_another_process(tmp_path):
     """`wanrt generate` writes exactly the frames asked for (18 asked, 21 generated: 4k+1), and `seed` is for
     reproducibility: two processes (side by side), same request, same bytes (noise from a CPU generator, no kernel

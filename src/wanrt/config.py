@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,16 @@ def _bool(v: str) -> bool:
 
 def _list(v: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in v.split(",") if x.strip())
+
+
+def _buckets(v: str) -> tuple[str, ...]:
+    """WANRT_WARMUP / --warmup: "WxHxF,..." or "none", checked here so a typo stops the command, not a worker."""
+    buckets = tuple(b.lower() for b in _list(v))
+    for b in buckets:
+        parts = b.split("x")
+        if b != "none" and (len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts)):
+            raise argparse.ArgumentTypeError(f"warmup: {b!r} is not a bucket WxHxF (e.g. 640x640x81) nor 'none'")
+    return buckets
 
 
 # Which commands offer a setting as a flag.
@@ -62,8 +73,9 @@ class Settings:
                           "and below), mmap (stream from the memory-mapped checkpoint files: short host RAM); "
                           "`wanrt plan` shows what a card gets", cli=RUN,
                           choices=("auto", "resident", "swap", "offload", "stream", "mmap"))
-    warmup: tuple[str, ...] = setting((), "shape buckets WxHxF compiled before the first job, comma-separated",
-                                      _list, RUN)
+    warmup: tuple[str, ...] = setting((), "shape buckets WxHxF compiled before the first job, comma-separated; "
+                                      "unset: the default request's (640x640x81) where the compiled backend runs on "
+                                      "CUDA, none elsewhere; none: no warm-up", _buckets, RUN)
     scheduler: str = setting("unipc", "sampler (unipc is upstream's)", cli=RUN, choices=("unipc", "euler"))
     artifacts: str | None = setting(None, "a `wanrt build` output dir: fused (and quantized) experts", cli=RUN)
     deterministic: bool = setting(False, "same seed, settings, GPU and software -> the same MP4 bytes across processes: "
@@ -136,7 +148,10 @@ class Settings:
         for f in dataclasses.fields(cls):
             raw = env.get(env_name(f.name))
             if raw is not None and raw != "":
-                values[f.name] = f.metadata["parse"](raw)
+                try:
+                    values[f.name] = f.metadata["parse"](raw)
+                except (ValueError, argparse.ArgumentTypeError) as e:
+                    raise ValueError(f"{env_name(f.name)}={raw!r}: {e}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -165,6 +180,17 @@ class Settings:
         if self.backend != "auto":
             return self.backend
         return "compiled" if self.resolved_device().startswith("cuda") else "eager"
+
+    def resolved_warmup(self) -> tuple[str, ...]:
+        """The "WxHxF" buckets to compile before the first job. Unset: the default request's bucket where the
+        compiled backend runs on CUDA (else its first request pays the compile: 34 s on an H200 from empty caches),
+        nothing elsewhere (eager compiles nothing; CPU compiles take minutes)."""
+        from wanrt.params import DEFAULT_BUCKET
+
+        if not self.warmup:
+            compiled = self.resolved_backend() == "compiled" and self.resolved_device().startswith("cuda")
+            return (DEFAULT_BUCKET,) if compiled else ()
+        return tuple(b for b in _buckets(",".join(self.warmup)) if b != "none")
 
     def resolved_dtype(self):
         import torch
@@ -198,7 +224,11 @@ def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
 def settings_from_args(args: argparse.Namespace, **extra) -> Settings:
     """Environment, then every setting flag the command was given, then `extra`."""
     flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Settings)}
-    return Settings.from_env(**{**flags, **{k: v for k, v in extra.items() if v is not None}})
+    try:
+        return Settings.from_env(**{**flags, **{k: v for k, v in extra.items() if v is not None}})
+    except ValueError as e:  # a malformed WANRT_* value: the command stops with its name, not a traceback
+        print(f"wanrt: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _show(value) -> str:

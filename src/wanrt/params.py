@@ -144,3 +144,8 @@ def frames_to_generate(frames: int, temporal_compression: int = 4) -> int:
     """The VAE needs 4k+1 frames: round up, and the MP4 writer trims back to `frames`."""
     k = -(-(frames - 1) // temporal_compression)
     return k * temporal_compression + 1
+
+
+# The default request's shape bucket, "WxHxF" (the warm-up syntax; what memory plans are sized for by default).
+DEFAULT_BUCKET = "x".join(str(v) for v in (FIELDS_BY_NAME["width"].default, FIELDS_BY_NAME["height"].default,
+                                           frames_to_generate(FIELDS_BY_NAME["frames"].default)))

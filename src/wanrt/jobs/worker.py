@@ -72,7 +72,7 @@ class Worker:
     # ------------------------------------------------------------------ loop
     def run(self, poll_s: float = 0.2, max_jobs: int | None = None) -> None:
         pipeline = self.pipeline  # load the model (and compile the warm-up buckets) before claiming anything
-        self.warmup_s = warm_up(pipeline, self.settings.warmup)
+        self.warmup_s = warm_up(pipeline, self.settings.resolved_warmup())
         released = self.store.release_orphans(self.worker_id)
         if released:
             log.warning("re-queued %d job(s) left by a previous run of %s", released, self.worker_id)

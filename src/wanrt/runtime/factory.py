@@ -31,6 +31,7 @@ from pathlib import Path
 
 from wanrt.model.components import EULER_SCHEDULER_CONFIG
 from wanrt.model.loading import checkpoint_info, load_model
+from wanrt.params import DEFAULT_BUCKET
 from wanrt.runtime import gpus
 from wanrt.runtime.artifacts import load_artifacts_into
 from wanrt.runtime.backends import make_backend
@@ -99,7 +100,7 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
         log.info("compile caches: %s", persist_compile_caches(Path(settings.data_dir) / "cache"))
     allowances = dict(overhead=OVERHEAD_BYTES if on_cuda else 0, host_reserve=HOST_RESERVE_BYTES if on_cuda else 0,
                       act_bytes=torch.tensor([], dtype=dtype).element_size())
-    bucket = max(settings.warmup or ("640x640x81",), key=_tokens)
+    bucket = max(settings.resolved_warmup() or (DEFAULT_BUCKET,), key=_tokens)
     info = checkpoint_info(settings.model)
     if settings.model == "tiny":
         # Built in a second: planned from its measured modules.
@@ -180,7 +181,7 @@ def plan_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | N
     mb = _with_lora(mb, settings, expert_config, dtype)
     mb_mapped = _with_lora(mb_mapped, settings, expert_config, dtype)
     plan = estimate_plan(settings.model, device, dtype, normalize_tier(settings.memory), fp8=fp8,
-                         warmup=settings.warmup, free_bytes=free_bytes, fp8_at_load=info["fp8"], host_bytes=host_bytes,
+                         warmup=settings.resolved_warmup(), free_bytes=free_bytes, fp8_at_load=info["fp8"], host_bytes=host_bytes,
                          mmap_ok=info["mmap"], checkpoint_fp8=info["fp8"], mb=mb, mb_mapped=mb_mapped)
     mapped = plan.tier == "mmap" and info["mmap"]
     return plan, (mb_mapped if mapped else mb), mapped  # the mapped files run in their own precision

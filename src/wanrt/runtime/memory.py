@@ -43,6 +43,7 @@ from functools import lru_cache
 import torch
 
 from wanrt.model import sizes
+from wanrt.params import DEFAULT_BUCKET  # the seed's default request: 21x40x40 = 33,600 tokens
 from wanrt.runtime import gpus
 from wanrt.runtime.streaming import BlockStreamer, DeviceLedger, Shuttle, host_copies, move_to, nbytes, tensors_of
 from wanrt.runtime.vae import VaeMemory, attach
@@ -50,7 +51,6 @@ from wanrt.runtime.vae import VaeMemory, attach
 log = logging.getLogger("wanrt.memory")
 
 GiB = sizes.GiB
-DEFAULT_BUCKET = "640x640x81"  # the seed's default request: 21x40x40 = 33,600 tokens
 # Not in the formulas: cuBLAS/cuDNN workspaces, the caching allocator's fragmentation and rounding,
 # compiled kernels' scratch. A flat allowance rather than a percentage: it does not grow with the weights.
 OVERHEAD_BYTES = 2 * GiB
