@@ -2,6 +2,7 @@
 resident when (on CPU the copies are real, host and device are the same)."""
 
 import copy
+import dataclasses
 import weakref
 
 import pytest
@@ -440,6 +441,41 @@ def test_serving_a_diffusers_dir_compiled_on_an_80gb_card_is_resident(tmp_path):
     half, mb_half, _ = plan_runtime(Settings(model=_diffusers_dir_configs(tmp_path / "half", num_layers=20),
                                              backend="compiled", device="cuda"), free_bytes=h100, host_bytes=host)
     assert mb_half.n_blocks == 20 and mb_half.expert_high < 0.55 * mb.expert_high and half.tier == "resident"
+
+
+def _shard_header(path, dtype: str) -> None:
+    """A .safetensors file with only its header (two matrices in `dtype`): what checkpoint_info reads."""
+    import json
+    import struct
+
+    header = json.dumps({f"blocks.{i}.ffn.net.0.proj.weight": {"dtype": dtype, "shape": [13824, 5120],
+                                                                "data_offsets": [0, 0]} for i in range(2)}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+
+
+def test_a_4090_on_a_64gb_host_streams_fp8_from_a_bf16_diffusers_dir(tmp_path):
+    """The seed's 24 GB card with 64 GB of host RAM and Wan's BF16 diffusers dir: the experts are read mapped and
+    quantised a layer at a time, so the host holds both in FP8 (not both in BF16 first, 57 GB, which sent this
+    plan to the mmap tier: BF16, no FP8). Files in another dtype are cast on load: priced as before."""
+    from wanrt.config import Settings
+    from wanrt.runtime.factory import plan_runtime
+    from wanrt.runtime.memory import host_bytes_needed
+
+    plans = {}
+    for stored in ("BF16", "F32"):
+        root = _diffusers_dir_configs(tmp_path / stored)
+        for sub in ("transformer", "transformer_2"):
+            _shard_header(tmp_path / stored / sub / "diffusion_pytorch_model.safetensors", stored)
+        plans[stored] = plan_runtime(Settings(model=root, device="cuda"), free_bytes=23 * GiB, host_bytes=64 * GiB)
+    plan, mb, mapped = plans["BF16"]
+    assert plan.tier == "stream" and plan.fits and mb.fp8 and mb.load_mapped and not mapped, plan.table()
+    assert plan.host_need_bytes == host_bytes_needed(mb, "stream", plan.options) < 64 * GiB
+    assert host_bytes_needed(dataclasses.replace(mb, load_mapped=False), "stream", plan.options) > 64 * GiB
+    # swap fuses Q/K/V in the load dtype before quantising: it still loads (and is priced) whole
+    assert host_bytes_needed(mb, "swap", plan.options) == host_bytes_needed(
+        dataclasses.replace(mb, load_mapped=False), "swap", plan.options)
+    f32, mb32, _ = plans["F32"]
+    assert not mb32.load_mapped and f32.tier == "mmap", f32.table()
 
 
 def test_lora_slots_and_cache_are_planned(tiny_model, tmp_path):

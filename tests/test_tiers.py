@@ -416,6 +416,35 @@ def test_compiled_backend_under_streaming_quantises_in_place_and_compiles_nothin
     assert torch.equal(pipe.generate(P, image64, None).latents, ref)
 
 
+
+def test_compiled_stream_quantises_the_experts_from_their_mapped_files(tiny_files, image64, monkeypatch):
+    """Experts stored in the load dtype, FP8 swap, streamed tier: read mapped and quantised a layer at a time (the
+    host never holds both in full precision), the same latents as a whole load; the linears end in FP8 RAM, not
+    file pages."""
+    from wanrt.model import loading
+    from wanrt.runtime import factory
+
+    seen, load = [], factory.load_model
+
+    def recording(spec, device, *args, **kwargs):
+        if device != "meta":  # (the planner measures single files on meta)
+            seen.append(kwargs.get("mmap"))
+        return load(spec, device, *args, **kwargs)
+
+    monkeypatch.setattr(factory, "load_model", recording)
+    settings = Settings(device="cpu", model=str(tiny_files), backend="compiled", memory="stream", compile=False,
+                        warmup=BUCKET)
+    pipe = build_runtime(settings)
+    assert seen == [True] and pipe.backend.describe()["fp8_layers"] == {"high": 20, "low": 20}
+    fp8 = [b for e in pipe.model.experts.values() for b in e.buffers() if b.dtype == torch.float8_e4m3fn]
+    assert fp8 and not any(loading.is_mapped(b) for b in fp8)
+    got = pipe.generate(P, image64, None).latents
+    info = loading.checkpoint_info(str(tiny_files))
+    assert info["weights_dtype"] == torch.float32  # the CPU's load dtype: nothing to cast, so mapped
+    monkeypatch.setattr(factory, "checkpoint_info", lambda spec: {**info, "weights_dtype": None})  # cast: whole
+    whole = build_runtime(settings)
+    assert seen == [True, False] and torch.equal(whole.generate(P, image64, None).latents, got)
+
 # ----------------------------------------------------------------------------------------------- plan CLI
 @pytest.mark.parametrize("gpu", ["h100", "rtx4090", "rtx3080"])
 def test_wanrt_plan_answers_for_each_card_and_preset(gpu, capsys):

@@ -98,6 +98,54 @@ def test_warm_up_times_each_bucket_and_the_worker_reports_it(tmp_path, tiny_pipe
     assert 'bucket="64x64x5"' in line and float(line.split()[-1]) == report["warmup_s"]["64x64x5"]
 
 
+def test_the_default_warm_up_runs_only_where_something_compiles(tmp_path, tiny_pipeline):
+    """Unset WANRT_WARMUP on CUDA means the default request's bucket, for its compile: a backend that compiles
+    nothing (eager, or the compiled backend on a streamed tier, compile off) skips it, not minutes of forwards."""
+    from wanrt.jobs.worker import compiles
+
+    settings = Settings(data_dir=tmp_path, device="cuda")  # as a GPU host resolves it; the pipeline is the CPU's
+    assert settings.resolved_warmup() == ("640x640x81",) and not compiles(tiny_pipeline)
+    store = SqliteJobStore(DataPaths(tmp_path).ensure().db)
+    worker = Worker(settings, "w", store=store, pipeline=tiny_pipeline)
+    worker.run(poll_s=0.01, max_jobs=0)
+    assert worker.warmup_s == {}
+
+
+def test_an_out_of_memory_warm_up_moves_to_a_leaner_tier_and_a_failed_one_does_not_stop_the_worker(tmp_path):
+    """Warm-up runs as a job does (run_within_memory): an OOM moves the tier one step leaner and runs again. A
+    bucket that fails anyway is logged and skipped: the worker serves (a crash would restart into the same error)."""
+    import torch
+
+    from wanrt.runtime.factory import build_runtime
+    from wanrt.runtime.memory import tiered
+
+    pipe = build_runtime(Settings(device="cpu", warmup=("64x64x5",), memory="resident"))
+    tier, inner = tiered(pipe.backend), tiered(pipe.backend).inner
+    denoise, failures = inner.denoise, [1]
+
+    def oom_once(*args, **kwargs):
+        if failures:
+            failures.pop()
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return denoise(*args, **kwargs)
+
+    inner.denoise = oom_once
+    paths = DataPaths(tmp_path).ensure()
+    store = SqliteJobStore(paths.db)
+    worker = Worker(Settings(data_dir=tmp_path, warmup=("64x64x5",)), "w", store=store, pipeline=pipe)
+    worker.run(poll_s=0.01, max_jobs=0)
+    assert tier.tier == "swap" and list(worker.warmup_s) == ["64x64x5"]
+
+    def always(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+
+    tiered(pipe.backend).inner.denoise = always
+    job = queue_job(paths, store)
+    worker = Worker(Settings(data_dir=tmp_path, warmup=("64x64x5",)), "w2", store=store, pipeline=pipe)
+    worker.run(poll_s=0.01, max_jobs=1)  # returns: the warm-up failure did not end the worker
+    assert worker.warmup_s == {} and store.get(job).status == "error"
+
+
 def test_an_idle_or_busy_worker_keeps_its_report_fresh(tmp_path, tiny_pipeline, monkeypatch):
     """The API takes a worker whose last report is older than LIVE_REPORT_S (120 s) for gone: its LoRA library
     leaves GET /loras, the API stops checking LoRA names, queued jobs say no worker runs. So a worker re-reports

@@ -72,7 +72,10 @@ class Worker:
     # ------------------------------------------------------------------ loop
     def run(self, poll_s: float = 0.2, max_jobs: int | None = None) -> None:
         pipeline = self.pipeline  # load the model (and compile the warm-up buckets) before claiming anything
-        self.warmup_s = warm_up(pipeline, self.settings.resolved_warmup())
+        buckets = self.settings.resolved_warmup()
+        if not self.settings.warmup and not compiles(pipeline):  # the default warm-up is for compiles only: a
+            buckets = ()  # streamed tier's (compile off) would be minutes of forwards for nothing
+        self.warmup_s = warm_up(pipeline, buckets)
         released = self.store.release_orphans(self.worker_id)
         if released:
             log.warning("re-queued %d job(s) left by a previous run of %s", released, self.worker_id)
@@ -381,20 +384,36 @@ class Worker:
             return img.convert("RGB")
 
 
+def compiles(pipeline) -> bool:
+    """The pipeline's backend compiles graphs (a warm-up has something to do beyond running)."""
+    inner = getattr(pipeline.backend, "inner", pipeline.backend)  # under the memory tier
+    return bool(getattr(getattr(inner, "stats", None), "compiled", False))
+
+
 def warm_up(pipeline, buckets) -> dict[str, float]:
     """Run each "WxHxF" bucket (loop only) so compiled graphs exist before the first request; {bucket: seconds}.
     Two steps reach both experts; with CUDA graphs each expert needs three calls per shape (cudagraph trees warm
-    up, then record, then replay), so six steps."""
+    up, then record, then replay), so six steps. Each run goes through run_within_memory, as a job does: an OOM
+    moves the tier one step leaner and runs again; a bucket that still fails is logged and skipped (the worker
+    serves, and a job of that size meets the same error as a job, not a worker that exits into a restart loop)."""
+    from wanrt.runtime.memory import run_within_memory
+
     inner = getattr(pipeline.backend, "inner", pipeline.backend)  # under the memory tier
     graphs = bool(getattr(getattr(inner, "stats", None), "cudagraphs", False))
     seconds = {}
     for bucket in buckets:
         w, h, f = (int(v) for v in bucket.lower().split("x"))
         t0 = time.perf_counter()
-        for cfg in (3.5, 1.0):  # batch 2 (CFG) and batch 1 shapes
-            params = GenerateParams(prompt="warm-up", width=w, height=h, frames=f, steps=6 if graphs else 2,
-                                    cfg_high_noise=cfg, cfg_low_noise=cfg)
-            pipeline.generate(params, Image.new("RGB", (w, h)), None)
+        try:
+            for cfg in (3.5, 1.0):  # batch 2 (CFG) and batch 1 shapes
+                params = GenerateParams(prompt="warm-up", width=w, height=h, frames=f, steps=6 if graphs else 2,
+                                        cfg_high_noise=cfg, cfg_low_noise=cfg)
+                image = Image.new("RGB", (w, h))
+                run_within_memory(pipeline, params, lambda p=params, i=image: pipeline.generate(p, i, None))
+        except Exception as e:
+            log.warning("warm-up of %s failed after %.1f s (%s: %s): skipped", bucket, time.perf_counter() - t0,
+                        type(e).__name__, str(e)[:300])
+            continue
         seconds[bucket] = round(time.perf_counter() - t0, 3)
         log.info("warmed up %s in %.1f s", bucket, seconds[bucket])
     return seconds

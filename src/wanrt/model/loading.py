@@ -106,11 +106,15 @@ def checkpoint_info(spec: str) -> dict:
     """What the memory planner needs to know about a checkpoint before loading it (headers only): whether both
     experts are safetensors files (they can be memory-mapped) and whether their linears are stored in FP8."""
     files = expert_files(spec)
-    fp8 = False
+    fp8, matrices = False, set()
     for f in files:
         header = safetensors_header(f)
         fp8 = fp8 or any(isinstance(v, dict) and v.get("dtype") == "F8_E4M3" for v in header.values())
-    return {"mmap": bool(files), "fp8": fp8, "files": [str(f) for f in files]}
+        matrices |= {v.get("dtype") for v in header.values() if isinstance(v, dict) and len(v.get("shape", ())) == 2}
+    # weights_dtype: the one torch dtype of the experts' matrices, FP8 aside (None: mixed, or no files)
+    stored = {_ST_DTYPES.get(d) for d in matrices - {"F8_E4M3"}}
+    return {"mmap": bool(files), "fp8": fp8, "files": [str(f) for f in files],
+            "weights_dtype": stored.pop() if len(stored) == 1 else None}
 
 
 # --------------------------------------------------------------------------------------------- diffusers

@@ -114,7 +114,7 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
         plan, mb, mapped = plan_runtime(settings, free_bytes=free_bytes, host_bytes=host_bytes)
         # Non-resident tiers load on the host (loading both experts onto a small GPU would fail first).
         model = load_model(settings.model, device if plan.tier == "resident" else "cpu", dtype,
-                           keep_fp8=info["fp8"], mmap=mapped)
+                           keep_fp8=info["fp8"], mmap=mapped or (mb.load_mapped and streams_blocks(plan.tier)))
         if info["fp8"]:  # FP8 checkpoint: its linears run as stored (the compiled backend re-modes them per device)
             for expert in model.experts.values():
                 adopt_fp8_linears(expert, "weight_only")
@@ -180,6 +180,12 @@ def plan_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | N
     expert_config = configs[0] if configs else (None if mb_mapped is None else _config_of(mb_mapped))
     mb = _with_lora(mb, settings, expert_config, dtype)
     mb_mapped = _with_lora(mb_mapped, settings, expert_config, dtype)
+    # Experts stored in the load dtype in safetensors files, for the FP8 swap: on a streamed tier they are read
+    # mapped and quantised a layer at a time, so the host never holds both experts in BF16 (57 GB: a 4090 on a
+    # 64 GB host fell to the mmap tier, which runs without FP8). Files in another dtype are cast on load as before;
+    # swap loads them whole (it fuses each expert's Q/K/V, in the load dtype, before quantising).
+    mb = dataclasses.replace(mb, load_mapped=bool(
+        fp8 and not info["fp8"] and info["mmap"] and info["weights_dtype"] == dtype and settings.fp8_impl == "wanrt"))
     plan = estimate_plan(settings.model, device, dtype, normalize_tier(settings.memory), fp8=fp8,
                          warmup=settings.resolved_warmup(), free_bytes=free_bytes, fp8_at_load=info["fp8"], host_bytes=host_bytes,
                          mmap_ok=info["mmap"], checkpoint_fp8=info["fp8"], mb=mb, mb_mapped=mb_mapped)

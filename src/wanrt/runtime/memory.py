@@ -112,6 +112,8 @@ class ModelBytes:
     fp8: bool = False
     host_reserve: int = HOST_RESERVE_BYTES
     lora_cache: int = 0  # the LoRA prepared-tensor cache's device budget (the slot buffers are in the experts)
+    load_mapped: bool = False  # streamed tiers read the experts from mapped files and quantise them a layer at a
+    # time: the host holds their FP8 copies and file pages (the kernel's to drop), never both in the load dtype
 
     @property
     def expert(self) -> int:
@@ -285,7 +287,7 @@ def phase_bytes(mb: ModelBytes, tier: str, opts: Options = Options(), tokens: in
 
 def host_bytes_needed(mb: ModelBytes, tier: str, opts: Options = Options(), fp8_at_load: bool = False) -> int:
     """Host RAM the tier needs: both experts' host copies (swap, stream; while loading they are in the load
-    dtype), only the stems for mmap (blocks are file pages), the text encoder and VAE copies when they leave
+    dtype, unless mb.load_mapped on a streamed tier), only the stems for mmap (blocks are file pages), the text encoder and VAE copies when they leave
     the device, and the reserve for the OS and this process. Pinned copies take their bytes and no more: one
     buffer per expert, block or shuttle, locked at its exact size (streaming.host_copies; not torch's pinned
     allocator, which rounds each allocation up to a power of two)."""
@@ -297,7 +299,8 @@ def host_bytes_needed(mb: ModelBytes, tier: str, opts: Options = Options(), fp8_
         experts = mb.stem * 2
     else:
         steady = mb.expert_high + mb.expert_low
-        experts = max(steady, steady if fp8_at_load else 2 * mb.expert_load)
+        mapped = mb.load_mapped and streams_blocks(tier)  # (swap fuses each expert's Q/K/V before quantising)
+        experts = max(steady, steady if fp8_at_load or mapped else 2 * mb.expert_load)
     return experts + aside + mb.host_reserve
 
 
