@@ -261,7 +261,11 @@ def test_scaled_mm_matches_emulation_on_gpu():
 
 
 @pytest.mark.gpu
-def test_blocks_compile_with_cuda_graphs_on_gpu(tiny_model):
+def test_blocks_compile_with_cuda_graphs_on_gpu(tiny_model, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    # a skipped graph raises with Inductor's reason (the backend's fallback logs it) instead of a bare counter
+    monkeypatch.setattr(inductor_config.triton, "cudagraph_or_error", True)
     high, low = (copy.deepcopy(m).cuda() for m in (tiny_model.transformer_high, tiny_model.transformer_low))
     ref = copy.deepcopy(high)
     model = SimpleNamespace(transformer_high=high, transformer_low=low, experts={"high": high, "low": low})

@@ -375,5 +375,8 @@ def quantize_torchao(expert: torch.nn.Module, include: str = DEFAULT_INCLUDE) ->
         n += getattr(module, "fused_parts", 1) if ok else 0
         return ok
 
-    quantize_(expert, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=filter_fn)
+    # set_inductor_config=False: torchao's recommended settings are process-wide (TF32 for every fp32 matmul, the
+    # VAE's included; coordinate-descent tuning, minutes per compile): the switches here stay wanrt's own
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    quantize_(expert, config, filter_fn=filter_fn)
     return n
