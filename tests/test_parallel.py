@@ -353,7 +353,7 @@ def _lora_rank(rank, world, port, lora_dir, results):
     the same request single-process and through the group, with a LoRA set, then without."""
     import torch.distributed as dist
 
-    from wanrt.runtime.lora import LoraSlotGroup
+    from wanrt.runtime.lora import LoraSlotGroup, request_key
     from wanrt.runtime.parallel import ParallelBackend, tiny_heads_runtime
 
     torch.set_num_threads(1)
@@ -361,20 +361,31 @@ def _lora_rank(rank, world, port, lora_dir, results):
     pipe = tiny_heads_runtime(Settings(device="cpu"), heads=HEADS)
     inner = pipe.backend
     pipe.loras = LoraSlotGroup.install(pipe.model.experts, 8, lora_dir=lora_dir)
+    events = []  # a swap tier's settle (its prefetch landed) must come before the slot buffers are written
+    inner.settle = lambda expert: events.append(("settle", expert))
+    apply = pipe.loras.apply_request
+
+    def recording_apply(library, loras):
+        events.append(("apply", pipe.loras.loaded_key != request_key(loras)))  # True: buffers written
+        return apply(library, loras)
+
+    pipe.loras.apply_request = recording_apply
     group = ParallelBackend(inner, device="cpu")
     group.loras = pipe.loras
     if rank:
         group.follow()
+        writes = [i for i, (kind, wrote) in enumerate(events) if kind == "apply" and wrote]
+        assert writes and all(events[i - 1] == ("settle", "high") for i in writes), events
     else:
         pipe.loras.on_apply = group.send_loras
         params = GenerateParams(prompt="a cat waving", width=64, height=64, frames=9, steps=3)
         image, style = make_image(96, 64), [{"name": "style", "strength": 1.0, "expert": "both"}]
         report = {}
-        for name, loras in (("style", style), ("base", None)):
-            pipe.backend = inner
-            ref = pipe.generate(params, image, None, loras=loras).latents
+        for name, loras in (("style", style), ("base", None)):  # through the group first: it sends each set
             pipe.backend = group
             got = pipe.generate(params, image, None, loras=loras).latents
+            pipe.backend = inner
+            ref = pipe.generate(params, image, None, loras=loras).latents
             report[name] = ((got - ref).abs().max().item(), ref)
         report["lora_effect"] = (report["style"][1] - report["base"][1]).abs().max().item()
         report = {k: v if k == "lora_effect" else v[0] for k, v in report.items()}

@@ -241,6 +241,7 @@ class ParallelBackend:
             self._cfg = _Layout(f"cfg-2 x ulysses-{half_size}", halves[half], half_size, i, pairs[i], half)
         self.cfg_parallel = cfg_parallel  # rank 0 may turn it off later (benchmarks, tests); it sends its choice
         self.loras = None  # this rank's LoraSlotGroup (set by wanrt.jobs.group): rank 0's sets are loaded here too
+        self._settle_expert: str | None = None  # the expert rank 0 put in place before its LoRA buffers were written
         self.generation = generation
         self._lock = threading.RLock()  # the sampling thread and the keep-alive thread share the group
         self._last_command = time.monotonic()
@@ -263,12 +264,19 @@ class ParallelBackend:
                 dist.broadcast(t, src=0)
             return self._forward(expert, cfg, *tensors)
 
+    def settle(self, expert: str) -> None:
+        """Rank 0, before its LoRA buffers are written (WanI2VPipeline): `expert` in place on this rank (a swap
+        tier's prefetch still copying would land over them); send_loras has the other ranks do the same."""
+        self._settle_expert = expert
+        if hasattr(self.inner, "settle"):
+            self.inner.settle(expert)
+
     def send_loras(self, loras: list[dict] | None) -> None:
         """Rank 0, once its slots hold a request's LoRA set (LoraSlotGroup.on_apply): every rank loads the same
         set into its own slots before the next forward (each computes its share of every layer's heads)."""
         with self._lock, self._fatal("loras"):
             self._last_command = time.monotonic()
-            self._send({"cmd": "loras", "loras": loras or []})
+            self._send({"cmd": "loras", "loras": loras or [], "settle": self._settle_expert})
 
     def after_loop(self) -> None:
         """Rank 0, after the last step: every rank's inner backend may prefetch (the offloading wrapper does)."""
@@ -319,7 +327,7 @@ class ParallelBackend:
                 if header["cmd"] == "after_loop" and hasattr(self.inner, "after_loop"):
                     self.inner.after_loop()
                 if header["cmd"] == "loras":
-                    self._load_loras(header["loras"])
+                    self._load_loras(header["loras"], header.get("settle"))
                 if header["cmd"] != "denoise":
                     continue  # ping, after_loop
                 tensors = [torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
@@ -329,7 +337,7 @@ class ParallelBackend:
                 self._forward(header["expert"], header["cfg"], *tensors)
                 count += 1
 
-    def _load_loras(self, loras: list[dict]) -> None:
+    def _load_loras(self, loras: list[dict], settle: str | None = None) -> None:
         if self.loras is None:
             if loras:  # rank 0 has slots and this rank has none: the group would compute a mix
                 raise RuntimeError(f"rank {self.rank} has no LoRA slots for rank 0's set")
@@ -339,6 +347,8 @@ class ParallelBackend:
             return
         if self.loras.library is not None:
             self.loras.library.rescan()  # a file rank 0 found since this rank's last look
+        if settle is not None and hasattr(self.inner, "settle"):
+            self.inner.settle(settle)  # as rank 0 did: no prefetch of this rank's lands over the written buffers
         self.loras.apply_request(None, loras)
         log.info("rank %d: loaded rank 0's LoRA set %s", self.rank, [d["name"] for d in loras] or "(none)")
 
