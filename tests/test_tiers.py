@@ -417,6 +417,33 @@ def test_compiled_backend_under_streaming_quantises_in_place_and_compiles_nothin
 
 
 
+def test_the_compiled_backend_on_every_tier_and_after_a_demotion(tiny_files, reference, image64):
+    """The default backend on CUDA (compiled) under each tier, from single files: FP8 on resident, swap and stream
+    (the same quantised weights: the same latents), none on mmap (the files run as stored: said in describe, not
+    silently), and an OOM-demoted compiled runtime keeps its FP8 weights and latents."""
+    got = {}
+    for tier in ("resident", "swap", "stream", "mmap"):
+        pipe = build_runtime(Settings(device="cpu", model=str(tiny_files), backend="compiled", memory=tier,
+                                      compile=False, warmup=BUCKET))
+        d = pipe.backend.describe()
+        assert d["tier"] == tier and d["fp8_layers"] == ({} if tier == "mmap" else {"high": 20, "low": 20}), d
+        assert ("mmap tier" in d.get("fp8_off", "")) == (tier == "mmap")
+        got[tier] = pipe.generate(P, image64, None).latents
+    assert torch.equal(got["swap"], got["resident"]) and torch.equal(got["stream"], got["resident"])
+    assert torch.equal(got["mmap"], reference) and not torch.equal(got["resident"], reference)
+    pipe = build_runtime(Settings(device="cpu", model=str(tiny_files), backend="compiled", memory="resident",
+                                  compile=False, warmup=BUCKET))
+    calls = []
+
+    def oom_first():
+        calls.append(tiered(pipe.backend).tier)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return pipe.generate(P, image64, None)
+
+    assert torch.equal(run_within_memory(pipe, P, oom_first).latents, got["resident"])
+    assert calls == ["resident", "swap"] and pipe.backend.describe()["fp8_layers"] == {"high": 20, "low": 20}
+
 def test_compiled_stream_quantises_the_experts_from_their_mapped_files(tiny_files, image64, monkeypatch):
     """Experts stored in the load dtype, FP8 swap, streamed tier: read mapped and quantised a layer at a time (the
     host never holds both in full precision), the same latents as a whole load; the linears end in FP8 RAM, not

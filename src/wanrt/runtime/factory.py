@@ -128,7 +128,7 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
     def make_inner(tier: str):
         options = {}
         if compiled:
-            options = dict(fp8=settings.fp8 and tier != "mmap", fp8_impl=settings.fp8_impl, attn=settings.attn,
+            options = dict(fp8=settings.fp8, mapped=tier == "mmap", fp8_impl=settings.fp8_impl, attn=settings.attn,
                            fuse_qkv=settings.fuse_qkv and not serves_loras(settings), compile=settings.compile,
                            compile_scope=settings.compile_scope, autotune=settings.autotune,
                            cudagraphs=settings.cudagraphs, offload=tier != "resident", streamed=streams_blocks(tier))

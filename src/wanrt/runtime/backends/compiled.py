@@ -253,6 +253,7 @@ class CompiledStats:
     compile_scope: str = ""
     compile_mode: str = ""
     compile_off: str = ""  # why compile was asked for and not done
+    fp8_off: str = ""  # why the FP8 swap was asked for and not done
     cudagraphs: bool = False
     shapes_seen: set = field(default_factory=set)  # shape buckets: "expert:bB:FxHxW" (latent)
     compiles: int = 0  # graphs dynamo compiled during denoise calls (its unique_graphs counter)
@@ -284,7 +285,7 @@ class CompiledBackend:
                  compile: bool = True, compile_scope: str = "blocks", autotune: bool = False,
                  cudagraphs: bool = False, fast_accum: bool = True, offload: bool = False, streamed: bool = False,
                  fp8_attention_min_psnr_db: float = attention.FP8_MIN_PSNR_DB, fuse_qkv: bool = True,
-                 fp8_impl: str = "wanrt"):
+                 fp8_impl: str = "wanrt", mapped: bool = False):
         if attn not in attention.CHOICES:
             raise ValueError(f"attn must be one of {', '.join(attention.CHOICES)}")
         if compile_scope not in SCOPES:
@@ -293,11 +294,15 @@ class CompiledBackend:
             raise ValueError(f"fp8_impl must be one of {', '.join(FP8_IMPLS)}, not {fp8_impl!r}")
         device = torch.device(device) if device is not None else next(model.transformer_high.parameters()).device
         offload = offload or streamed
+        fp8_off = ""
+        if fp8 and mapped:  # (an FP8 checkpoint's linears still run as stored, below)
+            fp8, fp8_off = False, "mmap tier: the experts run from their mapped files as stored (an FP8 swap would " \
+                "copy them into the RAM this tier lacks)"
         torchao = fp8 and fp8_impl == "torchao"
         if torchao and (why := torchao_unavailable(device, offload)):
             raise ValueError(why)
         self.device, self.offload = device, offload
-        self.stats = CompiledStats(attention_requested=attn, fp8_impl=fp8_impl)
+        self.stats = CompiledStats(attention_requested=attn, fp8_impl=fp8_impl, fp8_off=fp8_off)
         if compile and streamed:
             compile, self.stats.compile_off = False, "block streaming moves each block's weights around its forward"
         if fuse_qkv and streamed:  # PCIe-bound there; and fusing mapped (mmap tier) weights would copy them to RAM
@@ -501,6 +506,8 @@ class CompiledBackend:
                        fp8_attention_layers=s.fp8_attention_layers)
         if s.compile_off:
             out["compile_off"] = s.compile_off
+        if s.fp8_off:
+            out["fp8_off"] = s.fp8_off
         if s.compiled:
             out.update(compile_scope=s.compile_scope, compile_mode=s.compile_mode, compiles=s.compiles,
                        compile_seconds=dict(s.compile_seconds), recompile_limit=s.recompile_limit,
