@@ -77,17 +77,20 @@ def test_warm_up_times_each_bucket_and_the_worker_reports_it(tmp_path, tiny_pipe
     from wanrt.runtime.pipeline import WanI2VPipeline
 
     seen, threads = [], set()  # (expert, batch) of every denoising call: warm-up must compile what requests will run
+    states = []  # the worker's published state at each call: warming_up, then busy
 
     class Recording(EagerBackend):
         def denoise(self, expert, latent_input, *args):
             seen.append((expert, latent_input.shape[0]))
             threads.add(threading.get_ident())
+            states.append(store.workers()[0]["state"])
             return super().denoise(expert, latent_input, *args)
 
     pipeline = WanI2VPipeline(tiny_pipeline.model, Recording(tiny_pipeline.model))
     job = queue_job(paths, store)
     Worker(settings, "w", store=store, pipeline=pipeline).run(poll_s=0.01, max_jobs=1)
     assert set(seen) == {("high", 2), ("low", 2), ("high", 1), ("low", 1)}  # both experts, with and without CFG
+    assert states[0] == "warming_up" and states[-1] == "busy" and set(states) == {"warming_up", "busy"}
     # the job ran on the thread that warmed up: CUDA graph trees are per thread (another would record its own)
     assert store.get(job).status == "completed" and threads == {threading.get_ident()}
     (report,) = store.workers()
@@ -96,6 +99,30 @@ def test_warm_up_times_each_bucket_and_the_worker_reports_it(tmp_path, tiny_pipe
 
     line = next(x for x in metrics_text(store, None, 0.0).splitlines() if x.startswith("wanrt_worker_warmup_seconds{"))
     assert 'bucket="64x64x5"' in line and float(line.split()[-1]) == report["warmup_s"]["64x64x5"]
+
+
+def test_a_shutdown_during_warm_up_ends_it_at_the_next_step(tmp_path, tiny_pipeline):
+    """SIGTERM (the worker's shutdown event) while it warms up: no further step, no bucket after it, nothing
+    claimed, and the worker's last report says stopped."""
+    from wanrt.runtime.backends.eager import EagerBackend
+    from wanrt.runtime.pipeline import WanI2VPipeline
+
+    calls = []
+
+    class Stopping(EagerBackend):
+        def denoise(self, *args):
+            calls.append(1)
+            worker.shutdown.set()  # as the SIGTERM handler does
+            return super().denoise(*args)
+
+    paths = DataPaths(tmp_path).ensure()
+    store = SqliteJobStore(paths.db)
+    job = queue_job(paths, store)
+    worker = Worker(Settings(data_dir=tmp_path, warmup=("64x64x5", "96x64x5")), "w", store=store,
+                    pipeline=WanI2VPipeline(tiny_pipeline.model, Stopping(tiny_pipeline.model)))
+    worker.run(poll_s=0.01)
+    assert len(calls) == 1 and worker.warmup_s == {} and store.get(job).status == "queued"
+    assert store.workers()[0]["state"] == "stopped"
 
 
 def test_the_default_warm_up_runs_only_where_something_compiles(tmp_path, tiny_pipeline):

@@ -75,7 +75,27 @@ class Worker:
         buckets = self.settings.resolved_warmup()
         if not self.settings.warmup and not compiles(pipeline):  # the default warm-up is for compiles only: a
             buckets = ()  # streamed tier's (compile off) would be minutes of forwards for nothing
-        self.warmup_s = warm_up(pipeline, buckets)
+        done = threading.Event()  # the slots have ended: so do the re-sends
+        reporter = threading.Thread(target=self._keep_reporting, args=(REPORT_EVERY_S, done), daemon=True)
+        if buckets:  # (re-sent while it compiles: /debug/workers shows a worker that is there, not yet claiming)
+            self._report(self.worker_id, pipeline, "warming_up")
+        reporter.start()
+        threads = []
+        try:
+            self.warmup_s = warm_up(pipeline, buckets, should_stop=self.shutdown.is_set)
+            threads = self._start_slots(pipeline, poll_s, max_jobs)
+            self._slot_loop(pipeline, poll_s, max_jobs, 0)
+        except BaseException:  # Ctrl-C or a bug out of slot 0: the other slots stop too, or the joins hang
+            self.shutdown.set()
+            raise
+        finally:
+            for t in threads:
+                t.join()
+            done.set()
+            reporter.join(timeout=10)
+
+    def _start_slots(self, pipeline, poll_s: float, max_jobs: int | None) -> list[threading.Thread]:
+        """Slots 1.. (settings.concurrency where the tier and switches allow it), started; slot 0 is the caller."""
         released = self.store.release_orphans(self.worker_id)
         if released:
             log.warning("re-queued %d job(s) left by a previous run of %s", released, self.worker_id)
@@ -92,24 +112,13 @@ class Worker:
             log.warning("concurrency %d with CUDA graphs: running one slot", slots)
             slots = self.slots = 1
         pipelines = [pipeline] + [self._clone_for_concurrency(pipeline) for _ in range(slots - 1)]
-        # slot 0 runs here, on the thread that warmed up: CUDA graph trees are per thread, so graphs captured in
-        # warm-up serve only this one (another thread records its own, with a private pool of its own)
+        # slot 0 runs in run(), on the thread that warmed up: CUDA graph trees are per thread, so graphs captured
+        # in warm-up serve only this one (another thread records its own, with a private pool of its own)
         threads = [threading.Thread(target=self._slot_loop, args=(p, poll_s, max_jobs, i), daemon=True)
                    for i, p in enumerate(pipelines) if i]
-        done = threading.Event()  # the slots have ended: so do the re-sends
-        reporter = threading.Thread(target=self._keep_reporting, args=(REPORT_EVERY_S, done), daemon=True)
-        for t in (*threads, reporter):
+        for t in threads:
             t.start()
-        try:
-            self._slot_loop(pipeline, poll_s, max_jobs, 0)
-        except BaseException:  # Ctrl-C or a bug out of slot 0: the other slots stop too, or the joins hang
-            self.shutdown.set()
-            raise
-        finally:
-            for t in threads:
-                t.join()
-            done.set()
-            reporter.join(timeout=10)
+        return threads
 
     def _report(self, worker_id: str, pipeline, state: str, job_id: str | None = None) -> bool:
         """Publish this slot's state, backend, memory (capacity: the API's 422) and LoRA library (GET /loras, the
@@ -390,13 +399,15 @@ def compiles(pipeline) -> bool:
     return bool(getattr(getattr(inner, "stats", None), "compiled", False))
 
 
-def warm_up(pipeline, buckets) -> dict[str, float]:
+def warm_up(pipeline, buckets, should_stop=None) -> dict[str, float]:
     """Run each "WxHxF" bucket (loop only) so compiled graphs exist before the first request; {bucket: seconds}.
     Two steps reach both experts; with CUDA graphs each expert needs three calls per shape (cudagraph trees warm
     up, then record, then replay), so six steps. Each run goes through run_within_memory, as a job does: an OOM
     moves the tier one step leaner and runs again; a bucket that still fails is logged and skipped (the worker
-    serves, and a job of that size meets the same error as a job, not a worker that exits into a restart loop)."""
+    serves, and a job of that size meets the same error as a job, not a worker that exits into a restart loop).
+    `should_stop()` (the worker's shutdown) ends it at the next step: a SIGTERM does not wait for every bucket."""
     from wanrt.runtime.memory import run_within_memory
+    from wanrt.runtime.sampler import Cancelled
 
     inner = getattr(pipeline.backend, "inner", pipeline.backend)  # under the memory tier
     graphs = bool(getattr(getattr(inner, "stats", None), "cudagraphs", False))
@@ -409,7 +420,11 @@ def warm_up(pipeline, buckets) -> dict[str, float]:
                 params = GenerateParams(prompt="warm-up", width=w, height=h, frames=f, steps=6 if graphs else 2,
                                         cfg_high_noise=cfg, cfg_low_noise=cfg)
                 image = Image.new("RGB", (w, h))
-                run_within_memory(pipeline, params, lambda p=params, i=image: pipeline.generate(p, i, None))
+                run_within_memory(pipeline, params, lambda p=params, i=image: pipeline.generate(
+                    p, i, None, should_cancel=should_stop))
+        except Cancelled:
+            log.info("warm-up of %s stopped: the worker is shutting down", bucket)
+            break
         except Exception as e:
             log.warning("warm-up of %s failed after %.1f s (%s: %s): skipped", bucket, time.perf_counter() - t0,
                         type(e).__name__, str(e)[:300])
