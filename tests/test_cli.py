@@ -136,6 +136,9 @@ def test_warm_up_defaults_to_the_default_request_where_compiles_happen(monkeypat
     with pytest.raises(SystemExit) as flag:
         main(["generate", "--image", "x.png", "--prompt", "p", "--warmup", "640x640"])
     assert flag.value.code == 2 and "'640x640' is not a bucket WxHxF" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as mixed:  # 'none' beside buckets: which one was meant?
+        main(["generate", "--image", "x.png", "--prompt", "p", "--warmup", "none,640x640x81"])
+    assert mixed.value.code == 2 and "'none' goes alone" in capsys.readouterr().err
     monkeypatch.setenv("WANRT_WARMUP", "640x640x81,big")
     with pytest.raises(SystemExit) as env:
         main(["serve"])

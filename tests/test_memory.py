@@ -448,8 +448,12 @@ def _shard_header(path, dtype: str) -> None:
     import json
     import struct
 
-    header = json.dumps({f"blocks.{i}.ffn.net.0.proj.weight": {"dtype": dtype, "shape": [13824, 5120],
-                                                                "data_offsets": [0, 0]} for i in range(2)}).encode()
+    tensors = {f"blocks.{i}.ffn.net.0.proj.weight": {"dtype": dtype, "shape": [13824, 5120], "data_offsets": [0, 0]}
+               for i in range(2)}
+    # diffusers' save_pretrained keeps the time embedder in fp32 (_keep_in_fp32_modules) whatever the rest is
+    tensors["condition_embedder.time_embedder.linear_1.weight"] = {"dtype": "F32", "shape": [5120, 256],
+                                                                   "data_offsets": [0, 0]}
+    header = json.dumps(tensors).encode()
     path.write_bytes(struct.pack("<Q", len(header)) + header)
 
 

@@ -443,6 +443,9 @@ def test_the_compiled_backend_on_every_tier_and_after_a_demotion(tiny_files, ref
 
     assert torch.equal(run_within_memory(pipe, P, oom_first).latents, got["resident"])
     assert calls == ["resident", "swap"] and pipe.backend.describe()["fp8_layers"] == {"high": 20, "low": 20}
+    calls.clear()  # swap quantised the experts in place (as every tier does on CUDA): stream finds them in FP8
+    assert torch.equal(run_within_memory(pipe, P, oom_first).latents, got["resident"])
+    assert calls == ["swap", "stream"] and pipe.backend.describe()["fp8_layers"] == {"high": 20, "low": 20}
 
 def test_compiled_stream_quantises_the_experts_from_their_mapped_files(tiny_files, image64, monkeypatch):
     """Experts stored in the load dtype, FP8 swap, streamed tier: read mapped and quantised a layer at a time (the

@@ -128,8 +128,15 @@ def test_a_shutdown_during_warm_up_ends_it_at_the_next_step(tmp_path, tiny_pipel
 def test_the_default_warm_up_runs_only_where_something_compiles(tmp_path, tiny_pipeline):
     """Unset WANRT_WARMUP on CUDA means the default request's bucket, for its compile: a backend that compiles
     nothing (eager, or the compiled backend on a streamed tier, compile off) skips it, not minutes of forwards."""
-    from wanrt.jobs.worker import compiles
+    from types import SimpleNamespace
 
+    from wanrt.jobs.worker import compiles
+    from wanrt.runtime.factory import build_runtime
+
+    compiled = build_runtime(Settings(device="cpu", backend="compiled", compile=True, warmup=("64x64x5",)))
+    group = SimpleNamespace(backend=SimpleNamespace(inner=compiled.backend))  # a worker group's wrapper
+    assert compiles(compiled) and compiles(group)  # (nothing compiled yet: compiles on its first call)
+    assert not compiles(build_runtime(Settings(device="cpu", backend="compiled", compile=False, warmup=("64x64x5",))))
     settings = Settings(data_dir=tmp_path, device="cuda")  # as a GPU host resolves it; the pipeline is the CPU's
     assert settings.resolved_warmup() == ("640x640x81",) and not compiles(tiny_pipeline)
     store = SqliteJobStore(DataPaths(tmp_path).ensure().db)

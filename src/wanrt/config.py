@@ -23,6 +23,8 @@ def _list(v: str) -> tuple[str, ...]:
 def _buckets(v: str) -> tuple[str, ...]:
     """WANRT_WARMUP / --warmup: "WxHxF,..." or "none", checked here so a typo stops the command, not a worker."""
     buckets = tuple(b.lower() for b in _list(v))
+    if "none" in buckets and len(buckets) > 1:
+        raise argparse.ArgumentTypeError(f"warmup: 'none' goes alone, not with buckets ({v!r})")
     for b in buckets:
         parts = b.split("x")
         if b != "none" and (len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts)):
@@ -74,8 +76,8 @@ class Settings:
                           "`wanrt plan` shows what a card gets", cli=RUN,
                           choices=("auto", "resident", "swap", "offload", "stream", "mmap"))
     warmup: tuple[str, ...] = setting((), "shape buckets WxHxF compiled before the first job, comma-separated; "
-                                      "unset: the default request's (640x640x81) where the compiled backend runs on "
-                                      "CUDA, none elsewhere; none: no warm-up", _buckets, RUN)
+                                      "unset or empty: the default request's (640x640x81) where the compiled backend "
+                                      "compiles on CUDA, none elsewhere; none: no warm-up", _buckets, RUN)
     scheduler: str = setting("unipc", "sampler (unipc is upstream's)", cli=RUN, choices=("unipc", "euler"))
     artifacts: str | None = setting(None, "a `wanrt build` output dir: fused (and quantized) experts", cli=RUN)
     deterministic: bool = setting(False, "same seed, settings, GPU and software -> the same MP4 bytes across processes: "

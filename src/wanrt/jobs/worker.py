@@ -393,10 +393,17 @@ class Worker:
             return img.convert("RGB")
 
 
+def _runtime_backend(pipeline):
+    """The backend that runs the forwards, under the memory tier and any wrapper (a worker group's)."""
+    from wanrt.runtime.memory import tiered
+
+    t = tiered(pipeline.backend)
+    return t.inner if t is not None else pipeline.backend
+
+
 def compiles(pipeline) -> bool:
     """The pipeline's backend compiles graphs (a warm-up has something to do beyond running)."""
-    inner = getattr(pipeline.backend, "inner", pipeline.backend)  # under the memory tier
-    return bool(getattr(getattr(inner, "stats", None), "compiled", False))
+    return bool(getattr(getattr(_runtime_backend(pipeline), "stats", None), "compiled", False))
 
 
 def warm_up(pipeline, buckets, should_stop=None) -> dict[str, float]:
@@ -409,8 +416,7 @@ def warm_up(pipeline, buckets, should_stop=None) -> dict[str, float]:
     from wanrt.runtime.memory import run_within_memory
     from wanrt.runtime.sampler import Cancelled
 
-    inner = getattr(pipeline.backend, "inner", pipeline.backend)  # under the memory tier
-    graphs = bool(getattr(getattr(inner, "stats", None), "cudagraphs", False))
+    graphs = bool(getattr(getattr(_runtime_backend(pipeline), "stats", None), "cudagraphs", False))
     seconds = {}
     for bucket in buckets:
         w, h, f = (int(v) for v in bucket.lower().split("x"))

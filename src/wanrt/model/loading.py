@@ -110,8 +110,10 @@ def checkpoint_info(spec: str) -> dict:
     for f in files:
         header = safetensors_header(f)
         fp8 = fp8 or any(isinstance(v, dict) and v.get("dtype") == "F8_E4M3" for v in header.values())
-        matrices |= {v.get("dtype") for v in header.values() if isinstance(v, dict) and len(v.get("shape", ())) == 2}
-    # weights_dtype: the one torch dtype of the experts' matrices, FP8 aside (None: mixed, or no files)
+        matrices |= {v.get("dtype") for k, v in header.items()
+                     if isinstance(v, dict) and len(v.get("shape", ())) == 2 and "blocks." in k}
+    # weights_dtype: the one torch dtype of the blocks' matrices (what the FP8 swap quantises; diffusers keeps the
+    # time embedder's in fp32), FP8 aside; None: mixed, or no files
     stored = {_ST_DTYPES.get(d) for d in matrices - {"F8_E4M3"}}
     return {"mmap": bool(files), "fp8": fp8, "files": [str(f) for f in files],
             "weights_dtype": stored.pop() if len(stored) == 1 else None}

@@ -232,6 +232,12 @@ def adopt_fp8_linears(module: torch.nn.Module, mode: str = "weight_only", use_fa
     return len(targets)
 
 
+def fp8_layer_count(module: torch.nn.Module) -> int:
+    """The checkpoint's linears of `module` that run in FP8, whoever quantised them (a fused layer counts its
+    parts; its row views are not layers of their own)."""
+    return sum(getattr(m, "fused_parts", 1) for m in module.modules() if isinstance(m, Fp8Linear) and not is_row_view(m))
+
+
 def set_fp8_mode(module: torch.nn.Module, mode: str) -> int:
     """Every Fp8Linear of `module` runs in `mode` from now on (the weights stay as they are)."""
     layers = [m for m in module.modules() if isinstance(m, Fp8Linear)]

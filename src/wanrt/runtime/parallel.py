@@ -277,6 +277,7 @@ class ParallelBackend:
         with self._lock, self._fatal("loras"):
             self._last_command = time.monotonic()
             self._send({"cmd": "loras", "loras": loras or [], "settle": self._settle_expert})
+            self._settle_expert = None  # each write is preceded by its own settle
 
     def after_loop(self) -> None:
         """Rank 0, after the last step: every rank's inner backend may prefetch (the offloading wrapper does)."""

@@ -57,6 +57,7 @@ from wanrt.runtime import attention
 from wanrt.runtime.fp8 import (
     FP8_IMPLS,
     adopt_fp8_linears,
+    fp8_layer_count,
     fp8_mode,
     quantize_torchao,
     set_fp8_mode,
@@ -355,9 +356,12 @@ class CompiledBackend:
             fused = attention.fuse_projections(module, views=not fp8) if fuse_qkv else \
                 attention.fused_attention(module)  # fused by an earlier backend on this model: still synced
             if fp8:
-                self.stats.fp8_layers[name] = quantize_torchao(module) if torchao else swap_fp8_linears(
-                    module, mode_fp8 == "emulate", use_fast_accum=fast_accum,
-                    quantize_on=device if offload else None, mode=mode_fp8)
+                if torchao:
+                    self.stats.fp8_layers[name] = quantize_torchao(module)
+                else:  # counted after the swap: a model an earlier backend quantised in place (a demotion) swaps 0
+                    swap_fp8_linears(module, mode_fp8 == "emulate", use_fast_accum=fast_accum,
+                                     quantize_on=device if offload else None, mode=mode_fp8)
+                    self.stats.fp8_layers[name] = fp8_layer_count(module)
                 attention.refresh_fused(fused)  # the row views onto the quantised layers
             if fuse_qkv:
                 self.stats.fuse_qkv = True
