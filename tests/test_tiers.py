@@ -447,12 +447,18 @@ def test_the_compiled_backend_on_every_tier_and_after_a_demotion(tiny_files, ref
     assert torch.equal(run_within_memory(pipe, P, oom_first).latents, got["resident"])
     assert calls == ["swap", "stream"] and pipe.backend.describe()["fp8_layers"] == {"high": 20, "low": 20}
 
-def test_compiled_stream_quantises_the_experts_from_their_mapped_files(tiny_files, image64, monkeypatch):
+@pytest.mark.parametrize("layout", ["single files", "diffusers dir"])
+def test_compiled_stream_quantises_the_experts_from_their_mapped_files(layout, tiny_model, tiny_files, image64,
+                                                                       monkeypatch, tmp_path):
     """Experts stored in the load dtype, FP8 swap, streamed tier: read mapped and quantised a layer at a time (the
     host never holds both in full precision), the same latents as a whole load; the linears end in FP8 RAM, not
-    file pages."""
+    file pages. Wan's diffusers dir (what a 4090 user downloads) goes the same way as single files."""
     from wanrt.model import loading
     from wanrt.runtime import factory
+
+    from model_files import save_diffusers_dir
+
+    model = str(tiny_files) if layout == "single files" else str(save_diffusers_dir(tiny_model, tmp_path / "m"))
 
     seen, load = [], factory.load_model
 
@@ -462,14 +468,13 @@ def test_compiled_stream_quantises_the_experts_from_their_mapped_files(tiny_file
         return load(spec, device, *args, **kwargs)
 
     monkeypatch.setattr(factory, "load_model", recording)
-    settings = Settings(device="cpu", model=str(tiny_files), backend="compiled", memory="stream", compile=False,
-                        warmup=BUCKET)
+    settings = Settings(device="cpu", model=model, backend="compiled", memory="stream", compile=False, warmup=BUCKET)
     pipe = build_runtime(settings)
     assert seen == [True] and pipe.backend.describe()["fp8_layers"] == {"high": 20, "low": 20}
     fp8 = [b for e in pipe.model.experts.values() for b in e.buffers() if b.dtype == torch.float8_e4m3fn]
     assert fp8 and not any(loading.is_mapped(b) for b in fp8)
     got = pipe.generate(P, image64, None).latents
-    info = loading.checkpoint_info(str(tiny_files))
+    info = loading.checkpoint_info(model)
     assert info["weights_dtype"] == torch.float32  # the CPU's load dtype: nothing to cast, so mapped
     monkeypatch.setattr(factory, "checkpoint_info", lambda spec: {**info, "weights_dtype": None})  # cast: whole
     whole = build_runtime(settings)
