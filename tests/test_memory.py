@@ -443,13 +443,14 @@ def test_serving_a_diffusers_dir_compiled_on_an_80gb_card_is_resident(tmp_path):
     assert mb_half.n_blocks == 20 and mb_half.expert_high < 0.55 * mb.expert_high and half.tier == "resident"
 
 
-def _shard_header(path, dtype: str) -> None:
-    """A .safetensors file with only its header (two matrices in `dtype`): what checkpoint_info reads."""
+def _shard_header(path, dtype: str, second: str | None = None) -> None:
+    """A .safetensors file with only its header (two blocks' matrices in `dtype`, the second in `second` when
+    given): what checkpoint_info reads."""
     import json
     import struct
 
-    tensors = {f"blocks.{i}.ffn.net.0.proj.weight": {"dtype": dtype, "shape": [13824, 5120], "data_offsets": [0, 0]}
-               for i in range(2)}
+    tensors = {f"blocks.{i}.ffn.net.0.proj.weight": {"dtype": d, "shape": [13824, 5120], "data_offsets": [0, 0]}
+               for i, d in enumerate((dtype, second or dtype))}
     # diffusers' save_pretrained keeps the time embedder in fp32 (_keep_in_fp32_modules) whatever the rest is
     tensors["condition_embedder.time_embedder.linear_1.weight"] = {"dtype": "F32", "shape": [5120, 256],
                                                                    "data_offsets": [0, 0]}
@@ -457,29 +458,38 @@ def _shard_header(path, dtype: str) -> None:
     path.write_bytes(struct.pack("<Q", len(header)) + header)
 
 
-def test_a_4090_on_a_64gb_host_streams_fp8_from_a_bf16_diffusers_dir(tmp_path):
-    """The seed's 24 GB card with 64 GB of host RAM and Wan's BF16 diffusers dir: the experts are read mapped and
-    quantised a layer at a time, so the host holds both in FP8 (not both in BF16 first, 57 GB, which sent this
-    plan to the mmap tier: BF16, no FP8). Files in another dtype are cast on load: priced as before."""
+def test_a_4090_on_a_64gb_host_streams_fp8_from_a_diffusers_dir(tmp_path):
+    """The seed's 24 GB card with 64 GB of host RAM and a diffusers dir in BF16 or FP32: the experts are read
+    mapped and quantised a layer at a time, so the host holds both in FP8 (not both in BF16 first, 57 GB, which
+    sent this plan to the mmap tier: BF16, no FP8). The mmap tier is offered only for files in the run's precision
+    (FP32 files would be cast into RAM, not mapped); blocks of mixed precisions load whole, priced so."""
     from wanrt.config import Settings
     from wanrt.runtime.factory import plan_runtime
     from wanrt.runtime.memory import host_bytes_needed
 
     plans = {}
-    for stored in ("BF16", "F32"):
-        root = _diffusers_dir_configs(tmp_path / stored)
+    for stored, second in (("BF16", None), ("F32", None), ("BF16", "F16")):
+        name = stored + (second or "")
+        root = _diffusers_dir_configs(tmp_path / name)
         for sub in ("transformer", "transformer_2"):
-            _shard_header(tmp_path / stored / sub / "diffusion_pytorch_model.safetensors", stored)
-        plans[stored] = plan_runtime(Settings(model=root, device="cuda"), free_bytes=23 * GiB, host_bytes=64 * GiB)
-    plan, mb, mapped = plans["BF16"]
-    assert plan.tier == "stream" and plan.fits and mb.fp8 and mb.load_mapped and not mapped, plan.table()
-    assert plan.host_need_bytes == host_bytes_needed(mb, "stream", plan.options) < 64 * GiB
-    assert host_bytes_needed(dataclasses.replace(mb, load_mapped=False), "stream", plan.options) > 64 * GiB
-    # swap fuses Q/K/V in the load dtype before quantising: it still loads (and is priced) whole
-    assert host_bytes_needed(mb, "swap", plan.options) == host_bytes_needed(
-        dataclasses.replace(mb, load_mapped=False), "swap", plan.options)
-    f32, mb32, _ = plans["F32"]
-    assert not mb32.load_mapped and f32.tier == "mmap", f32.table()
+            _shard_header(tmp_path / name / sub / "diffusion_pytorch_model.safetensors", stored, second)
+        plans[name] = plan_runtime(Settings(model=root, device="cuda"), free_bytes=23 * GiB, host_bytes=64 * GiB)
+    for name in ("BF16", "F32"):
+        plan, mb, mapped = plans[name]
+        assert plan.tier == "stream" and plan.fits and mb.fp8 and mb.load_mapped and not mapped, plan.table()
+        assert plan.host_need_bytes == host_bytes_needed(mb, "stream", plan.options) < 64 * GiB
+        assert host_bytes_needed(dataclasses.replace(mb, load_mapped=False), "stream", plan.options) > 64 * GiB
+        # swap fuses Q/K/V in the load dtype before quantising: it still loads (and is priced) whole
+        assert host_bytes_needed(mb, "swap", plan.options) == host_bytes_needed(
+            dataclasses.replace(mb, load_mapped=False), "swap", plan.options)
+    mixed, mb_mixed, _ = plans["BF16F16"]
+    assert not mb_mixed.load_mapped and mixed.tier != "mmap", mixed.table()  # (fits: text encoder kept on the GPU)
+    assert mixed.host_need_bytes > plans["BF16"][0].host_need_bytes
+    # 32 GB of host RAM: BF16 files are mapped as they are (mmap, before stream's per-request sacrifices); FP32
+    # files are not offered mmap (they would be cast into RAM) and stream FP8 from their mapping instead
+    bf16, f32 = (plan_runtime(Settings(model=str(tmp_path / name), device="cuda"), free_bytes=23 * GiB,
+                              host_bytes=32 * GiB)[0] for name in ("BF16", "F32"))
+    assert bf16.tier == "mmap" and bf16.fits and f32.tier == "stream" and f32.fits, (bf16.table(), f32.table())
 
 
 def test_lora_slots_and_cache_are_planned(tiny_model, tmp_path):

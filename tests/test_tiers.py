@@ -460,11 +460,12 @@ def test_compiled_stream_quantises_the_experts_from_their_mapped_files(layout, t
 
     model = str(tiny_files) if layout == "single files" else str(save_diffusers_dir(tiny_model, tmp_path / "m"))
 
-    seen, load = [], factory.load_model
+    seen, deferred, load = [], [], factory.load_model
 
     def recording(spec, device, *args, **kwargs):
         if device != "meta":  # (the planner measures single files on meta)
             seen.append(kwargs.get("mmap"))
+            deferred.append(kwargs.get("defer_cast"))
         return load(spec, device, *args, **kwargs)
 
     monkeypatch.setattr(factory, "load_model", recording)
@@ -479,6 +480,33 @@ def test_compiled_stream_quantises_the_experts_from_their_mapped_files(layout, t
     monkeypatch.setattr(factory, "checkpoint_info", lambda spec: {**info, "weights_dtype": None})  # cast: whole
     whole = build_runtime(settings)
     assert seen == [True, False] and torch.equal(whole.generate(P, image64, None).latents, got)
+    assert deferred == [True, False]
+
+
+def test_fp32_files_quantise_from_their_mapping_and_end_in_the_run_dtype(tiny_files, image64, monkeypatch):
+    """Files in FP32 served in BF16 (Wan's official files on a GPU): on the stream tier the blocks' matrices stay
+    mapped FP32 views until the FP8 swap has read them, and the model ends with every tensor in the dtype a whole
+    cast gives it, name by name (the run dtype, the fp32 modules, FP8 weights); the video is the same to FP8's
+    rounding (quantised from FP32 values, not from their BF16 rounding)."""
+    from wanrt.runtime import factory
+
+    settings = Settings(device="cpu", dtype="bf16", model=str(tiny_files), backend="compiled", memory="stream",
+                        compile=False, warmup=BUCKET)
+    plan, mb, _ = factory.plan_runtime(settings)
+    assert mb.load_mapped and plan.tier == "stream"
+    pipe = build_runtime(settings)
+    info = factory.checkpoint_info(str(tiny_files))
+    monkeypatch.setattr(factory, "checkpoint_info", lambda spec: {**info, "weights_dtype": None})  # cast whole
+    whole = build_runtime(settings)
+
+    def dtypes(p):
+        return {f"{n}.{k}": t.dtype for n, e in p.model.experts.items()
+                for k, t in [*e.named_parameters(), *e.named_buffers()]}
+
+    assert dtypes(pipe) == dtypes(whole) and torch.float8_e4m3fn in dtypes(pipe).values()
+    assert torch.bfloat16 in dtypes(pipe).values() and torch.float32 in dtypes(pipe).values()  # (the fp32 modules)
+    a, b = (p.generate(P, image64, None).latents.float().flatten() for p in (pipe, whole))
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.999
 
 # ----------------------------------------------------------------------------------------------- plan CLI
 @pytest.mark.parametrize("gpu", ["h100", "rtx4090", "rtx3080"])

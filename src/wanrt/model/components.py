@@ -27,13 +27,16 @@ EULER_SCHEDULER_CONFIG: dict[str, Any] = {
 I2V_BOUNDARY_RATIO = 0.9  # high-noise expert while t >= 0.9 * 1000 (Wan2.2 i2v_A14B config)
 
 
-def cast_module(module, device=None, dtype=None):
+def cast_module(module, device=None, dtype=None, skip=None):
     """`module.to(device, dtype)` that keeps `_keep_in_fp32_modules` (RoPE, time embedder, modulation
-    tables, norms in WanTransformer3DModel) in fp32, as diffusers' from_pretrained(torch_dtype=...) does."""
+    tables, norms in WanTransformer3DModel) in fp32, as diffusers' from_pretrained(torch_dtype=...) does.
+    skip(name, tensor) -> True leaves that tensor as it is (loading.deferred_matrix: what the FP8 swap reads)."""
     import torch
 
     keep = set(getattr(module, "_keep_in_fp32_modules", None) or [])
     for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        if skip is not None and skip(name, tensor):
+            continue
         target = dtype
         if tensor.is_floating_point() and keep and any(part in keep for part in name.split(".")):
             target = torch.float32 if tensor.dtype != torch.float64 else None

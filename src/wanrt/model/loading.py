@@ -19,6 +19,9 @@ Two options serve the small-card memory tiers (runtime/memory.py):
 - `mmap`: the experts' safetensors files are memory-mapped and their tensors are views of the mapping (file pages
   the OS reads on first touch and may drop again), not copies in RAM. Tensors the loader must convert (another
   dtype, the fp32 modules) are copied; an FP8 or BF16 file in its own precision is not.
+- `defer_cast` (with `mmap`): the blocks' matrices stay views in the file's own precision (Wan's official files
+  are FP32), for the runtime's FP8 swap to read one layer at a time; it casts what it leaves (cast_module). The
+  rest is cast as usual. The host then never holds an expert in the load dtype.
 """
 
 from __future__ import annotations
@@ -65,9 +68,9 @@ class ModelLoadError(RuntimeError):
 
 # --------------------------------------------------------------------------------------------- entry point
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
-               keep_fp8: bool = False, mmap: bool = False) -> WanI2VModel:
-    """keep_fp8, mmap: see the module docstring (single files and diffusers directories; ignored for tiny and
-    random-full, which have no files)."""
+               keep_fp8: bool = False, mmap: bool = False, defer_cast: bool = False) -> WanI2VModel:
+    """keep_fp8, mmap, defer_cast: see the module docstring (single files and diffusers directories; ignored for
+    tiny and random-full, which have no files)."""
     if spec == "tiny":
         from wanrt.model.tiny import build_tiny_model
 
@@ -78,9 +81,9 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist (use 'tiny', 'random-full' or a directory)")
     if (path / "transformer").is_dir() and (path / "transformer_2").is_dir():
-        return load_diffusers_dir(path, device, dtype, mmap=mmap)
+        return load_diffusers_dir(path, device, dtype, mmap=mmap, defer_cast=defer_cast)
     if path.is_dir():
-        return load_single_files(path, device, dtype, keep_fp8=keep_fp8, mmap=mmap)
+        return load_single_files(path, device, dtype, keep_fp8=keep_fp8, mmap=mmap, defer_cast=defer_cast)
     raise ModelLoadError(f"{path} is neither a diffusers directory nor a directory of single files")
 
 
@@ -120,7 +123,8 @@ def checkpoint_info(spec: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- diffusers
-def load_diffusers_dir(path: Path, device="cpu", dtype=torch.float32, mmap: bool = False) -> WanI2VModel:
+def load_diffusers_dir(path: Path, device="cpu", dtype=torch.float32, mmap: bool = False,
+                       defer_cast: bool = False) -> WanI2VModel:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -143,7 +147,7 @@ def load_diffusers_dir(path: Path, device="cpu", dtype=torch.float32, mmap: bool
 
         def expert(sub):
             return _assign(WanTransformer3DModel, _diffusers_config(path / sub), read_state_dict(path / sub, mmap=True),
-                           "cpu", dtype, f"expert {path / sub}")
+                           "cpu", dtype, f"expert {path / sub}", defer_cast=defer_cast)
 
         model = Model(
             transformer_high=expert("transformer"), transformer_low=expert("transformer_2"),
@@ -277,7 +281,7 @@ def split_fp8_scales(sd: dict[str, torch.Tensor], dtype) -> tuple[dict, dict]:
 
 
 def load_expert(path: Path, device="cpu", dtype=torch.float32, config: dict | None = None, keep_fp8: bool = False,
-                mmap: bool = False):
+                mmap: bool = False, defer_cast: bool = False):
     """One expert from an original-Wan / ComfyUI checkpoint (fp16, bf16 or fp8_scaled). keep_fp8: FP8 linears
     stay e4m3 with a `weight_scale` buffer; mmap: tensors are views of the mapped file (module docstring)."""
     from diffusers import WanTransformer3DModel
@@ -298,7 +302,8 @@ def load_expert(path: Path, device="cpu", dtype=torch.float32, config: dict | No
         if orig_cfg.get("dim") and orig_cfg.get("num_heads"):
             head_dim = orig_cfg["dim"] // orig_cfg["num_heads"]
         config = keymaps.infer_transformer_config(sd, head_dim=head_dim)
-    model = _assign(WanTransformer3DModel, config, sd, "meta" if stream else device, dtype, f"expert {path}", scales)
+    model = _assign(WanTransformer3DModel, config, sd, "meta" if stream else device, dtype, f"expert {path}", scales,
+                    defer_cast=defer_cast and mmap)
     if stream:
         names, read = _source_names(header, keymaps.transformer_to_diffusers), _reader(path)
 
@@ -341,15 +346,17 @@ def load_umt5(path: Path, device="cpu", dtype=torch.float32):
 
 
 def load_single_files(root: Path, device="cpu", dtype=torch.float32, keep_fp8: bool = False,
-                      mmap: bool = False) -> WanI2VModel:
+                      mmap: bool = False, defer_cast: bool = False) -> WanI2VModel:
     from transformers import AutoTokenizer
 
     files = find_single_files(root)
     arch = _read_json(Path(root) / ARCH_FILE)
     expert_device = "cpu" if mmap else device
     model = WanI2VModel(
-        transformer_high=load_expert(files["high"], expert_device, dtype, arch.get("transformer"), keep_fp8, mmap),
-        transformer_low=load_expert(files["low"], expert_device, dtype, arch.get("transformer"), keep_fp8, mmap),
+        transformer_high=load_expert(files["high"], expert_device, dtype, arch.get("transformer"), keep_fp8, mmap,
+                                     defer_cast),
+        transformer_low=load_expert(files["low"], expert_device, dtype, arch.get("transformer"), keep_fp8, mmap,
+                                    defer_cast),
         vae=load_vae(files["vae"], device, arch.get("vae")),
         text_encoder=load_umt5(files["text_encoder"], device, dtype),
         tokenizer=AutoTokenizer.from_pretrained(files["tokenizer"]),
@@ -574,10 +581,17 @@ def _load_strict(model: torch.nn.Module, sd: dict, what: str) -> None:
     model.load_state_dict(sd, strict=True, assign=True)
 
 
-def _assign(cls, config: dict, sd: dict, device, dtype, what: str, fp8_scales: dict | None = None):
+def deferred_matrix(name: str, tensor: torch.Tensor) -> bool:
+    """The tensors `defer_cast` leaves in the file's precision: the blocks' linear weights (what the FP8 swap
+    quantises)."""
+    return tensor.dim() == 2 and name.startswith("blocks.") and name.endswith(".weight")
+
+
+def _assign(cls, config: dict, sd: dict, device, dtype, what: str, fp8_scales: dict | None = None,
+            defer_cast: bool = False):
     """Build on meta (parameters only; buffers such as RoPE tables are real), then adopt the tensors.
     fp8_scales: {"<linear>.weight_scale": scale}: those linears keep their e4m3 weights (and the scale as a
-    buffer); everything else takes `dtype` as cast_module gives it."""
+    buffer); everything else takes `dtype` as cast_module gives it, except the blocks' matrices under defer_cast."""
     from accelerate import init_empty_weights
 
     config = {k: (tuple(v) if k == "patch_size" and v is not None else v) for k, v in config.items()}
@@ -589,7 +603,7 @@ def _assign(cls, config: dict, sd: dict, device, dtype, what: str, fp8_scales: d
     if str(device) == "meta":  # measuring: parameters stay meta, real buffers (RoPE) stay where they are
         device = None
     if not fp8_scales:
-        return cast_module(model, device, dtype)
+        return cast_module(model, device, dtype, skip=deferred_matrix if defer_cast else None)
     keep = {id(t) for k in fp8_scales for t in (model.get_submodule(k.rsplit(".", 1)[0]).weight,
                                                  model.get_submodule(k.rsplit(".", 1)[0]).weight_scale)}
     held = {}

@@ -29,8 +29,8 @@ import logging
 import os
 from pathlib import Path
 
-from wanrt.model.components import EULER_SCHEDULER_CONFIG
-from wanrt.model.loading import checkpoint_info, load_model
+from wanrt.model.components import EULER_SCHEDULER_CONFIG, cast_module
+from wanrt.model.loading import checkpoint_info, deferred_matrix, load_model
 from wanrt.params import DEFAULT_BUCKET
 from wanrt.runtime import gpus
 from wanrt.runtime.artifacts import load_artifacts_into
@@ -102,6 +102,7 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
                       act_bytes=torch.tensor([], dtype=dtype).element_size())
     bucket = max(settings.resolved_warmup() or (DEFAULT_BUCKET,), key=_tokens)
     info = checkpoint_info(settings.model)
+    deferred = False  # the blocks' matrices left in their files' precision for the FP8 swap (plan_runtime)
     if settings.model == "tiny":
         # Built in a second: planned from its measured modules.
         model = load_model("tiny", "cpu", dtype)
@@ -113,8 +114,9 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
     else:
         plan, mb, mapped = plan_runtime(settings, free_bytes=free_bytes, host_bytes=host_bytes)
         # Non-resident tiers load on the host (loading both experts onto a small GPU would fail first).
+        deferred = mb.load_mapped and plan.tier == "stream"
         model = load_model(settings.model, device if plan.tier == "resident" else "cpu", dtype,
-                           keep_fp8=info["fp8"], mmap=mapped or (mb.load_mapped and streams_blocks(plan.tier)))
+                           keep_fp8=info["fp8"], mmap=mapped or deferred, defer_cast=deferred)
         if info["fp8"]:  # FP8 checkpoint: its linears run as stored (the compiled backend re-modes them per device)
             for expert in model.experts.values():
                 adopt_fp8_linears(expert, "weight_only")
@@ -134,7 +136,12 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
                            cudagraphs=settings.cudagraphs, offload=tier != "resident", streamed=streams_blocks(tier))
         elif tensorrt:
             options = dict(artifacts=settings.artifacts, one_expert_at_a_time=tier != "resident")
-        return make_backend(backend_name, model, device=device, **options)
+        inner = make_backend(backend_name, model, device=device, **options)
+        if deferred:  # the FP8 swap read the blocks' weights as stored: any it left takes the model dtype now
+            for expert in model.experts.values():
+                cast_module(expert, None, dtype, skip=lambda name, t: not deferred_matrix(name, t) or t.dtype in (
+                    torch.float8_e4m3fn, torch.float8_e5m2))
+        return inner
 
     loras = _LoraInstaller(settings, model) if serves_loras(settings) else None
     backend = TieredBackend(model, device, plan, mb, make_inner, ledger=ledger, can_demote=not tensorrt, gpu=gpu,
@@ -180,15 +187,17 @@ def plan_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | N
     expert_config = configs[0] if configs else (None if mb_mapped is None else _config_of(mb_mapped))
     mb = _with_lora(mb, settings, expert_config, dtype)
     mb_mapped = _with_lora(mb_mapped, settings, expert_config, dtype)
-    # Experts stored in the load dtype in safetensors files, for the FP8 swap: on a streamed tier they are read
-    # mapped and quantised a layer at a time, so the host never holds both experts in BF16 (57 GB: a 4090 on a
-    # 64 GB host fell to the mmap tier, which runs without FP8). Files in another dtype are cast on load as before;
-    # swap loads them whole (it fuses each expert's Q/K/V, in the load dtype, before quantising).
+    # Experts in safetensors files, for the FP8 swap: on a streamed tier they are read mapped, their blocks'
+    # matrices in the files' own precision (FP32 or BF16), and quantised a layer at a time, so the host never
+    # holds both experts in BF16 (57 GB: a 4090 on a 64 GB host fell to the mmap tier, without FP8). Swap loads
+    # them whole (it fuses each expert's Q/K/V, in the load dtype, before quantising).
     mb = dataclasses.replace(mb, load_mapped=bool(
-        fp8 and not info["fp8"] and info["mmap"] and info["weights_dtype"] == dtype and settings.fp8_impl == "wanrt"))
+        fp8 and not info["fp8"] and info["mmap"] and info["weights_dtype"] is not None and settings.fp8_impl == "wanrt"))
     plan = estimate_plan(settings.model, device, dtype, normalize_tier(settings.memory), fp8=fp8,
                          warmup=settings.resolved_warmup(), free_bytes=free_bytes, fp8_at_load=info["fp8"], host_bytes=host_bytes,
-                         mmap_ok=info["mmap"], checkpoint_fp8=info["fp8"], mb=mb, mb_mapped=mb_mapped)
+                         # files in another precision than the run's would be cast into RAM, not mapped
+                         mmap_ok=info["mmap"] and (info["fp8"] or info["weights_dtype"] == dtype),
+                         checkpoint_fp8=info["fp8"], mb=mb, mb_mapped=mb_mapped)
     mapped = plan.tier == "mmap" and info["mmap"]
     return plan, (mb_mapped if mapped else mb), mapped  # the mapped files run in their own precision
 

@@ -135,7 +135,8 @@ class Fp8Linear(torch.nn.Module):
         self.register_buffer("weight_scale", scale.to(linear.weight.device, torch.float32))  # (out, 1)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.out_dtype = linear.weight.dtype
+        # the bias's: a weight defer_cast left in its file's precision (FP32) is not the dtype the layer runs in
+        self.out_dtype = linear.bias.dtype if linear.bias is not None else linear.weight.dtype
 
     @classmethod
     def from_quantized(cls, weight_fp8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
