@@ -164,6 +164,65 @@ def test_block_streamer_keeps_the_window_and_frees_every_block():
     assert no_wrap.peak_live == 2 and not no_wrap.live
 
 
+def test_streamers_on_one_gpu_share_one_copy_stream(monkeypatch):
+    """Memory freed on a stream is cached for that stream alone: the text encoder's and each expert's streamer
+    allocate their windows on one copy stream per device, so each reuses the others' (three streams kept three
+    windows reserved, past a 10 GB card's budget)."""
+    from wanrt.runtime import streaming
+
+    class FakeStream:
+        def __init__(self, device):
+            self.device = device
+
+    class NoCopies:  # host copies need CUDA here
+        def __init__(self, tensors, cuda, pin=True):
+            self.made, self.nbytes = 0, 0
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(streaming, "_HostCopies", NoCopies)
+    monkeypatch.setattr(streaming, "_COPY_STREAMS", {})
+    made = [BlockStreamer(name, [torch.nn.Linear(4, 4)], device, DeviceLedger())
+            for name, device in (("text_blocks", "cuda:0"), ("expert_blocks", "cuda:0"), ("expert_blocks", "cuda:1"))]
+    assert made[0]._stream is made[1]._stream and made[2]._stream is not made[0]._stream
+    assert made[2]._stream.device == torch.device("cuda:1")
+
+
+def test_a_loop_that_ends_early_leaves_no_block_on_the_device_and_loras_land_in_the_host_copies(image64, tmp_path):
+    """A cancelled loop left its prefetched blocks on the device: unpriced in the next request's text and VAE
+    phases, and the next LoRA set was written into those device copies, then dropped with them (the block ran the
+    old set). Now a loop that ends early releases them, and settle (before any LoRA write) does too."""
+    from safetensors.torch import save_file
+
+    from wanrt.runtime.sampler import Cancelled
+
+    from lora_fixtures import TARGETS, as_format, random_lora
+
+    pipe = build_runtime(Settings(device="cpu", warmup=BUCKET, memory="stream"))
+    t = tiered(pipe.backend)
+    steps = []
+    with pytest.raises(Cancelled):
+        pipe.generate(P, image64, None, should_cancel=lambda: steps.append(1) or len(steps) > 2)
+    assert not any(s.live for s in t.streamers.values())  # (before: the running expert's next blocks)
+    x = torch.randn(2, 36, 3, 8, 8)
+    t.denoise("high", x, torch.full((2,), 900.0), torch.randn(2, 512, 32))
+    assert t.streamers["high"].live  # its wrap-around prefetch
+    t.settle("high")
+    assert not any(s.live for s in t.streamers.values())
+    # end to end: a LoRA job after a cancelled one is the LoRA job of a fresh runtime
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    save_file(as_format(random_lora(pipe.model.transformer_high, rank=4, seed=1, targets=TARGETS), "peft"),
+              str(lora_dir / "style.safetensors"))
+    style = [{"name": "style", "strength": 1.0, "expert": "both"}]
+    settings = Settings(device="cpu", warmup=BUCKET, memory="stream", lora_dir=str(lora_dir), max_lora_rank=8)
+    served, fresh = build_runtime(settings), build_runtime(settings)
+    calls = []
+    with pytest.raises(Cancelled):
+        served.generate(P, image64, None, should_cancel=lambda: calls.append(1) or len(calls) > 2)
+    got = served.generate(P, image64, None, loras=style).latents
+    assert torch.equal(got, fresh.generate(P, image64, None, loras=style).latents)
+
+
 def test_streamed_expert_with_more_blocks_is_bit_identical():
     from diffusers import WanTransformer3DModel
 

@@ -992,8 +992,16 @@ class TieredBackend:
                 streamer.release_all()  # its wrap-around prefetch: that expert is done for this request
 
     def settle(self, expert: str) -> None:
-        """`expert` in place for its steps (waits for a prefetch in flight): before LoRA buffers are written."""
+        """`expert` in place for its steps (waits for a prefetch in flight) and no block on the device: before
+        LoRA buffers are written (a write into a streamed block's device copy is lost when the block is dropped)."""
         self._switch(expert)
+        self.release()
+
+    def release(self) -> None:
+        """Every streamed block back to its host copy: a loop that ended early (cancelled, failed) left its
+        prefetched blocks on the device, where the next request's text and VAE phases were not priced to meet them."""
+        for streamer in self.streamers.values():
+            streamer.release_all()
 
     def denoise(self, expert: str, latent_input: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor):
         self._switch(expert)
@@ -1011,8 +1019,7 @@ class TieredBackend:
     def after_loop(self) -> None:
         if hasattr(self.inner, "after_loop"):
             self.inner.after_loop()
-        for streamer in self.streamers.values():
-            streamer.release_all()
+        self.release()
         if self.tier == "swap":
             self.swapper.prefetch(self.first_expert)
 

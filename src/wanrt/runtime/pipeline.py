@@ -166,6 +166,10 @@ class WanI2VPipeline:
             try:
                 latents = sampling.sample(self.backend, plan_scheduler, plan, latents, condition, context, negative,
                                           self.dtype, on_step=on_step, should_cancel=should_cancel, on_x0=on_x0)
+            except BaseException:  # cancelled or failed: its prefetched blocks leave the device (after_loop's job)
+                if hasattr(self.backend, "release"):
+                    self.backend.release()
+                raise
             finally:  # a cancelled loop still held the device for the steps it ran
                 timings["denoise_high_s"], timings["denoise_low_s"] = step_times["high"], step_times["low"]
         if hasattr(self.backend, "after_loop"):  # e.g. prefetch the next request's expert during the decode

@@ -104,6 +104,21 @@ class DeviceLedger:
                 "at_peak": dict(self.at_peak), "over_budget": self.budget is not None and self.peak > self.budget}
 
 
+_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def copy_stream(device) -> torch.cuda.Stream:
+    """The one side stream every BlockStreamer on `device` copies (and allocates) on. Memory freed on a stream is
+    cached for that stream alone: a stream per streamer (text encoder, each expert) kept three windows of blocks
+    reserved that the others could not reuse, past a 10 GB card's budget."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device(device.type, torch.cuda.current_device())
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
+
+
 class _Locked(mmap.mmap):
     """Anonymous host memory page-locked with cudaHostRegister at its exact size. Its tensors (torch.frombuffer)
     keep it alive; when the last goes, __del__ unregisters it, before the base type unmaps it."""
@@ -114,8 +129,10 @@ class _Locked(mmap.mmap):
         if self.address:
             with contextlib.suppress(Exception):  # interpreter shutdown
                 # a non-blocking copy from these pages may still be in flight on a side stream (torch's own pinned
-                # allocator waits on an event per copy; this memory has none): let every stream finish first
-                torch.cuda.synchronize()
+                # allocator waits on an event per copy; this memory has none): let every stream finish first, on
+                # every device (registered portable: the thread collecting it may have another current device)
+                for i in range(torch.cuda.device_count()):
+                    torch.cuda.synchronize(i)
                 torch.cuda.cudart().cudaHostUnregister(self.address)
 
 
@@ -244,7 +261,7 @@ class BlockStreamer:
         self.live: dict[int, torch.cuda.Event | None] = {}  # blocks on the device (host's view) -> copy event
         self.peak_live = 0
         self._freeing: deque = deque()  # (event after the block's forward, bytes): dropped, maybe still read
-        self._stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._stream = copy_stream(self.device) if self.cuda else None
         self._hooks = []
         for i, block in enumerate(self.blocks):
             self._hooks.append(block.register_forward_pre_hook(partial(self._pre, i)))
