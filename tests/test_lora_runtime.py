@@ -72,6 +72,26 @@ def lora_dir(tmp_path_factory, tiny_model):
     return d, files
 
 
+def test_a_write_that_fails_midway_forgets_the_loaded_set(tiny_model, lora_dir, monkeypatch):
+    """Any error while the set is written (not only a refusal before it): the high expert holds the new set, the
+    low one the old; the key is forgotten, so the old set asked again is written again, not skipped over the mix."""
+    model = copy_model(tiny_model)
+    group = LoraSlotGroup.install(model.experts, max_rank=8)
+    library = LoraLibrary(lora_dir[0], group.layouts, 8)
+    group.apply_request(library, [{"name": "style"}])
+    low, apply = group.slots["low"], group.slots["low"].apply
+
+    def fails(*args):
+        raise RuntimeError("Inplace update to inference tensor outside InferenceMode (injected)")
+
+    monkeypatch.setattr(low, "apply", fails)
+    with pytest.raises(RuntimeError, match="injected"):
+        group.apply_request(library, [{"name": "motion"}])
+    assert group.loaded_key is None
+    monkeypatch.setattr(low, "apply", apply)
+    assert group.apply_request(library, [{"name": "style"}]) == {"high": "swap", "low": "swap"}
+
+
 def snapshot(d):
     return {p.name: (p.stat().st_mtime_ns, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
             for p in sorted(d.iterdir())}

@@ -394,6 +394,45 @@ def _lora_rank(rank, world, port, lora_dir, results):
     dist.destroy_process_group()
 
 
+def test_a_follower_on_the_swap_tier_writes_the_set_again_once_its_buffers_moved(tmp_path):
+    """A follower skipped rank 0's set when its key was loaded; on the swap tier the high expert's buffers had been
+    evicted and brought back from a host copy that never saw the set, so its share ran the base model from the
+    second request on (rank 0's own slots notice the move and rewrite). It writes the set again now."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from wanrt.model.tiny import build_tiny_model
+    from wanrt.runtime.factory import build_runtime
+    from wanrt.runtime.memory import tiered
+    from wanrt.runtime.parallel import ParallelBackend
+
+    from lora_fixtures import TARGETS, as_format, random_lora
+
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    save_file(as_format(random_lora(build_tiny_model().transformer_high, rank=4, seed=1, targets=TARGETS), "peft"),
+              str(lora_dir / "style.safetensors"))
+    pipe = build_runtime(Settings(device="cpu", memory="swap", warmup=("64x64x9",), lora_dir=str(lora_dir),
+                                  max_lora_rank=8))
+    follower = SimpleNamespace(loras=pipe.loras, inner=pipe.backend, rank=1)
+    style = [{"name": "style", "strength": 1.0, "expert": "both"}]
+    t = tiered(pipe.backend)
+    x, ts, ctx = torch.randn(2, 36, 3, 8, 8), torch.full((2,), 900.0), torch.randn(2, 512, 32)
+
+    def high_scales() -> float:
+        return sum(m.lora_scale.sum().item() for m in pipe.model.transformer_high.modules() if hasattr(m, "lora_scale"))
+
+    ParallelBackend._load_loras(follower, style, "high")  # request 1
+    loaded = high_scales()
+    assert loaded > 0
+    t.denoise("high", x, ts, ctx)
+    t.denoise("low", x, ts, ctx)  # the boundary: high evicted
+    t.after_loop()  # and brought back (from its host copy) for the next request
+    ParallelBackend._load_loras(follower, style, "high")  # request 2, the same set
+    assert high_scales() == loaded
+
+
 def test_two_ranks_serve_a_lora_set_like_one_process(tmp_path):
     """Rank 0's LoRA set is loaded on every rank (each computes its share of the heads of every layer): the group
     gives the single-process latents with the LoRA, and the base ones once it is cleared."""

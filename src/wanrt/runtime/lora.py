@@ -1187,13 +1187,14 @@ class LoraSlotGroup:
         return {n: s.layout for n, s in self.slots.items()}
 
     def apply(self, request_loras) -> dict[str, str]:
-        """Each expert's action. LoraError when the set does not fit either expert: nothing is written then
-        (the loaded key is forgotten all the same, so the next apply rewrites whatever it is)."""
+        """Each expert's action. LoraError when the set does not fit either expert: nothing is written then.
+        On any error the loaded key is forgotten, so the next apply rewrites whatever it is (a write that failed
+        midway left some buffers of the new set beside the old: a later request of the old set must not skip)."""
         try:
             for s in self.slots.values():  # every expert checked before any is written
                 s.check(request_loras)
             return {n: s.apply(request_loras) for n, s in self.slots.items()}
-        except LoraError:
+        except BaseException:
             self.loaded_key = None
             for s in self.slots.values():
                 s._key = None

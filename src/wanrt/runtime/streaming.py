@@ -112,7 +112,7 @@ def copy_stream(device) -> torch.cuda.Stream:
     cached for that stream alone: a stream per streamer (text encoder, each expert) kept three windows of blocks
     reserved that the others could not reuse, past a 10 GB card's budget."""
     device = torch.device(device)
-    if device.index is None:
+    if device.index is None and torch.cuda.is_available():  # "cuda" and "cuda:N" (the current one): one stream
         device = torch.device(device.type, torch.cuda.current_device())
     if device not in _COPY_STREAMS:
         _COPY_STREAMS[device] = torch.cuda.Stream(device)
