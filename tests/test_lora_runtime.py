@@ -279,6 +279,40 @@ def test_compiled_backend_swap_does_not_recompile(tiny_model, lora_dir):
     torch._dynamo.reset()
 
 
+def test_the_default_cuda_path_serves_sets_without_recompiling(lora_dir):
+    """The production path on CUDA, run on the CPU: build_runtime's compiled backend (FP8, emulated here; blocks
+    compiled) with slots installed after it, as the factory does. Sets, strengths and a clear change no graph after
+    warm-up (buffers are read by address), nothing falls back to eager, a clear gives the base back bit for bit,
+    and the compiled side path matches the uncompiled one."""
+    from torch._dynamo.utils import counters
+
+    from wanrt.config import Settings
+    from wanrt.runtime.factory import build_runtime
+
+    from conftest import make_image
+
+    torch._dynamo.reset()
+    params = GenerateParams(prompt="a cat", steps=2, frames=9, width=64, height=64, cfg_high_noise=1.0,
+                            cfg_low_noise=1.0)  # one step per expert, one shape: the cheapest warm-up
+    image = make_image(64, 64)
+
+    def build(compile):
+        return build_runtime(Settings(device="cpu", backend="compiled", compile=compile, lora_dir=str(lora_dir[0]),
+                                      max_lora_rank=MAX_RANK, warmup=("64x64x9",)))
+
+    pipe = build(True)
+    base = pipe.generate(params, image, None).latents  # warm-up: compiles
+    warm = counters["stats"]["unique_graphs"]
+    sets = ([{"name": "style", "strength": 0.8}], [{"name": "style", "strength": 1.5}],
+            [{"name": "lightning", "expert": "high"}, {"name": "style"}], None)
+    outs = [pipe.generate(params, image, None, loras=loras).latents for loras in sets]
+    assert counters["stats"]["unique_graphs"] == warm and pipe.backend.describe()["fallbacks"] == 0
+    assert torch.equal(outs[-1], base) and not torch.equal(outs[0], base) and not torch.equal(outs[0], outs[1])
+    eager = build(False).generate(params, image, None, loras=sets[2]).latents
+    assert torch.allclose(outs[2], eager, atol=1e-4), (outs[2] - eager).abs().max()
+    torch._dynamo.reset()
+
+
 def test_fp8_base_is_never_touched(tiny_model, lora_dir):
     """Slots around Fp8Linear (installed after the FP8 swap, as the factory does): the FP8 weights and scales keep
     their bits, the side path adds exactly ((x A^T) * scale) B^T, and a clear gives the FP8 base back."""
