@@ -213,24 +213,23 @@ class Step:
         return self.budget_s + 40
 
 
-PLAN = (  # what is still unmeasured first; est_s from the first device session (H200, 2026-11-26) where it ran
-    Step("A", (1, 2, 8, 5), ("pytest", "eager", FP8_ATTN, FP8_COMPILED), 480, 340,
-         "pytest -m gpu (the first run lost which GPU tests fail); default eager (the reference, 96 s) then FP8 + "
-         "compile + cuDNN FP8 attention against it (opt-in: attention is 53 % of the FLOPs); fast preset: eager "
-         "(its reference, 38 s) and FP8 + compile (goal <= 8 s)"),
-    Step("B", (2, 6, 4), ("2:eager", "compiled", BF16_COMPILED), 480, 390,
-         "default eager (the reference); memory: FP8 + compile under offload as build_runtime builds it (swap "
-         "seconds, peak); default BF16 + compile (the serving default with --no-fp8)"),
-    Step("C", (7, 2, 8), (COLD_START, "2:eager", FP8_TORCHAO), 480, 470,
+PLAN = (  # what is still unmeasured first; est_s from the device sessions (H200, 2026-11-26) where it ran
+    Step("A", (7, 2, 8), (COLD_START, "2:eager", FP8_TORCHAO), 480, 470,
          "cold start: `wanrt generate` (backend auto: FP8 + compile) to its first MP4 with empty compile caches "
          "(the serving path: build_runtime, the CLI, the video), then a restart on the caches it left; default "
          "eager (the reference); opt-in: torchao's FP8 + compile (left for a later step if the budget ends)"),
-    Step("D", (2, 8), ("2:eager", FP8_GRAPHS), 480, 300,
+    Step("B", (2, 8), ("2:eager", FP8_GRAPHS), 480, 300,
          "default eager (the reference); opt-in: FP8 + compile + CUDA graphs (each expert compiled whole: the "
          "compile time is a guess)"),
-    Step("E", (1, 2, 3), None, 480, 300,
+    Step("C", (1, 2, 3), None, 480, 300,
          "the first session's figures on the other card (an H100 when they came from an H200): probe, eager, "
          "diffusers, the headline (FP8 + compile)"),
+    Step("D", (1, 2, 8, 5), ("pytest", "eager", FP8_ATTN, FP8_COMPILED), 480, 340,
+         "again, after changes to the GPU path: pytest -m gpu; default eager (the reference, 96 s) then FP8 + "
+         "compile + cuDNN FP8 attention against it; fast preset: eager (its reference, 38 s) and FP8 + compile"),
+    Step("E", (2, 6, 4), ("2:eager", "compiled", BF16_COMPILED), 480, 370,
+         "again: default eager (the reference); memory: FP8 + compile under offload as build_runtime builds it "
+         "(swap seconds, peak); default BF16 + compile (the serving default with --no-fp8)"),
 )
 STEPS = {s.name: s for s in PLAN}
 
@@ -238,8 +237,9 @@ STEPS = {s.name: s for s in PLAN}
 PLAN_RULES = """\
   Each step:  run(command="python benchmarks/gpu_proof.py --step A --copy-to $OUT", carry=["wheels"],
               timeout_s=520)   (or: make gpu-proof STEP=A; COPY_TO defaults to $OUT)
-  - Stages 1, 2, 3, 5 and 6 (eager) ran on an H200 on 2026-11-26 (benchmarks/results/gpu_nvidia_h200_20261126.json):
-    a machine start took 30-60 s and the wheels install 3 s, so a 15-minute session gets two steps. Before each
+  - On an H200 on 2026-11-26 (benchmarks/results/gpu_nvidia_h200_20261126.json) stages 1-6 and 8 (FP8 attention)
+    ran, pytest -m gpu passing (steps D and E, then named A and B, in a second session): a machine start took
+    30-60 s and the wheels install 3 s, so a 15-minute session gets two steps. Before each
     call read `status`: run a step only while budget_left_s covers its timeout_s (a fresh machine: ~1 minute
     more; none starts under 4 minutes left); with less, add --budget-s <left - 30> and timeout_s <left - 10>, or
     stop. A unit starts only with its minimum (MIN_START_S) plus 15 s left; the others are listed as not run.
