@@ -353,15 +353,15 @@ def test_every_row_runs_under_the_servers_allocator_setting(tmp_path):
 
 
 def test_each_step_runs_the_units_it_names():
-    """`eager` is stage 2's reference and stage 6's memory unit: a step names stage 2's as 2:eager (step B ran both,
-    and its last unit would not have fitted)."""
+    """`eager` is stage 2's reference and stage 6's memory unit: a step names stage 2's as 2:eager (a step once ran
+    both, and its last unit would not have fitted). The order: what is still unmeasured first."""
     steps = {s.name: [u.key for u in gpu_proof.select_units(list(s.stages), list(s.configs) if s.configs else None)]
              for s in gpu_proof.PLAN}
     assert steps == {
-        "A": ["1:pytest", "2:eager", f"8:{gpu_proof.FP8_ATTN}", "5:eager", f"5:{gpu_proof.FP8_COMPILED}"],
-        "B": ["2:eager", "6:compiled", f"4:{gpu_proof.BF16_COMPILED}"],
-        "C": [f"7:{gpu_proof.COLD_START}", "2:eager", f"8:{gpu_proof.FP8_TORCHAO}"],
-        "D": ["2:eager", f"8:{gpu_proof.FP8_GRAPHS}"],
-        "E": ["1:probe", "2:eager", "2:diffusers", f"3:{gpu_proof.FP8_COMPILED}"]}
+        "A": [f"7:{gpu_proof.COLD_START}", "2:eager", f"8:{gpu_proof.FP8_TORCHAO}"],
+        "B": ["2:eager", f"8:{gpu_proof.FP8_GRAPHS}"],
+        "C": ["1:probe", "2:eager", "2:diffusers", f"3:{gpu_proof.FP8_COMPILED}"],
+        "D": ["1:pytest", "2:eager", f"8:{gpu_proof.FP8_ATTN}", "5:eager", f"5:{gpu_proof.FP8_COMPILED}"],
+        "E": ["2:eager", "6:compiled", f"4:{gpu_proof.BF16_COMPILED}"]}
     with pytest.raises(SystemExit, match="no unit"):
         gpu_proof.select_units([2], ["6:eager"])
