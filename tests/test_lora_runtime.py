@@ -87,7 +87,7 @@ def test_a_write_that_fails_midway_forgets_the_loaded_set(tiny_model, lora_dir, 
     monkeypatch.setattr(low, "apply", fails)
     with pytest.raises(RuntimeError, match="injected"):
         group.apply_request(library, [{"name": "motion"}])
-    assert group.loaded_key is None
+    assert group.loaded_key is None and all(s._anchor is None for s in group.slots.values())  # all rewritten next
     monkeypatch.setattr(low, "apply", apply)
     assert group.apply_request(library, [{"name": "style"}]) == {"high": "swap", "low": "swap"}
 

@@ -208,6 +208,13 @@ def test_a_loop_that_ends_early_leaves_no_block_on_the_device_and_loras_land_in_
     assert t.streamers["high"].live  # its wrap-around prefetch
     t.settle("high")
     assert not any(s.live for s in t.streamers.values())
+    from types import SimpleNamespace
+
+    from wanrt.runtime.parallel import ParallelBackend
+
+    t.denoise("high", x, torch.full((2,), 900.0), torch.randn(2, 512, 32))
+    ParallelBackend.release(SimpleNamespace(inner=t))  # a worker group's rank 0 (pipeline.backend is the group)
+    assert not any(s.live for s in t.streamers.values())
     # end to end: a LoRA job after a cancelled one is the LoRA job of a fresh runtime
     lora_dir = tmp_path / "loras"
     lora_dir.mkdir()
@@ -542,19 +549,35 @@ def test_compiled_stream_quantises_the_experts_from_their_mapped_files(layout, t
     assert deferred == [True, False]
 
 
-def test_fp32_files_quantise_from_their_mapping_and_end_in_the_run_dtype(tiny_files, image64, monkeypatch):
+@pytest.mark.parametrize("layout", ["single files", "diffusers dir"])
+def test_fp32_files_quantise_from_their_mapping_and_end_in_the_run_dtype(layout, tiny_model, tiny_files, image64,
+                                                                          monkeypatch, tmp_path):
     """Files in FP32 served in BF16 (Wan's official files on a GPU): on the stream tier the blocks' matrices stay
     mapped FP32 views until the FP8 swap has read them, and the model ends with every tensor in the dtype a whole
     cast gives it, name by name (the run dtype, the fp32 modules, FP8 weights); the video is the same to FP8's
     rounding (quantised from FP32 values, not from their BF16 rounding)."""
+    from wanrt.model.loading import is_mapped
     from wanrt.runtime import factory
+    from wanrt.runtime.backends import compiled
 
-    settings = Settings(device="cpu", dtype="bf16", model=str(tiny_files), backend="compiled", memory="stream",
+    at_swap, swap = [], compiled.swap_fp8_linears
+
+    def recording(expert, *args, **kwargs):  # what the FP8 swap reads: the file's FP32, mapped (not a BF16 copy)
+        w = expert.blocks[0].attn1.to_q.weight
+        at_swap.append((w.dtype, is_mapped(w)))
+        return swap(expert, *args, **kwargs)
+
+    monkeypatch.setattr(compiled, "swap_fp8_linears", recording)
+    from model_files import save_diffusers_dir
+
+    model = str(tiny_files) if layout == "single files" else str(save_diffusers_dir(tiny_model, tmp_path / "m"))
+    settings = Settings(device="cpu", dtype="bf16", model=model, backend="compiled", memory="stream",
                         compile=False, warmup=BUCKET)
     plan, mb, _ = factory.plan_runtime(settings)
     assert mb.load_mapped and plan.tier == "stream"
     pipe = build_runtime(settings)
-    info = factory.checkpoint_info(str(tiny_files))
+    assert at_swap == [(torch.float32, True)] * 2
+    info = factory.checkpoint_info(model)
     monkeypatch.setattr(factory, "checkpoint_info", lambda spec: {**info, "weights_dtype": None})  # cast whole
     whole = build_runtime(settings)
 

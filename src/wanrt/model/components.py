@@ -77,11 +77,12 @@ class WanI2VModel:
     def experts(self) -> dict[str, Any]:
         return {"high": self.transformer_high, "low": self.transformer_low}
 
-    def to(self, device, dtype=None) -> "WanI2VModel":
+    def to(self, device, dtype=None, skip=None) -> "WanI2VModel":
         """Move everything; the experts and text encoder take `dtype` (except the modules diffusers keeps
-        in fp32), the VAE stays fp32."""
-        for m in (self.transformer_high, self.transformer_low, self.text_encoder):
-            cast_module(m, device, dtype)
+        in fp32), the VAE stays fp32. skip: the experts' tensors left as they are (see cast_module)."""
+        for m in (self.transformer_high, self.transformer_low):
+            cast_module(m, device, dtype, skip=skip)
+        cast_module(self.text_encoder, device, dtype)
         self.vae.to(device)
         return self
 

@@ -155,7 +155,7 @@ def load_diffusers_dir(path: Path, device="cpu", dtype=torch.float32, mmap: bool
             text_encoder=UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype),
             tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"), scheduler_config=sched,
             boundary_ratio=float(index.get("boundary_ratio") or I2V_BOUNDARY_RATIO), name=path.name)
-    return model.to(device, dtype).eval()
+    return model.to(device, dtype, skip=deferred_matrix if mmap and defer_cast else None).eval()
 
 
 def _diffusers_config(path: Path) -> dict:
@@ -293,6 +293,8 @@ def load_expert(path: Path, device="cpu", dtype=torch.float32, config: dict | No
         raw, scales = split_fp8_scales(raw, dtype)
         # the converter only renames keys: a dict of scales under their weights' names comes out renamed alike
         scales = {k + "_scale": v for k, v in keymaps.transformer_to_diffusers(scales).items()} if scales else {}
+    elif defer_cast and mmap and not any(v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for v in raw.values()):
+        scales = {}  # no FP8 to dequantize: the casts are _assign's, which leaves the blocks' weights as mapped
     else:
         raw, scales = keymaps.dequantize_comfy_fp8(raw, dtype), {}
     sd = keymaps.transformer_to_diffusers(raw)

@@ -1196,8 +1196,8 @@ class LoraSlotGroup:
             return {n: s.apply(request_loras) for n, s in self.slots.items()}
         except BaseException:
             self.loaded_key = None
-            for s in self.slots.values():
-                s._key = None
+            for s in self.slots.values():  # and taken as moved: the next apply zeroes every buffer and table
+                s._key = s._anchor = None
             raise
 
     def apply_request(self, library: LoraLibrary | None, loras: list[dict] | None) -> dict[str, str]:

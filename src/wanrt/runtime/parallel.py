@@ -271,6 +271,12 @@ class ParallelBackend:
         if hasattr(self.inner, "settle"):
             self.inner.settle(expert)
 
+    def release(self) -> None:
+        """Rank 0, after a loop that ended early: its streamed blocks leave the device (the followers run no text or
+        VAE phase, and settle before their LoRA writes)."""
+        if hasattr(self.inner, "release"):
+            self.inner.release()
+
     def send_loras(self, loras: list[dict] | None) -> None:
         """Rank 0, once its slots hold a request's LoRA set (LoraSlotGroup.on_apply): every rank loads the same
         set into its own slots before the next forward (each computes its share of every layer's heads)."""

@@ -7,6 +7,7 @@ faster backends slot in under `denoise`, the decode streams into the MP4 writer,
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from wanrt.runtime import sampler as sampling
 from wanrt.runtime.image import fit_image, image_to_tensor
 from wanrt.runtime.vae import decode_stream, encode_condition, to_uint8_frames
 from wanrt.runtime.video import Mp4Writer
+
+log = logging.getLogger("wanrt.pipeline")
 
 ProgressFn = Callable[[float, str], None]
 PreviewFn = Callable[[int, int, torch.Tensor], None]  # (step index, steps, x0): runtime.preview.LivePreview
@@ -168,7 +171,10 @@ class WanI2VPipeline:
                                           self.dtype, on_step=on_step, should_cancel=should_cancel, on_x0=on_x0)
             except BaseException:  # cancelled or failed: its prefetched blocks leave the device (after_loop's job)
                 if hasattr(self.backend, "release"):
-                    self.backend.release()
+                    try:
+                        self.backend.release()
+                    except Exception:  # (a CUDA error is sticky: the loop's own error is the one to report)
+                        log.exception("releasing the streamed blocks after a failed loop")
                 raise
             finally:  # a cancelled loop still held the device for the steps it ran
                 timings["denoise_high_s"], timings["denoise_low_s"] = step_times["high"], step_times["low"]

@@ -131,8 +131,10 @@ class _Locked(mmap.mmap):
                 # a non-blocking copy from these pages may still be in flight on a side stream (torch's own pinned
                 # allocator waits on an event per copy; this memory has none): let every stream finish first, on
                 # every device (registered portable: the thread collecting it may have another current device)
+                has_context = getattr(torch._C, "_cuda_hasPrimaryContext", lambda i: True)
                 for i in range(torch.cuda.device_count()):
-                    torch.cuda.synchronize(i)
+                    if has_context(i):  # (synchronize would create a context, ~0.5 GB, on a GPU never used)
+                        torch.cuda.synchronize(i)
                 torch.cuda.cudart().cudaHostUnregister(self.address)
 
 
