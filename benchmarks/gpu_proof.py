@@ -141,6 +141,8 @@ FP8_ATTN = "+fp8 +compile +cudnn_fp8"  # attn=cudnn_fp8: FP8 self-attention, gat
 OPT_IN = {FP8_GRAPHS, FP8_TORCHAO, FP8_ATTN}  # measured, never the headline: the server runs them only when asked
 MEMORY_EAGER = ("resident", "offload")  # stage 6's `eager` unit, on one loaded model
 MEMORY_COMPILED = f"offload (compiled {FP8_COMPILED})"
+STREAM_CARD_GIB = 24  # stage 6's `stream24` unit: the seed's RTX 4090, emulated by capping this card's memory
+MEMORY_STREAM = f"stream, {STREAM_CARD_GIB} GB card (compiled {FP8_COMPILED})"
 COLD_START = "cold start"
 RESTART = "restart (warm compile caches)"  # the same process again, its caches where the first one left them
 VAE_MIN_PSNR_DB = 40.0  # vae_dtype=auto's gate: bf16 decode frames against fp32 (src/wanrt/runtime/vae.py)
@@ -156,7 +158,7 @@ TEARDOWN_S = 15  # kept from the budget for the last write and copy
 # A unit does not start with less of the budget left than this (full size; a dry run starts everything): it
 # could only be killed, the minutes lost.
 MIN_START_S = {"probe": 30, "pytest": 60, "e2e": 110, "e2e compiled": 120, "memory eager": 150,
-               "memory compiled": 200, "cold": 200}
+               "memory compiled": 200, "memory stream": 240, "cold": 200}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +167,7 @@ class Unit:
     stage: int
     preset: str  # preset key: "default" or "fast"
     name: str
-    kind: str  # probe, pytest, e2e, memory eager, memory compiled, cold
+    kind: str  # probe, pytest, e2e, memory eager, memory compiled, memory stream, cold
     optional: bool = False  # run only when --configs names it
 
     @property
@@ -190,6 +192,7 @@ UNITS = (  # table order; within a stage the preset's reference (eager) runs fir
     Unit(5, "fast", FP8_COMPILED, "e2e"),
     Unit(6, "default", "eager", "memory eager"),
     Unit(6, "default", "compiled", "memory compiled"),
+    Unit(6, "default", "stream24", "memory stream"),
     Unit(7, "default", COLD_START, "cold"),
     Unit(8, "default", FP8_ATTN, "e2e"),
     Unit(8, "default", FP8_TORCHAO, "e2e"),
@@ -218,16 +221,20 @@ PLAN = (  # what is still unmeasured first; est_s from the device sessions (H200
          "cold start: `wanrt generate` (backend auto: FP8 + compile) to its first MP4 with empty compile caches "
          "(the serving path: build_runtime, the CLI, the video), then a restart on the caches it left; default "
          "eager (the reference); opt-in: torchao's FP8 + compile (left for a later step if the budget ends)"),
-    Step("B", (2, 8), ("2:eager", FP8_GRAPHS), 480, 300,
+    Step("B", (2, 6), ("2:eager", "stream24"), 480, 400,
+         "the seed's RTX 4090: default eager (the reference), then the default request on this card capped to "
+         "24 GB, as build_runtime plans it (stream tier: FP8 blocks copied ahead on one copy stream, compile "
+         "off; the time is a guess)"),
+    Step("C", (2, 8), ("2:eager", FP8_GRAPHS), 480, 300,
          "default eager (the reference); opt-in: FP8 + compile + CUDA graphs (each expert compiled whole: the "
          "compile time is a guess)"),
-    Step("C", (1, 2, 3), None, 480, 300,
+    Step("D", (1, 2, 3), None, 480, 300,
          "the first session's figures on the other card (an H100 when they came from an H200): probe, eager, "
          "diffusers, the headline (FP8 + compile)"),
-    Step("D", (1, 2, 8, 5), ("pytest", "eager", FP8_ATTN, FP8_COMPILED), 480, 340,
+    Step("E", (1, 2, 8, 5), ("pytest", "eager", FP8_ATTN, FP8_COMPILED), 480, 340,
          "again, after changes to the GPU path: pytest -m gpu; default eager (the reference, 96 s) then FP8 + "
          "compile + cuDNN FP8 attention against it; fast preset: eager (its reference, 38 s) and FP8 + compile"),
-    Step("E", (2, 6, 4), ("2:eager", "compiled", BF16_COMPILED), 480, 370,
+    Step("F", (2, 6, 4), ("2:eager", "compiled", BF16_COMPILED), 480, 370,
          "again: default eager (the reference); memory: FP8 + compile under offload as build_runtime builds it "
          "(swap seconds, peak); default BF16 + compile (the serving default with --no-fp8)"),
 )
@@ -238,7 +245,7 @@ PLAN_RULES = """\
   Each step:  run(command="python benchmarks/gpu_proof.py --step A --copy-to $OUT", carry=["wheels"],
               timeout_s=520)   (or: make gpu-proof STEP=A; COPY_TO defaults to $OUT)
   - On an H200 on 2026-11-26 (benchmarks/results/gpu_nvidia_h200_20261126.json) stages 1-6 and 8 (FP8 attention)
-    ran, pytest -m gpu passing (steps D and E, then named A and B, in a second session): a machine start took
+    ran, pytest -m gpu passing (steps E and F, then named A and B, in a second session): a machine start took
     30-60 s and the wheels install 3 s, so a 15-minute session gets two steps. Before each
     call read `status`: run a step only while budget_left_s covers its timeout_s (a fresh machine: ~1 minute
     more; none starts under 4 minutes left); with less, add --budget-s <left - 30> and timeout_s <left - 10>, or
@@ -376,7 +383,9 @@ def unit_here(ctx: Ctx, unit: Unit, reuse: bool = False) -> tuple[list[dict], di
     if unit.kind == "memory eager":
         return memory_eager_rows(ctx, reuse), None
     if unit.kind == "memory compiled":
-        return [compiled_offload_row(ctx)], None
+        return [compiled_tier_row(ctx)], None
+    if unit.kind == "memory stream":
+        return [compiled_tier_row(ctx, "stream", STREAM_CARD_GIB)], None
     raise ValueError(f"unit {unit.key} does not run in a unit process")
 
 
@@ -396,7 +405,8 @@ def _spawn_unit(ctx: Ctx, unit: Unit, timeout: float, reuse: bool) -> tuple[list
         why = f"killed after {timeout:.0f} s (its process group)" if rc is None else f"unit process exited {rc}"
     if unit.kind == "probe":
         return [], {"error": f"{why}: {err[-600:]}"}
-    config = {"memory eager": "offload (eager)", "memory compiled": MEMORY_COMPILED}[unit.kind]
+    config = {"memory eager": "offload (eager)", "memory compiled": MEMORY_COMPILED,
+              "memory stream": MEMORY_STREAM}[unit.kind]
     return [empty_row(unit.stage, ctx.presets[unit.preset], config) | {"error": f"{why}: {err[-600:]}"}], None
 
 
@@ -714,20 +724,30 @@ def memory_eager_rows(ctx: Ctx, reuse: bool = False) -> list[dict]:
     return rows
 
 
-def compiled_offload_row(ctx: Ctx) -> dict:
-    """The serving default's backend (compiled: FP8 + compile) under memory=offload, built by build_runtime as
+def compiled_tier_row(ctx: Ctx, tier: str = "offload", card_gib: int | None = None) -> dict:
+    """The serving default's backend (compiled: FP8 + compile) under memory=`tier`, built by build_runtime as
     the worker builds it (the model loads on the host, each linear is quantised on the device, the tier's
-    swapper pins the FP8 experts): the path that used to crash."""
+    swapper or block streams pin the FP8 experts): offload is the path that used to crash. card_gib: this card
+    capped to that much (torch.cuda.set_per_process_memory_fraction) and planned for it, as on the seed's 4090
+    (stream: blocks copied a few ahead on the shared copy stream, compile off; host RAM not capped). This unit
+    runs in a process of its own on the GPU: the cap ends with it."""
     import torch
 
     from wanrt.config import Settings
+    from wanrt.runtime import gpus
     from wanrt.runtime.factory import build_runtime
 
-    settings = Settings(model=ctx.model, device=ctx.device, backend="compiled", memory="offload", compile=not ctx.dry)
-    row = empty_row(6, ctx.presets["default"], MEMORY_COMPILED)
+    settings = Settings(model=ctx.model, device=ctx.device, backend="compiled", memory=tier, compile=not ctx.dry)
+    row = empty_row(6, ctx.presets["default"], MEMORY_COMPILED if card_gib is None else MEMORY_STREAM)
     try:
+        free_bytes = None
+        if card_gib is not None and torch.device(ctx.device).type == "cuda":
+            total = torch.cuda.get_device_properties(torch.device(ctx.device)).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, card_gib * gpus.GiB / total))
+            free_bytes = card_gib * gpus.GiB - gpus.CUDA_CONTEXT_BYTES
+            row["card_gib"] = card_gib
         t0 = time.perf_counter()
-        pipe = build_runtime(settings)
+        pipe = build_runtime(settings, free_bytes=free_bytes)
         row["load_s"] = time.perf_counter() - t0  # host load + per-layer FP8 quantisation + pinned host copies
         backend = pipe.backend
         if pipe.device.type == "cuda":
@@ -737,10 +757,12 @@ def compiled_offload_row(ctx: Ctx) -> dict:
             row["plan_need_gb"] = backend.plan.need_bytes / 2**30
             row["plan_phases_gb"] = {k: round(v / 2**30, 2) for k, v in backend.plan.phases.items()}
         row["plan_mode"] = "offload" if backend.tier == "swap" else backend.tier
+        if backend.tier == "stream":
+            row["plan_options"] = dict(vars(backend.plan.options))  # what the 24 GB plan gave up
         row["fp8_layers"] = bench_e2e.fp8_layer_count(*pipe.model.experts.values(),
                                                       *getattr(backend.inner, "experts", {}).values())
         # the first (warm-up) request compiles (and swaps); the second is the steady state
-        _guard(ctx, row, _measure(ctx, row, pipe, backend.swapper, 1 if ctx.dry else 2))
+        _guard(ctx, row, _measure(ctx, row, pipe, getattr(backend, "swapper", None), 1 if ctx.dry else 2))
         if ctx.dry:
             row["note"] = "dry run: torch.compile off"
     except Exception as e:

@@ -53,7 +53,7 @@ def test_dry_run_writes_a_schema_valid_document(dry_run):
     assert [r.get("opt_in") for r in stages[8]] == [True]
     assert [r["config"] for r in stages[5]] == ["diffusers", "eager", gpu_proof.FP8_COMPILED]
     assert [r["config"] for r in stages[6]] == ["resident (eager float32)", "offload (eager float32)",
-                                                gpu_proof.MEMORY_COMPILED]
+                                                gpu_proof.MEMORY_COMPILED, gpu_proof.MEMORY_STREAM]
     for row in doc["rows"]:
         assert row["total_s"] > 0 and row["peak_allocated_gb"] is None and row["pct_bf16_peak"] is None
 
@@ -79,6 +79,8 @@ def test_dry_run_rows_compare_against_the_eager_reference(dry_run):
     compiled = rows[(6, gpu_proof.MEMORY_COMPILED)]
     assert 0.999 < compiled["latent_cos"] < 1 and compiled["fp8_layers"] > 0 and compiled["swap_s"] > 0
     assert compiled["plan_mode"] == "offload" and compiled["bit_identical"] is False
+    stream = rows[(6, gpu_proof.MEMORY_STREAM)]  # the same FP8 weights, streamed: the same latents as offload
+    assert stream["plan_mode"] == "stream" and stream["fp8_layers"] > 0 and stream["latent_cos"] == compiled["latent_cos"]
 
 
 @pytest.mark.slow  # long (suite budget: 15 min on 2 cores); run with --runslow
@@ -359,9 +361,10 @@ def test_each_step_runs_the_units_it_names():
              for s in gpu_proof.PLAN}
     assert steps == {
         "A": [f"7:{gpu_proof.COLD_START}", "2:eager", f"8:{gpu_proof.FP8_TORCHAO}"],
-        "B": ["2:eager", f"8:{gpu_proof.FP8_GRAPHS}"],
-        "C": ["1:probe", "2:eager", "2:diffusers", f"3:{gpu_proof.FP8_COMPILED}"],
-        "D": ["1:pytest", "2:eager", f"8:{gpu_proof.FP8_ATTN}", "5:eager", f"5:{gpu_proof.FP8_COMPILED}"],
-        "E": ["2:eager", "6:compiled", f"4:{gpu_proof.BF16_COMPILED}"]}
+        "B": ["2:eager", "6:stream24"],
+        "C": ["2:eager", f"8:{gpu_proof.FP8_GRAPHS}"],
+        "D": ["1:probe", "2:eager", "2:diffusers", f"3:{gpu_proof.FP8_COMPILED}"],
+        "E": ["1:pytest", "2:eager", f"8:{gpu_proof.FP8_ATTN}", "5:eager", f"5:{gpu_proof.FP8_COMPILED}"],
+        "F": ["2:eager", "6:compiled", f"4:{gpu_proof.BF16_COMPILED}"]}
     with pytest.raises(SystemExit, match="no unit"):
         gpu_proof.select_units([2], ["6:eager"])
