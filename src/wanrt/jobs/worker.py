@@ -401,9 +401,14 @@ def _runtime_backend(pipeline):
     return t.inner if t is not None else pipeline.backend
 
 
+def _compiled_stat(pipeline, name: str) -> bool:
+    """A switch of the compiled backend under the tier (CompiledStats); False for backends without one."""
+    return bool(getattr(getattr(_runtime_backend(pipeline), "stats", None), name, False))
+
+
 def compiles(pipeline) -> bool:
     """The pipeline's backend compiles graphs (a warm-up has something to do beyond running)."""
-    return bool(getattr(getattr(_runtime_backend(pipeline), "stats", None), "compiled", False))
+    return _compiled_stat(pipeline, "compiled")
 
 
 def warm_up(pipeline, buckets, should_stop=None) -> dict[str, float]:
@@ -416,7 +421,7 @@ def warm_up(pipeline, buckets, should_stop=None) -> dict[str, float]:
     from wanrt.runtime.memory import run_within_memory
     from wanrt.runtime.sampler import Cancelled
 
-    graphs = bool(getattr(getattr(_runtime_backend(pipeline), "stats", None), "cudagraphs", False))
+    graphs = _compiled_stat(pipeline, "cudagraphs")
     seconds = {}
     for bucket in buckets:
         w, h, f = (int(v) for v in bucket.lower().split("x"))

@@ -14,6 +14,7 @@ import re
 import torch
 
 COMFY_PREFIX = "model.diffusion_model."
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # stored quantised: never cast as a dtype change
 
 
 # --------------------------------------------------------------------------------------------- FP8 scaled
@@ -37,7 +38,7 @@ def dequantize_comfy_fp8(sd: dict[str, torch.Tensor], dtype=torch.float32) -> di
         scale = sd.get(scale_key(key))
         if scale is not None:
             value = value.to(torch.float32) * scale.to(torch.float32)
-        if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if value.dtype in FP8_DTYPES:
             value = value.to(torch.float32)
         out[key] = value.to(dtype) if value.is_floating_point() else value
     return out

@@ -19,9 +19,9 @@ Two options serve the small-card memory tiers (runtime/memory.py):
 - `mmap`: the experts' safetensors files are memory-mapped and their tensors are views of the mapping (file pages
   the OS reads on first touch and may drop again), not copies in RAM. Tensors the loader must convert (another
   dtype, the fp32 modules) are copied; an FP8 or BF16 file in its own precision is not.
-- `defer_cast` (with `mmap`): the blocks' matrices stay views in the file's own precision (Wan's official files
-  are FP32), for the runtime's FP8 swap to read one layer at a time; it casts what it leaves (cast_module). The
-  rest is cast as usual. The host then never holds an expert in the load dtype.
+- `defer_cast` (with `mmap`): the blocks' matrices stay views in the file's own precision (FP32 or BF16), for
+  the runtime's FP8 swap to read one layer at a time; `cast_deferred` casts what it leaves. The rest is cast as
+  usual. The host then never holds an expert in the load dtype.
 """
 
 from __future__ import annotations
@@ -274,7 +274,7 @@ def split_fp8_scales(sd: dict[str, torch.Tensor], dtype) -> tuple[dict, dict]:
         scale = sd.get(keymaps.scale_key(key))
         if value.dtype == torch.float8_e4m3fn and value.ndim == 2:
             scales[key] = scale if scale is not None else torch.ones((), dtype=torch.float32)
-        elif value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        elif value.dtype in keymaps.FP8_DTYPES:
             value = (value.to(torch.float32) * (scale.float() if scale is not None else 1.0)).to(dtype)
         out[key] = value
     return out, scales
@@ -293,7 +293,7 @@ def load_expert(path: Path, device="cpu", dtype=torch.float32, config: dict | No
         raw, scales = split_fp8_scales(raw, dtype)
         # the converter only renames keys: a dict of scales under their weights' names comes out renamed alike
         scales = {k + "_scale": v for k, v in keymaps.transformer_to_diffusers(scales).items()} if scales else {}
-    elif defer_cast and mmap and not any(v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for v in raw.values()):
+    elif defer_cast and mmap and not any(v.dtype in keymaps.FP8_DTYPES for v in raw.values()):
         scales = {}  # no FP8 to dequantize: the casts are _assign's, which leaves the blocks' weights as mapped
     else:
         raw, scales = keymaps.dequantize_comfy_fp8(raw, dtype), {}
@@ -587,6 +587,12 @@ def deferred_matrix(name: str, tensor: torch.Tensor) -> bool:
     """The tensors `defer_cast` leaves in the file's precision: the blocks' linear weights (what the FP8 swap
     quantises)."""
     return tensor.dim() == 2 and name.startswith("blocks.") and name.endswith(".weight")
+
+
+def cast_deferred(expert: torch.nn.Module, dtype: torch.dtype) -> None:
+    """After the FP8 swap read an expert loaded with `defer_cast`: any deferred weight it left (not quantised)
+    takes `dtype`, as a whole cast would have given it."""
+    cast_module(expert, None, dtype, skip=lambda name, t: not deferred_matrix(name, t) or t.dtype in keymaps.FP8_DTYPES)
 
 
 def _assign(cls, config: dict, sd: dict, device, dtype, what: str, fp8_scales: dict | None = None,

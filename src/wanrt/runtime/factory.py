@@ -29,8 +29,8 @@ import logging
 import os
 from pathlib import Path
 
-from wanrt.model.components import EULER_SCHEDULER_CONFIG, cast_module
-from wanrt.model.loading import checkpoint_info, deferred_matrix, load_model
+from wanrt.model.components import EULER_SCHEDULER_CONFIG
+from wanrt.model.loading import cast_deferred, checkpoint_info, load_model
 from wanrt.params import DEFAULT_BUCKET
 from wanrt.runtime import gpus
 from wanrt.runtime.artifacts import load_artifacts_into
@@ -139,8 +139,7 @@ def build_runtime(settings, *, free_bytes: int | None = None, host_bytes: int | 
         inner = make_backend(backend_name, model, device=device, **options)
         if deferred:  # the FP8 swap read the blocks' weights as stored: any it left takes the model dtype now
             for expert in model.experts.values():
-                cast_module(expert, None, dtype, skip=lambda name, t: not deferred_matrix(name, t) or t.dtype in (
-                    torch.float8_e4m3fn, torch.float8_e5m2))
+                cast_deferred(expert, dtype)
         return inner
 
     loras = _LoraInstaller(settings, model) if serves_loras(settings) else None

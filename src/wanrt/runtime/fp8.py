@@ -28,6 +28,8 @@ import re
 
 import torch
 
+from wanrt.model.keymaps import FP8_DTYPES
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 # to_qkv / to_kv: the fused projections (runtime/attention.fuse_projections)
@@ -192,7 +194,7 @@ def _quantizable(include: str):
     """filter(module, name): a full-precision nn.Linear named by `include` (row views are their fused layer's)."""
     pattern = re.compile(include)
     return lambda m, name: (isinstance(m, torch.nn.Linear) and not isinstance(m, _Rows) and bool(pattern.search(name))
-                            and m.weight.dtype not in (FP8, torch.float8_e5m2))
+                            and m.weight.dtype not in FP8_DTYPES)
 
 
 def swap_fp8_linears(expert: torch.nn.Module, emulate: bool, include: str = DEFAULT_INCLUDE,

@@ -1200,6 +1200,10 @@ class LoraSlotGroup:
                 s._key = s._anchor = None
             raise
 
+    def holds(self, key: str) -> bool:
+        """The set of request_key `key` is in the buffers as they are now (none moved since it was written)."""
+        return self.loaded_key == key and all(s._unmoved() for s in self.slots.values())
+
     def apply_request(self, library: LoraLibrary | None, loras: list[dict] | None) -> dict[str, str]:
         library = library if library is not None else self.library
         if loras and library is None:

@@ -287,8 +287,8 @@ def phase_bytes(mb: ModelBytes, tier: str, opts: Options = Options(), tokens: in
 
 def host_bytes_needed(mb: ModelBytes, tier: str, opts: Options = Options(), fp8_at_load: bool = False) -> int:
     """Host RAM the tier needs: both experts' host copies (swap, stream; while loading they are in the load
-    dtype, unless mb.load_mapped on a streamed tier), only the stems for mmap (blocks are file pages), the text encoder and VAE copies when they leave
-    the device, and the reserve for the OS and this process. Pinned copies take their bytes and no more: one
+    dtype, unless mb.load_mapped on a streamed tier), only the stems for mmap (blocks are file pages), the text
+    encoder and VAE copies when they leave the device, and the reserve for the OS and this process. Pinned copies take their bytes and no more: one
     buffer per expert, block or shuttle, locked at its exact size (streaming.host_copies; not torch's pinned
     allocator, which rounds each allocation up to a power of two)."""
     tier = normalize_tier(tier)

@@ -350,7 +350,7 @@ class ParallelBackend:
                 raise RuntimeError(f"rank {self.rank} has no LoRA slots for rank 0's set")
             return
         key = request_key(loras)
-        if self.loras.loaded_key == key and all(s._unmoved() for s in self.loras.slots.values()):
+        if self.loras.holds(key):
             return  # (a swap tier moved the buffers since: they are written again, as rank 0's are)
         if self.loras.library is not None:
             self.loras.library.rescan()  # a file rank 0 found since this rank's last look
